@@ -1,0 +1,45 @@
+"""The Celery configuration shared by the gateway (producer) and the workers (consumers).
+
+A plain dict, so `common` stays free of Celery itself; each side builds its own app from it.
+Every value here carries one of DESIGN.md's promises; change one only with its reason:
+- `queue_order_strategy='sorted'`: BRPOP drains `p1-high.*` before `p2-normal.*` before
+  `p3-low.*` (the default round robin interleaves them 1:1).
+- late ack + prefetch 1: a worker holds at most the tasks it runs, so a high task that
+  arrives while all slots are busy is the next one started.
+- `visibility_timeout` >= 2 x `task_time_limit` in every process: kombu redelivers an
+  unacked task after it, running or not.
+- no result backend: tokens travel over pub/sub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.settings import Settings
+
+
+def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[str, Any]:
+    url = redis_url or settings.require_redis_url()
+    return {
+        "broker_url": url,
+        "broker_transport_options": {
+            "queue_order_strategy": "sorted",
+            "visibility_timeout": settings.visibility_timeout,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_pool_limit": settings.broker_pool_limit,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_time_limit": settings.task_time_limit,
+        "task_create_missing_queues": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_disable_rate_limits": True,
+    }

@@ -1,0 +1,160 @@
+"""The one exception hierarchy, and the OpenAI error envelope it turns into on the wire.
+
+    CorralError                      500 server_error
+    ├── InvalidRequest               400 invalid_request_error
+    ├── AuthenticationFailed         401 authentication_error
+    ├── PermissionDenied             403 permission_error
+    ├── ModelNotFound                404 invalid_request_error / model_not_found
+    ├── PayloadTooLarge              413 invalid_request_error
+    ├── RateLimited                  429 rate_limit_error (+ Retry-After)
+    │   └── QueueFull                429 rate_limit_error / queue_full
+    ├── UpstreamError                llama-server's status (default 502) / upstream_error
+    ├── WorkerLost                   502 server_error / worker_lost
+    ├── StreamBroken                 502 server_error / stream_broken
+    ├── NoCapacity                   503 server_error / no_capacity
+    └── Timeout                      504 timeout_error
+
+Every error leaves the gateway as `{"error": {"message", "type", "param", "code"}}`, never a
+bare string (llama-swap's `httperror.go`), and the same shape rides inside pub/sub error
+frames, so a worker's error reaches the client unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+
+
+class CorralError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.retry_after = retry_after
+        if status is not None:
+            self.status = status  # type: ignore[misc]
+
+    def body(self) -> ErrorBody:
+        return ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": self.body().model_dump()}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class InvalidRequest(CorralError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(CorralError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(CorralError):
+    status = 403
+    type = "permission_error"
+
+
+class ModelNotFound(CorralError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model {model!r} does not exist or is not served by this cluster.",
+            param="model",
+        )
+
+
+class PayloadTooLarge(CorralError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class RateLimited(CorralError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class QueueFull(RateLimited):
+    default_code = "queue_full"
+
+
+class UpstreamError(CorralError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class WorkerLost(CorralError):
+    status = 502
+    default_code = "worker_lost"
+
+
+class StreamBroken(CorralError):
+    status = 502
+    default_code = "stream_broken"
+
+
+class NoCapacity(CorralError):
+    status = 503
+    default_code = "no_capacity"
+
+
+class Timeout(CorralError):
+    status = 504
+    type = "timeout_error"
+    default_code = "timeout"
+
+
+_BY_STATUS: dict[int, type[CorralError]] = {
+    400: InvalidRequest,
+    401: AuthenticationFailed,
+    403: PermissionDenied,
+    413: PayloadTooLarge,
+    429: RateLimited,
+    503: NoCapacity,
+    504: Timeout,
+}
+
+
+def from_body(body: ErrorBody, status: int) -> CorralError:
+    """Rebuild an error that crossed a process boundary (an error frame, a result file)."""
+    cls = _BY_STATUS.get(status, UpstreamError if status >= 500 else InvalidRequest)
+    err = cls(body.message, param=body.param, code=body.code, status=status)
+    return err

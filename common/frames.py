@@ -1,0 +1,42 @@
+"""Pub/sub frames: what a worker publishes on a request's channel (step 5 of the path).
+
+One PUBLISH carries one frame; a frame carries a batch of raw OpenAI chunk JSON texts
+(flushed every ~10 ms), so a fast model costs ~100 publishes a second, not one per token.
+`seq` counts frames from 0 per request: a gap means a lost frame, and the gateway then
+ends the stream with an error instead of silently dropping tokens.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from common.errors import ErrorBody
+
+
+class FrameType(StrEnum):
+    START = "start"  # a worker took the task: `worker` says which (heartbeat to watch)
+    CHUNKS = "chunks"  # streamed OpenAI chunks, in order
+    RESULT = "result"  # a whole non-streaming response body (final)
+    DONE = "done"  # end of a stream, with `usage` when llama-server reported it (final)
+    ERROR = "error"  # `error` + `status` (final)
+
+
+FINAL_TYPES = frozenset({FrameType.RESULT, FrameType.DONE, FrameType.ERROR})
+
+
+class Frame(BaseModel):
+    seq: int
+    type: FrameType
+    worker: str | None = None
+    chunks: list[str] = Field(default_factory=list)
+    body: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+    status: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.type in FINAL_TYPES

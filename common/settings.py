@@ -1,0 +1,143 @@
+"""Settings: one YAML file (`CORRAL_CONFIG`, default `./corral.yaml`), every field
+overridable by `CORRAL_*` environment variables (nested with `__`), and command-line flags
+over both. Nothing is built at import time: `load_settings()` is called by each process's
+entry point and the result passed down, so tests build their own.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from common.errors import InvalidRequest
+
+DEFAULT_CONFIG = "corral.yaml"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "corral"
+
+
+class ModelConfig(BaseModel):
+    """One model of the catalog, keyed by its alias."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: Path
+    flags: list[str] = Field(default_factory=list)  # passed to llama-server as is
+    ctx_size: int = Field(default=4096, ge=64)
+    parallel: int = Field(default=2, ge=1, le=256)  # llama-server slots = worker concurrency
+    embedding: bool = False  # served with --embeddings --pooling mean
+    preload: bool = False
+    pinned: bool = False
+    idle_ttl: float = Field(default=300, ge=0)
+    vram_mb: int | None = Field(default=None, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CORRAL_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    environment: Literal["development", "production"] = "development"
+    # None: `corral up` starts an embedded Valkey; `corral gateway`/`worker` need a URL.
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    models_dir: Path | None = None  # relative model paths resolve here (default data_dir/models)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    llama_server: str | None = None  # CORRAL_LLAMA_SERVER: path of the llama-server binary
+
+    request_timeout: float = Field(default=600, gt=0)  # whole request, queue wait included
+    task_time_limit: float = Field(default=900, gt=0)
+    load_timeout: float = Field(default=120, gt=0)  # a model load, and a request waiting on it
+    visibility_timeout: float | None = None  # default 2 x task_time_limit
+    max_queue_size_per_model: int = Field(default=500, ge=1)
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+    heartbeat_ttl: float = Field(default=3.0, gt=0)
+    flush_interval_ms: float = Field(default=10.0, ge=0)
+    broker_pool_limit: int = Field(default=64, ge=1)
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.visibility_timeout is None:
+            self.visibility_timeout = 2 * self.task_time_limit
+        elif self.visibility_timeout < 2 * self.task_time_limit:
+            # kombu redelivers an unacked task after this, running or not (DESIGN.md).
+            raise ValueError("visibility_timeout must be at least 2 x task_time_limit")
+        if self.heartbeat_ttl < 2 * self.heartbeat_interval:
+            raise ValueError("heartbeat_ttl must be at least 2 x heartbeat_interval")
+        if self.environment == "production" and not self.redis_url:
+            raise ValueError("production needs CORRAL_REDIS_URL (no embedded Redis)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags > environment > YAML file > defaults.
+        yaml_source = InitSettingsSource(settings_cls, init_kwargs=_yaml_data.get() or {})
+        return (init_settings, env_settings, yaml_source)
+
+    def resolve_model_path(self, model: ModelConfig) -> Path:
+        path = model.model_path.expanduser()
+        if path.is_absolute():
+            return path
+        return (self.models_dir or self.data_dir / "models") / path
+
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise InvalidRequest(
+                "No Redis URL: pass --redis-url or set CORRAL_REDIS_URL "
+                "(`corral up` starts an embedded server instead)."
+            )
+        return self.redis_url
+
+
+_yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("corral_yaml_data", default=None)
+
+
+def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The YAML config as a dict. A missing default file is fine; a missing named one is not."""
+    explicit = path is not None or "CORRAL_CONFIG" in os.environ
+    target = Path(path or os.environ.get("CORRAL_CONFIG", DEFAULT_CONFIG)).expanduser()
+    if not target.exists():
+        if explicit:
+            raise FileNotFoundError(f"config file not found: {target}")
+        return {}
+    data = yaml.safe_load(target.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{target}: the config must be a YAML mapping, not {type(data).__name__}")
+    models_dir = data.get("models_dir")
+    if models_dir is not None and not Path(models_dir).expanduser().is_absolute():
+        data["models_dir"] = str(target.resolve().parent / models_dir)
+    return data
+
+
+def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from the YAML file, the environment and `overrides` (flags), in
+    increasing order of precedence. `None` overrides are ignored (an unset flag)."""
+    token = _yaml_data.set(read_config_file(config))
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _yaml_data.reset(token)

@@ -1,0 +1,68 @@
+"""OpenAI wire models (requests and the few replies the gateway builds itself).
+
+Request models check what Corral must rely on (a model name, non-empty messages, sane
+numbers) and let every other field through (`extra="allow"`), so new OpenAI or llama.cpp
+sampling fields reach llama-server untouched. Replies from llama-server are relayed as
+they come; only the model list is built here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(WireModel):
+    include_usage: bool | None = None
+
+
+class ChatMessage(WireModel):
+    role: str = Field(min_length=1)
+    # str, a list of content parts, or None (an assistant turn with tool calls)
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Generation(WireModel):
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=1)
+    service_tier: str | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(WireModel):
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+
+class ModelCard(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "corral"
+
+
+class ModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,168 @@
+"""The `corral` command: run the cluster, or any part of it, from one entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from common.settings import ModelConfig, Settings, load_settings
+from corral.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  corral up                                  everything on this machine, with demo models
+  corral up --model ~/models/qwen.gguf       serve a real GGUF (alias: the file stem)
+  corral gateway --redis-url redis://r:6379  a gateway on its own machine
+  corral worker --redis-url redis://r:6379 --model qwen --gpu 0
+  corral make-model /tmp/tiny.gguf           a tiny random-weight GGUF for tests
+
+Config: ./corral.yaml (or CORRAL_CONFIG / --config); every field can be overridden by a
+CORRAL_* environment variable, e.g. CORRAL_REDIS_URL, CORRAL_LLAMA_SERVER.
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: $CORRAL_CONFIG or ./corral.yaml)")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral",
+        description="Corral: an OpenAI-compatible inference cluster on llama.cpp workers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run Redis, a gateway and one worker per model here")
+    _common(up)
+    up.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a chat/completion GGUF to serve (repeatable; alias = file stem)",
+    )
+    up.add_argument(
+        "--embedding-model",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an embedding GGUF to serve (repeatable)",
+    )
+    up.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="gateway port (default 8000)")
+    up.add_argument("--slots", type=int, help="parallel slots per model (default: config, 2)")
+    up.add_argument("--data-dir", type=Path, help="demo models, Redis data, run files")
+
+    gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    _common(gw)
+    gw.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    gw.add_argument("--host", help="bind address (default 127.0.0.1)")
+    gw.add_argument("--port", type=int, help="port (default 8000)")
+
+    wk = sub.add_parser("worker", help="run one worker: a llama-server child + its queues")
+    _common(wk)
+    wk.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    wk.add_argument(
+        "--model",
+        required=True,
+        help="a model alias from the config, or a GGUF path (alias = file stem)",
+    )
+    wk.add_argument("--embedding", action="store_true", help="with a path: an embedding model")
+    wk.add_argument("--ctx-size", type=int, help="with a path: context size (default 4096)")
+    wk.add_argument("--slots", type=int, help="parallel slots (default: the model's `parallel`)")
+    wk.add_argument("--gpu", type=int, help="pin to this GPU index (NVML); default: CPU")
+
+    mk = sub.add_parser("make-model", help="write a tiny random-weight GGUF (demo and tests)")
+    mk.add_argument("path", type=Path)
+    mk.add_argument("--embedding", action="store_true", help="an embedding model")
+    mk.add_argument("--n-embd", type=int, default=64)
+    mk.add_argument("--n-layer", type=int, default=2)
+    mk.add_argument("--n-ff", type=int, default=128)
+    mk.add_argument("--seed", type=int, default=0)
+    return parser  # fmt: skip
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return load_settings(args.config, log_level=args.log_level, **overrides)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from corral.up import Cluster, collect_models
+
+    settings = _settings(args, host=args.host, port=args.port, data_dir=args.data_dir)
+    setup_logging(settings.log_level, "up")
+    models = collect_models(settings, args.model, args.embedding_model, args.slots)
+    return Cluster(settings, models).run()
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    settings = _settings(args, redis_url=args.redis_url, host=args.host, port=args.port)
+    setup_logging(settings.log_level, "gateway")
+    settings.require_redis_url()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def resolve_worker_model(settings: Settings, args: argparse.Namespace) -> tuple[str, ModelConfig]:
+    if args.model in settings.models:
+        return args.model, settings.models[args.model]
+    path = Path(args.model).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        config = ModelConfig(model_path=path.resolve(), embedding=args.embedding)
+        if args.ctx_size:
+            config.ctx_size = args.ctx_size
+        return path.stem, config
+    known = ", ".join(settings.models) or "none"
+    raise SystemExit(f"corral worker: unknown model {args.model!r} (configured: {known})")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run_worker
+
+    settings = _settings(args, redis_url=args.redis_url)
+    setup_logging(settings.log_level, "worker")
+    alias, model = resolve_worker_model(settings, args)
+    run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu)
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from corral.tinymodel import make_model
+
+    path = make_model(args.path, embedding=args.embedding, n_embd=args.n_embd,
+                      n_layer=args.n_layer, n_ff=args.n_ff, seed=args.seed)  # fmt: skip
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+COMMANDS = {"up": cmd_up, "gateway": cmd_gateway, "worker": cmd_worker,
+            "make-model": cmd_make_model}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"corral {args.command}: {exc}", file=sys.stderr)
+        return 2

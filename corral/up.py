@@ -1,0 +1,165 @@
+"""`corral up`: the whole cluster on this machine.
+
+An embedded Valkey (unless `CORRAL_REDIS_URL` is set), one gateway and one worker per
+model, each a child process in its own session; demo models are generated when none is
+configured. Ctrl-C or SIGTERM stops the workers (each stops its llama-server), then the
+gateway, then Valkey; a child that dies on its own brings the rest down with a message.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+import yaml
+
+from common.settings import ModelConfig, Settings
+from corral.procs import Child
+from corral.redis_server import EmbeddedRedis
+
+log = logging.getLogger(__name__)
+
+DEMO_NOTE = (
+    "No model configured: serving two generated random-weight DEMO models "
+    "(corral-demo for chat/completions, corral-demo-embed for embeddings). "
+    "They answer with gibberish; pass --model PATH (a GGUF file) for a real one."
+)
+
+
+def collect_models(
+    settings: Settings, models: list[str], embedding_models: list[str], slots: int | None
+) -> dict[str, ModelConfig]:
+    """The configured models plus those named on the command line; demo ones if none."""
+    found = dict(settings.models)
+    for path, embedding in [(m, False) for m in models] + [(m, True) for m in embedding_models]:
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            raise SystemExit(f"corral up: model file not found: {p}")
+        found[p.stem] = ModelConfig(model_path=p, embedding=embedding)
+    if not found:
+        from corral.tinymodel import ensure_demo_models
+
+        chat, embed = ensure_demo_models(settings.data_dir)
+        print(DEMO_NOTE, flush=True)
+        found = {
+            "corral-demo": ModelConfig(model_path=chat),
+            "corral-demo-embed": ModelConfig(model_path=embed, embedding=True),
+        }
+    if slots:
+        found = {a: m.model_copy(update={"parallel": slots}) for a, m in found.items()}
+    return {a: m.model_copy(update={"model_path": settings.resolve_model_path(m)})
+            for a, m in found.items()}  # fmt: skip
+
+
+def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: str) -> Path:
+    """The effective config every child reads: one source of truth for this run."""
+    run_dir = settings.data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data: dict[str, Any] = settings.model_dump(mode="json", exclude={"models", "redis_url"})
+    data["redis_url"] = url
+    data["models"] = {a: m.model_dump(mode="json") for a, m in models.items()}
+    path = run_dir / "corral-up.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Cluster:
+    def __init__(self, settings: Settings, models: dict[str, ModelConfig]) -> None:
+        self.settings = settings
+        self.models = models
+        self.redis: EmbeddedRedis | None = None
+        self.children: list[Child] = []
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        try:
+            self._start()
+            if not self._stop.is_set():
+                self._announce()
+            return self._watch()
+        finally:
+            self.shutdown()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._stop.set()
+
+    def _start(self) -> None:
+        url = self.settings.redis_url
+        if not url:
+            self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
+            url = self.redis.url
+            log.info("embedded valkey at %s", url)
+        config = write_run_config(self.settings, self.models, url)
+        exe = [sys.executable, "-m", "corral"]
+        env = {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
+        self.children.append(Child("gateway", [*exe, "gateway", "--config", str(config)], env))
+        for alias in self.models:
+            argv = [*exe, "worker", "--config", str(config), "--model", alias]
+            self.children.append(Child(f"worker {alias}", argv, env))
+        for child in self.children:
+            child.start()
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.settings.load_timeout
+        url = f"http://{self._client_host()}:{self.settings.port}/health"
+        while not self._stop.is_set():
+            self._check_children()
+            try:
+                health = httpx.get(url, timeout=1).json()
+                if health.get("workers", 0) >= len(self.models):
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("corral up: the cluster did not become ready in time")
+            self._stop.wait(0.2)
+
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
+
+    def _announce(self) -> None:
+        base = f"http://{self._client_host()}:{self.settings.port}/v1"
+        chat = next((a for a, m in self.models.items() if not m.embedding), None)
+        print(f"\nCorral is up: {base}", flush=True)
+        print(f"  models: {', '.join(self.models)}", flush=True)
+        if chat:
+            print(
+                f"  try:    curl {base}/chat/completions -H 'Content-Type: application/json' "
+                f'-d \'{{"model": "{chat}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'',
+                flush=True,
+            )
+        print("  stop:   Ctrl-C\n", flush=True)
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            rc = child.poll()
+            if rc is not None:
+                raise SystemExit(f"corral up: {child.name} exited (rc={rc}); stopping everything")
+
+    def _watch(self) -> int:
+        while not self._stop.wait(0.5):
+            self._check_children()
+        return 0
+
+    def shutdown(self) -> None:
+        # Workers first (each stops its llama-server), then the gateway, then Redis.
+        workers = [c for c in self.children if c.name.startswith("worker")]
+        for child in workers:
+            child.send_signal(signal.SIGTERM)  # all at once: each stops its llama-server
+        for child in [*workers, *(c for c in self.children if c not in workers)]:
+            child.stop(grace=10.0)
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        log.info("corral up: stopped")

@@ -1,0 +1,88 @@
+"""Step 2 of the request path: a validated request becomes a Celery task on its queue.
+
+`send_task` blocks (it talks to Redis through kombu), so it runs on a small thread pool,
+never on the event loop; Celery's producer pool (`broker_pool_limit`) is shared by those
+threads. Cancelling sets a cancel key the worker checks before and while it runs, and
+revokes the task id so a worker that has not fetched it yet discards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from celery import Celery
+
+from common import keys
+from common.celery_config import celery_config
+from common.errors import QueueFull
+from common.jobs import Job
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CANCEL_TTL_S = 3600
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, redis_url: str, client: aioredis.Redis) -> None:
+        self._settings = settings
+        self._redis = client
+        self._celery = Celery("corral-gateway", set_as_current=False)
+        self._celery.conf.update(celery_config(settings, redis_url=redis_url))
+        self._pool = ThreadPoolExecutor(
+            max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-enqueue"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._celery.close()
+
+    async def submit(self, job: Job) -> None:
+        """Enqueue `job` on its model's queue for its priority, within the depth cap."""
+        await self._check_depth(job.model)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._send, job)
+        log.info(
+            "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
+            job.request_id, job.model, job.priority.value, job.kind.value, job.stream,
+        )  # fmt: skip
+
+    def _send(self, job: Job) -> None:
+        self._celery.send_task(
+            keys.INFER_TASK,
+            args=[job.model_dump(mode="json")],
+            task_id=job.request_id,
+            queue=keys.queue_name(job.model, job.priority),
+            expires=datetime.fromtimestamp(job.deadline, UTC),
+        )
+
+    async def _check_depth(self, model: str) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in keys.model_queues(model):
+            pipe.llen(queue)
+        depth = sum(await pipe.execute())
+        limit = self._settings.max_queue_size_per_model
+        if depth >= limit:
+            raise QueueFull(
+                f"The queue for model {model!r} is full ({depth} waiting, limit {limit}). "
+                "Retry later.",
+                retry_after=5,
+            )
+
+    async def cancel(self, request_id: str) -> None:
+        """Make sure `request_id` never runs, or stops running (its worker closes its
+        llama-server stream, which frees the slot)."""
+        await self._redis.set(keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._revoke, request_id)
+        log.info("job=%s cancelled", request_id)
+
+    def _revoke(self, request_id: str) -> None:
+        try:
+            self._celery.control.revoke(request_id)
+        except Exception as exc:  # the cancel key alone is enough; revoke only saves a fetch
+            log.warning("job=%s revoke failed: %r", request_id, exc)

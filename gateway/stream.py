@@ -1,0 +1,179 @@
+"""Step 5 → 6 of the request path: frames from workers, back to the request that waits.
+
+One pub/sub connection per gateway process, multiplexed over all requests: it subscribes
+once to the pattern of this gateway's channels (`corral:chan:<gateway id>:*`), so every
+request's channel is subscribed before its task is enqueued, without a SUBSCRIBE per
+request. A reader task routes each message to the request's `Subscription`.
+
+A subscription turns silence into errors, so no client ever hangs: a frame out of
+sequence ends the stream (`StreamBroken`); a worker whose heartbeat key expired ends it
+(`WorkerLost`); a deadline passed ends it (`Timeout`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from common import keys
+from common.errors import CorralError, StreamBroken, Timeout, WorkerLost, from_body
+from common.frames import Frame, FrameType
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 1.0  # silence after which the worker's heartbeat is checked
+
+
+class Subscription:
+    """The frames of one request, in order, or the error that ended them."""
+
+    def __init__(self, hub: StreamHub, request_id: str, deadline: float) -> None:
+        self._hub = hub
+        self.request_id = request_id
+        self.deadline = deadline
+        self.worker: str | None = None
+        self.finished = False
+        self._queue: asyncio.Queue[Frame | CorralError] = asyncio.Queue()
+        self._next_seq = 0
+
+    def deliver(self, item: Frame | CorralError) -> None:
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        self._hub.close(self.request_id)
+
+    async def next(self) -> Frame:
+        """The next frame; a worker's error frame is raised as its CorralError."""
+        frame = await self._next_raw()
+        if frame.seq != self._next_seq:
+            raise StreamBroken(
+                f"Lost part of the stream (frame {self._next_seq} missing, got {frame.seq})."
+            )
+        self._next_seq += 1
+        if frame.type is FrameType.START:
+            self.worker = frame.worker
+        if frame.final:
+            self.finished = True
+        if frame.type is FrameType.ERROR:
+            assert frame.error is not None
+            raise from_body(frame.error, frame.status or 500)
+        return frame
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        """Content frames (CHUNKS, RESULT, DONE) until the final one."""
+        while not self.finished:
+            frame = await self.next()
+            if frame.type is not FrameType.START:
+                yield frame
+
+    async def _next_raw(self) -> Frame:
+        while True:
+            remaining = self.deadline - time.time()
+            if remaining <= 0:
+                where = "." if self.worker else " (still queued: no worker took it in time)."
+                raise Timeout("The request did not complete within its deadline" + where)
+            try:
+                item = await asyncio.wait_for(
+                    self._queue.get(), timeout=min(WATCH_INTERVAL_S, remaining)
+                )
+            except TimeoutError:
+                await self._check_worker()
+                continue
+            if isinstance(item, CorralError):
+                raise item
+            return item
+
+    async def _check_worker(self) -> None:
+        if self.worker is None:
+            return
+        if not await self._hub.worker_alive(self.worker):
+            raise WorkerLost(f"The worker serving this request ({self.worker}) stopped responding.")
+
+
+class StreamHub:
+    """Owns the gateway's pub/sub connection and the table of open subscriptions."""
+
+    def __init__(self, client: aioredis.Redis, gateway_id: str) -> None:
+        self._redis = client
+        self.gateway_id = gateway_id
+        self._subs: dict[str, Subscription] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    def channel(self, request_id: str) -> str:
+        return keys.channel(self.gateway_id, request_id)
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_forever(), name="corral-stream-hub")
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._fail_all(StreamBroken("The gateway is shutting down."))
+
+    def open(self, request_id: str, deadline: float) -> Subscription:
+        sub = Subscription(self, request_id, deadline)
+        self._subs[request_id] = sub
+        return sub
+
+    def close(self, request_id: str) -> None:
+        self._subs.pop(request_id, None)
+
+    @property
+    def active(self) -> int:
+        return len(self._subs)
+
+    async def worker_alive(self, worker_id: str) -> bool:
+        try:
+            return bool(await self._redis.exists(keys.worker_key(worker_id)))
+        except RedisError:
+            return True  # Redis trouble is reported by the reader, not blamed on the worker
+
+    async def _read_forever(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._read_once()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.warning("gateway=%s pub/sub connection lost: %r", self.gateway_id, exc)
+                # Frames may have been lost while disconnected: end what was in flight.
+                self._fail_all(StreamBroken("Lost the connection to Redis mid-stream."))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _read_once(self) -> None:
+        pubsub = self._redis.pubsub()
+        try:
+            await pubsub.psubscribe(keys.channel_pattern(self.gateway_id))
+            self._ready.set()
+            async for message in pubsub.listen():
+                if message["type"] == "pmessage":
+                    self._route(message["channel"], message["data"])
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    def _route(self, channel: bytes | str, data: bytes | str) -> None:
+        name = channel.decode() if isinstance(channel, bytes) else channel
+        sub = self._subs.get(keys.request_id_of(name))
+        if sub is None:
+            return  # the client left; the worker notices through its cancel key
+        try:
+            sub.deliver(Frame.model_validate_json(data))
+        except ValueError:
+            sub.deliver(StreamBroken("Received a malformed frame from the worker."))
+
+    def _fail_all(self, err: CorralError) -> None:
+        for sub in list(self._subs.values()):
+            sub.deliver(err)

@@ -1,0 +1,126 @@
+"""Step 5 of the request path: frames from a running task onto the request's pub/sub channel.
+
+The publisher's flusher thread is the single writer of a request's channel: it owns the
+sequence counter and every PUBLISH, so frames can never be reordered. The task thread only
+hands it chunks. Chunks arriving faster than `interval` are batched into one frame;
+a chunk after a quiet spell goes out at once, so batching never delays the first token.
+
+Each PUBLISH is pipelined with an `EXISTS` of the request's cancel key, so noticing a
+cancel costs no extra round trip while tokens flow; when the stream is quiet (a long
+prompt being processed) the thread polls the key on its own. A PUBLISH that reached no
+subscriber means the gateway that owned the request is gone: that cancels too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from common.frames import Frame, FrameType
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 0.02  # how often a quiet stream checks its cancel key
+
+
+class Publisher:
+    def __init__(
+        self,
+        client: redis.Redis,
+        channel: str,
+        cancel_key: str,
+        worker_id: str,
+        *,
+        interval: float = 0.01,
+        on_cancel: Callable[[], None] | None = None,
+    ) -> None:
+        self._redis = client
+        self._channel = channel
+        self._cancel_key = cancel_key
+        self._worker_id = worker_id
+        self._interval = interval
+        self._on_cancel = on_cancel
+        self._cond = threading.Condition()
+        self._chunks: list[str] = []
+        self._final: Frame | None = None
+        self._seq = 0
+        self._last_flush = 0.0  # paces batching
+        self._last_check = 0.0  # paces cancel polls
+        self.cancelled = False
+        self._thread = threading.Thread(target=self._run, name="corral-publisher", daemon=True)
+
+    # -- called from the task thread ------------------------------------------------
+    def start(self) -> None:
+        """Announce the worker (the gateway watches its heartbeat) and start flushing."""
+        self._thread.start()
+
+    def chunk(self, raw: str) -> None:
+        with self._cond:
+            self._chunks.append(raw)
+            self._cond.notify()
+
+    def finish(self, frame_type: FrameType, **fields: Any) -> None:
+        """Queue the final frame after any pending chunks, and wait until it is sent."""
+        with self._cond:
+            self._final = Frame(seq=-1, type=frame_type, **fields)
+            self._cond.notify()
+        self._thread.join()
+
+    # -- the flusher thread -----------------------------------------------------------
+    def _run(self) -> None:
+        self._send(Frame(seq=0, type=FrameType.START, worker=self._worker_id))
+        while True:
+            with self._cond:
+                if not self._chunks and self._final is None:
+                    self._cond.wait(timeout=CANCEL_POLL_S)
+                wait = self._last_flush + self._interval - time.monotonic()
+                if self._chunks and self._final is None and wait > 0:
+                    self._cond.wait(timeout=wait)  # gather a batch (woken early by finish)
+                chunks, self._chunks = self._chunks, []
+                final = self._final
+            if chunks:
+                self._send(Frame(seq=0, type=FrameType.CHUNKS, chunks=chunks))
+            elif final is None:
+                self._poll_cancel()
+            if final is not None:
+                self._send(final)
+                return
+
+    def _send(self, frame: Frame) -> None:
+        frame.seq = self._seq
+        self._seq += 1
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.publish(self._channel, frame.model_dump_json(exclude_defaults=True))
+            pipe.exists(self._cancel_key)
+            receivers, cancelled = pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("publish failed channel=%s: %r", self._channel, exc)
+            receivers, cancelled = 0, 1
+        self._last_flush = self._last_check = time.monotonic()
+        if (receivers == 0 or cancelled) and not frame.final:
+            self._cancel("no listener" if receivers == 0 else "cancel key set")
+
+    def _poll_cancel(self) -> None:
+        if self.cancelled or time.monotonic() - self._last_check < CANCEL_POLL_S:
+            return
+        try:
+            found = self._redis.exists(self._cancel_key)
+        except redis.RedisError:
+            return
+        self._last_check = time.monotonic()
+        if found:
+            self._cancel("cancel key set")
+
+    def _cancel(self, why: str) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        log.info("stream cancelled channel=%s reason=%s", self._channel, why)
+        if self._on_cancel is not None:
+            self._on_cancel()

@@ -1,0 +1,152 @@
+"""Step 4 of the request path: the worker's HTTP call to its llama-server child.
+
+Streams are read on the task's own thread; `Abort.fire()` may be called from another thread
+(the publisher, when the client went away) and shuts the socket down, which wakes the
+blocked read at once and makes llama-server see the disconnect and free its slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from common.errors import CorralError, InvalidRequest, UpstreamError
+from common.errors import Timeout as TimeoutError_
+
+log = logging.getLogger(__name__)
+
+
+class Aborted(Exception):
+    """The stream was closed on purpose (cancel or client gone): not an upstream failure."""
+
+
+class Abort:
+    """Thread-safe handle to cut a running upstream call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.fired = False
+
+    def attach(self, response: httpx.Response) -> None:
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self._sock = sock
+            fired = self.fired
+        if fired:
+            self._shutdown()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.fired:
+                return
+            self.fired = True
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def upstream_error(status: int, raw: bytes) -> CorralError:
+    """llama-server's error reply in the OpenAI envelope, keeping its status and message."""
+    try:
+        err = json.loads(raw).get("error", {})
+        message = err.get("message") or raw.decode(errors="replace")
+    except (ValueError, AttributeError):
+        err, message = {}, raw.decode(errors="replace")[:500] or f"HTTP {status}"
+    if status in (400, 404, 422):
+        return InvalidRequest(message, code=err.get("type") or "invalid_request", status=400)
+    if status == 504:
+        return TimeoutError_(message)
+    return UpstreamError(f"llama-server: {message}", status=status if status >= 500 else 502)
+
+
+@dataclass
+class StreamEnd:
+    usage: dict[str, Any] | None = None
+    usage_chunk: str | None = None  # raw text of the usage-only chunk, if llama-server sent one
+
+
+class Upstream:
+    """One per worker process: a client for the local llama-server."""
+
+    def __init__(self, base_url: str, read_timeout: float) -> None:
+        # No keep-alive: llama-server closes a connection after a stream even though it
+        # advertises keep-alive, and reusing one fails now and then (issue 2, "Known facts").
+        self._client = httpx.Client(
+            base_url=base_url,
+            timeout=httpx.Timeout(read_timeout, connect=5.0),
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    @contextmanager
+    def _call(self, path: str, body: dict[str, Any], abort: Abort) -> Iterator[httpx.Response]:
+        try:
+            with self._client.stream("POST", path, json=body) as resp:
+                abort.attach(resp)
+                if resp.status_code != 200:
+                    raise upstream_error(resp.status_code, resp.read())
+                yield resp
+        except httpx.HTTPError as exc:
+            if abort.fired:
+                raise Aborted() from exc
+            raise UpstreamError(f"llama-server call failed: {exc!r}") from exc
+
+    def request(self, path: str, body: dict[str, Any], abort: Abort) -> dict[str, Any]:
+        """A whole (non-streaming) reply, passed through as llama-server sent it."""
+        with self._call(path, body, abort) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+
+    def stream(
+        self, path: str, body: dict[str, Any], on_chunk: Callable[[str], None], abort: Abort
+    ) -> StreamEnd:
+        """Relay each SSE `data:` payload (raw JSON text) to `on_chunk`, except the final
+        usage-only chunk, which is returned (the caller relays it if the client asked)."""
+        end = StreamEnd()
+        with self._call(path, body, abort) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("error:"):
+                    raise _stream_error(line[6:].strip())
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                if data.startswith('{"error"'):
+                    raise _stream_error(data)
+                if '"usage"' in data:
+                    chunk = json.loads(data)
+                    if chunk.get("usage"):
+                        end.usage = chunk["usage"]
+                        if not chunk.get("choices"):
+                            end.usage_chunk = data
+                            continue
+                on_chunk(data)
+        return end
+
+
+def _stream_error(data: str) -> CorralError:
+    try:
+        err = json.loads(data).get("error", {})
+        return upstream_error(int(err.get("code") or 500), json.dumps({"error": err}).encode())
+    except (ValueError, AttributeError, TypeError):
+        return UpstreamError(f"llama-server stream error: {data[:500]}")
