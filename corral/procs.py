@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +36,27 @@ class Child:
         name: str,
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
-        stdout: IO[bytes] | int | None = None,
+        log: Path | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(os.environ, **(env or {}))
-        self._stdout = stdout
+        self.log = log  # stdout+stderr go here; None: inherit ours
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         parent = os.getpid()
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stdout,
-            stderr=subprocess.STDOUT if self._stdout is not None else None,
-            start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent),
-        )
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(self.log.open("ab")) if self.log else None
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+                start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(parent),
+            )
         log.info("started %s pid=%d", self.name, self.proc.pid)
 
     @property

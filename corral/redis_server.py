@@ -3,7 +3,7 @@ as a child on a free loopback port. Production points `CORRAL_REDIS_URL` at a re
 
 from __future__ import annotations
 
-import subprocess
+import os
 import time
 from pathlib import Path
 
@@ -37,7 +37,7 @@ class EmbeddedRedis:
             argv += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
         else:
             argv += ["--appendonly", "no"]
-        self._child = Child("valkey", argv, stdout=subprocess.DEVNULL)
+        self._child = Child("valkey", argv, log=Path(os.devnull))
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self._child.start()

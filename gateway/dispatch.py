@@ -73,13 +73,15 @@ class Dispatcher:
                 retry_after=5,
             )
 
-    async def cancel(self, request_id: str) -> None:
-        """Make sure `request_id` never runs, or stops running (its worker closes its
-        llama-server stream, which frees the slot)."""
+    async def cancel(self, request_id: str, *, started: bool) -> None:
+        """Make sure `request_id` never runs, or stops running (its worker sees the key
+        between chunks and closes its llama-server stream, which frees the slot). A task
+        not started yet is also revoked, so a worker that fetches it discards it unrun."""
         await self._redis.set(keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._revoke, request_id)
-        log.info("job=%s cancelled", request_id)
+        if not started:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, self._revoke, request_id)
+        log.info("job=%s cancelled started=%s", request_id, started)
 
     def _revoke(self, request_id: str) -> None:
         try:

@@ -54,7 +54,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
     headers = {"X-Request-Priority": priority.value}
 
     async def abandon() -> None:
-        await state.dispatcher.cancel(request_id)
+        await state.dispatcher.cancel(request_id, started=sub.worker is not None)
 
     if job.stream:
         return SSEResponse(sub, abandon, headers)

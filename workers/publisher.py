@@ -49,7 +49,7 @@ class Publisher:
         self._chunks: list[str] = []
         self._final: Frame | None = None
         self._seq = 0
-        self._last_flush = 0.0  # paces batching
+        self._last_flush = 0.0  # paces batching: when chunks last went out
         self._last_check = 0.0  # paces cancel polls
         self.cancelled = False
         self._thread = threading.Thread(target=self._run, name="corral-publisher", daemon=True)
@@ -102,7 +102,9 @@ class Publisher:
         except redis.RedisError as exc:
             log.warning("publish failed channel=%s: %r", self._channel, exc)
             receivers, cancelled = 0, 1
-        self._last_flush = self._last_check = time.monotonic()
+        self._last_check = time.monotonic()
+        if frame.type is FrameType.CHUNKS:
+            self._last_flush = self._last_check
         if (receivers == 0 or cancelled) and not frame.final:
             self._cancel("no listener" if receivers == 0 else "cancel key set")
 

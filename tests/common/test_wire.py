@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from common.errors import ModelNotFound, QueueFull, UpstreamError, from_body
+from common.frames import Frame, FrameType
+from common.jobs import Job, JobKind
+from common.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+
+def test_unknown_fields_pass_through() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 5,
+         "ignore_eos": True}
+    )  # fmt: skip
+    dumped = req.model_dump(exclude_unset=True)
+    assert dumped["top_k"] == 5 and dumped["ignore_eos"] is True
+    assert "temperature" not in dumped  # unset fields are not invented
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "x"}]},
+        {"model": "m", "messages": []},
+        {"model": "", "messages": [{"role": "user", "content": "x"}]},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+    ],
+)
+def test_bad_chat_bodies_are_refused(body: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_prompt_and_input_shapes() -> None:
+    for prompt in ("a", ["a", "b"], [1, 2], [[1], [2]]):
+        CompletionRequest(model="m", prompt=prompt)
+        EmbeddingRequest(model="m", input=prompt)
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": {"x": 1}})
+
+
+def test_job_round_trips_as_json() -> None:
+    job = Job(kind=JobKind.CHAT, model="m", body={"a": 1}, channel="c", deadline=1.0)
+    again = Job.model_validate_json(job.model_dump_json())
+    assert again == job and again.request_id.startswith("req_")
+    assert again.expired(now=2.0) and not again.expired(now=0.5)
+    assert JobKind.EMBEDDING.path == "/v1/embeddings"
+
+
+def test_frames_know_which_are_final() -> None:
+    assert Frame(seq=0, type=FrameType.DONE).final
+    assert not Frame(seq=0, type=FrameType.CHUNKS, chunks=["{}"]).final
+
+
+def test_error_envelope_shape_and_retry_after() -> None:
+    err = QueueFull("full", retry_after=4.4)
+    assert err.envelope() == {
+        "error": {"message": "full", "type": "rate_limit_error", "param": None,
+                  "code": "queue_full"}
+    }  # fmt: skip
+    assert err.status == 429 and err.headers() == {"Retry-After": "4"}
+    missing = ModelNotFound("x")
+    assert missing.status == 404 and missing.code == "model_not_found"
+
+
+def test_errors_survive_a_process_boundary() -> None:
+    rebuilt = from_body(UpstreamError("boom", status=503).body(), 503)
+    assert rebuilt.status == 503 and rebuilt.message == "boom"
+    assert from_body(ModelNotFound("x").body(), 404).status == 404

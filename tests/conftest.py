@@ -1,0 +1,101 @@
+"""Real parts for the suite: a Valkey on a free port, generated models, and a cluster of
+real `corral gateway` / `corral worker` processes (each worker with a real llama-server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import pytest
+
+from corral.procs import Child
+from corral.redis_server import EmbeddedRedis
+from corral.tinymodel import make_model
+from tests.support import corral_child, tail, wait_healthy
+from workers.ports import free_port
+
+CHAT = "tiny-chat"
+EMBED = "tiny-embed"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    make_model(root / f"{CHAT}.gguf")
+    make_model(root / f"{EMBED}.gguf", embedding=True)
+    return root
+
+
+@dataclass
+class Cluster:
+    """A running gateway and workers, all real processes."""
+
+    redis_url: str
+    base_url: str
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+
+    def client(self, **kw: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kw)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{tail(p)}" for p in sorted(self.log_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop(grace=10)
+
+
+def start_cluster(redis_url: str, log_dir: Path, workers: list[list[str]], **env: str) -> Cluster:
+    """A gateway plus one worker per argv tail in `workers`, on `redis_url`."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    cluster = Cluster(redis_url, f"http://127.0.0.1:{port}", log_dir)
+    common = {"CORRAL_REDIS_URL": redis_url, **env}
+    try:
+        gw_log = log_dir / "gateway.log"
+        cluster.children.append(
+            corral_child("gateway", ["gateway", "--port", str(port)], gw_log, **common)
+        )
+        for i, args in enumerate(workers):
+            log = log_dir / f"worker{i}.log"
+            cluster.children.append(corral_child(f"worker{i}", ["worker", *args], log, **common))
+        for child in cluster.children:
+            child.start()
+        wait_healthy(cluster.base_url, len(workers))
+    except BaseException:
+        print(cluster.logs())
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    redis_server: EmbeddedRedis, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """The shared cluster: one chat worker (2 slots, long context so a generation can be
+    made to run for seconds) and one embedding worker."""
+    running = start_cluster(
+        redis_server.url,
+        tmp_path_factory.mktemp("cluster-logs"),
+        [
+            ["--model", str(model_dir / f"{CHAT}.gguf"), "--slots", "2", "--ctx-size", "16384"],
+            ["--model", str(model_dir / f"{EMBED}.gguf"), "--embedding"],
+        ],
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(cluster: Cluster) -> openai.OpenAI:
+    return cluster.client()

@@ -1,0 +1,96 @@
+"""Helpers for tests that run real parts: processes, readiness, the worker registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+import redis
+
+from common import keys
+from common.registry import WorkerInfo
+from corral.procs import Child
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` is a live, non-zombie process."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for(check: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def corral_child(name: str, args: list[str], log: Path, **env: str) -> Child:
+    """`python -m corral ARGS` as a supervised child logging to `log`."""
+    base = {"CORRAL_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    return Child(name, [sys.executable, "-m", "corral", *args], {**base, **env}, log=log)
+
+
+def wait_healthy(base_url: str, workers: int, timeout: float = 60.0) -> None:
+    def ready() -> bool:
+        try:
+            return int(httpx.get(f"{base_url}/health", timeout=1).json()["workers"]) >= workers
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+
+    if not wait_for(ready, timeout, 0.1):
+        raise TimeoutError(f"{base_url} did not report {workers} worker(s) in {timeout}s")
+
+
+def workers(redis_url: str, model: str | None = None) -> list[WorkerInfo]:
+    """Live registry entries, optionally for one model."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        out = []
+        for wid in client.smembers(keys.WORKERS):
+            raw = client.get(keys.worker_key(wid.decode()))
+            if raw is not None:
+                info = WorkerInfo.model_validate_json(raw)
+                if model is None or info.model == model:
+                    out.append(info)
+        return out
+    finally:
+        client.close()
+
+
+def busy_slots(upstream: str) -> int:
+    """How many llama-server slots are generating right now (its `/slots`)."""
+    slots = httpx.get(f"{upstream}/slots", timeout=2).json()
+    return sum(1 for s in slots if s.get("is_processing"))
+
+
+def tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=1, default=str)
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def env_without_corral() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}

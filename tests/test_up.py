@@ -1,0 +1,55 @@
+"""`corral up` as a user runs it: demo models, an answer, then Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import psutil
+
+from tests.support import alive, descendants, env_without_corral, wait_for
+from workers.ports import free_port
+
+
+def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "corral", "up", "--port", str(port), "--data-dir",
+             str(tmp_path / "data")],
+            stdout=out, stderr=subprocess.STDOUT, env=env_without_corral(),
+        )  # fmt: skip
+    try:
+        assert wait_for(lambda: "Corral is up" in log.read_text(), 90, 0.2), log.read_text()
+        text = log.read_text()
+        assert f"http://127.0.0.1:{port}/v1" in text
+        assert "random-weight DEMO models" in text
+        assert "curl " in text
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert {m.id for m in client.models.list()} == {"corral-demo", "corral-demo-embed"}
+        reply = client.chat.completions.create(
+            model="corral-demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content is not None
+        vec = client.embeddings.create(model="corral-demo-embed", input="hi").data[0].embedding
+        assert len(vec) > 0
+
+        family = descendants(proc.pid)
+        names = {psutil.Process(p).name() for p in family if alive(p)}
+        assert any("llama-server" in n for n in names), names
+        assert any("valkey" in n for n in names), names
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=40) == 0, log.read_text()[-3000:]
+        assert wait_for(lambda: not any(alive(p) for p in family), 10), [
+            (p, psutil.Process(p).cmdline()) for p in family if alive(p)
+        ]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
