@@ -57,8 +57,26 @@ def worker_key(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
+def request_key(request_id: str) -> str:
+    """Hash tracking one request: state, model, priority, times, worker (`common.tracking`)."""
+    return f"{PREFIX}:req:{request_id}"
+
+
+def running_key(model: str) -> str:
+    """Sorted set of `<worker id>|<request id>` running for a model, scored by start time."""
+    return f"{PREFIX}:running:{model}"
+
+
 # Set of worker ids that registered; entries whose key expired are pruned by readers.
 WORKERS = f"{PREFIX}:workers"
 
 # Hash alias -> ModelConfig JSON: every model some gateway config or worker announced.
 CATALOG = f"{PREFIX}:catalog"
+
+# Hash sha256(secret) -> ApiKey JSON: the user API keys. Secrets themselves are never stored.
+API_KEYS = f"{PREFIX}:apikeys"
+
+
+def ratelimit_key(key_id: str, dimension: str) -> str:
+    """A key's token bucket for `dimension` ("requests" or "tokens")."""
+    return f"{PREFIX}:ratelimit:{key_id}:{dimension}"

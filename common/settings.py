@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
     llama_server: str | None = None  # CORRAL_LLAMA_SERVER: path of the llama-server binary
 
     request_timeout: float = Field(default=600, gt=0)  # whole request, queue wait included
+    max_request_timeout: float = Field(default=3600, gt=0)  # cap of X-Request-Timeout
     task_time_limit: float = Field(default=900, gt=0)
     load_timeout: float = Field(default=120, gt=0)  # a model load, and a request waiting on it
     visibility_timeout: float | None = None  # default 2 x task_time_limit
@@ -71,6 +73,28 @@ class Settings(BaseSettings):
     flush_interval_ms: float = Field(default=10.0, ge=0)
     broker_pool_limit: int = Field(default=64, ge=1)
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # Tenancy and hardening (issue 5). The admin key is a SecretStr so it never shows in a
+    # repr, a log line or a dumped config.
+    admin_key: SecretStr | None = None  # CORRAL_ADMIN_KEY: every route, management included
+    insecure: bool = False  # run without keys on a non-loopback address (--insecure)
+    priority_over_cap: Literal["downgrade", "reject"] = "downgrade"
+    max_body_bytes: int = Field(default=8 * 2**20, ge=1024)  # larger bodies: 413
+    body_timeout: float = Field(default=30, gt=0)  # the whole body must arrive within this
+    header_timeout: float = Field(default=10, gt=0)  # the request head must arrive within this
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # empty: off
+    metrics_public: bool = False  # serve the gateway's /metrics without the admin key
+    worker_metrics_host: str = "127.0.0.1"  # where a worker serves its own /metrics
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # CORRAL_CORS_ORIGINS="https://a.example,https://b.example" (or a YAML list)
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

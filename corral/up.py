@@ -116,7 +116,7 @@ class Cluster:
             self._check_children()
             try:
                 health = httpx.get(url, timeout=1).json()
-                if health.get("workers", 0) >= len(self.models):
+                if health.get("ready_workers", 0) >= len(self.models):
                     return
             except (httpx.HTTPError, ValueError):
                 pass

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from common.settings import Settings
 from gateway import errors
 from gateway.middleware import RequestIdMiddleware
-from gateway.routes import chat, completions, embeddings, health, models
+from gateway.routes import chat, completions, embeddings, health, models, queue, requests
 from gateway.state import GatewayState
 
 
@@ -26,7 +26,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    for module in (chat, completions, embeddings, models, health):
+    for module in (chat, completions, embeddings, models, health, requests, queue):
         app.include_router(module.router)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -18,9 +18,12 @@ from celery import Celery
 
 from common import keys
 from common.celery_config import celery_config
-from common.errors import QueueFull
+from common.errors import CorralError, QueueFull
+from common.frames import Frame, FrameType
 from common.jobs import Job
 from common.settings import Settings
+from common.tracking import RequestState
+from gateway.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ class Dispatcher:
         self._redis = client
         self._celery = Celery("corral-gateway", set_as_current=False)
         self._celery.conf.update(celery_config(settings, redis_url=redis_url))
+        self.tracker = Tracker(client)
         self._pool = ThreadPoolExecutor(
             max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-enqueue"
         )
@@ -41,9 +45,10 @@ class Dispatcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._celery.close()
 
-    async def submit(self, job: Job) -> None:
-        """Enqueue `job` on its model's queue for its priority, within the depth cap."""
-        await self._check_depth(job.model)
+    async def submit(self, job: Job, *, resubmit: bool = False) -> None:
+        """Enqueue `job` on its model's queue for its priority, within the depth cap, and
+        record it (`GET /v1/requests/{id}`)."""
+        await self._admit(job, resubmit)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, self._send, job)
         log.info(
@@ -60,28 +65,39 @@ class Dispatcher:
             expires=datetime.fromtimestamp(job.deadline, UTC),
         )
 
-    async def _check_depth(self, model: str) -> None:
+    async def _admit(self, job: Job, resubmit: bool) -> None:
+        """One round trip: the model's queue depth, and the request's record."""
         pipe = self._redis.pipeline(transaction=False)
-        for queue in keys.model_queues(model):
+        for queue in keys.model_queues(job.model):
             pipe.llen(queue)
-        depth = sum(await pipe.execute())
+        self.tracker.record(pipe, job)
+        depth = sum((await pipe.execute())[:3])
         limit = self._settings.max_queue_size_per_model
-        if depth >= limit:
+        if depth >= limit and not resubmit:
+            await self._redis.delete(keys.request_key(job.request_id))
             raise QueueFull(
-                f"The queue for model {model!r} is full ({depth} waiting, limit {limit}). "
+                f"The queue for model {job.model!r} is full ({depth} waiting, limit {limit}). "
                 "Retry later.",
                 retry_after=5,
             )
 
-    async def cancel(self, request_id: str, *, started: bool) -> None:
+    async def cancel(
+        self, request_id: str, *, started: bool, state: RequestState = RequestState.CANCELLED
+    ) -> None:
         """Make sure `request_id` never runs, or stops running (its worker sees the key
         between chunks and closes its llama-server stream, which frees the slot). A task
         not started yet is also revoked, so a worker that fetches it discards it unrun."""
         await self._redis.set(keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
         if not started:
+            await self.tracker.end_if_queued(request_id, state, f"{state.value} while queued")
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._pool, self._revoke, request_id)
-        log.info("job=%s cancelled started=%s", request_id, started)
+        log.info("job=%s %s started=%s", request_id, state.value, started)
+
+    async def notify(self, channel: str, err: CorralError) -> None:
+        """End a request's stream from outside its worker (an out-of-band final frame)."""
+        frame = Frame(seq=-1, type=FrameType.ERROR, error=err.body(), status=err.status)
+        await self._redis.publish(channel, frame.model_dump_json(exclude_defaults=True))
 
     def _revoke(self, request_id: str) -> None:
         try:

@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from common.errors import CorralError, InvalidRequest
+from common.errors import CorralError, InvalidRequest, WorkerLost
 from common.frames import FrameType
 from common.jobs import Job, JobKind
 from common.priority import resolve_priority
+from common.settings import Settings
+from common.tracking import RequestState
 from common.wire import WireModel
 from gateway.sse import SSEResponse, wait_disconnect
 from gateway.state import GatewayState
 from gateway.stream import Subscription
 
 Abandon = Callable[[], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 
 async def relay(request: Request, state: GatewayState, kind: JobKind, body: WireModel) -> Response:
@@ -35,6 +40,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         request.headers.get("x-request-priority"), getattr(body, "service_tier", None)
     )
     request_id: str = request.state.request_id
+    timeout = request_timeout(request.headers.get("x-request-timeout"), state.settings)
     job = Job(
         request_id=request_id,
         kind=kind,
@@ -43,7 +49,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         stream=bool(getattr(body, "stream", False)),
         priority=priority,
         channel=state.hub.channel(request_id),
-        deadline=time.time() + state.settings.request_timeout,
+        deadline=time.time() + timeout,
     )
     sub = state.hub.open(request_id, job.deadline)
     try:
@@ -54,18 +60,49 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
     headers = {"X-Request-Priority": priority.value}
 
     async def abandon() -> None:
-        await state.dispatcher.cancel(request_id, started=sub.worker is not None)
+        expired = time.time() >= job.deadline
+        await state.dispatcher.cancel(
+            request_id,
+            started=sub.worker is not None,
+            state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
+        )
 
     if job.stream:
         return SSEResponse(sub, abandon, headers)
-    return await _gather(request, sub, abandon, headers)
+
+    async def resubmit() -> None:
+        await state.dispatcher.submit(job, resubmit=True)
+
+    return await _gather(request, sub, abandon, resubmit, headers)
+
+
+def request_timeout(header: str | None, settings: Settings) -> float:
+    """`X-Request-Timeout` (seconds) if given, else `request_timeout`; never above
+    `max_request_timeout`."""
+    if header is None or not header.strip():
+        return min(settings.request_timeout, settings.max_request_timeout)
+    try:
+        value = float(header)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise InvalidRequest(
+            f"Invalid X-Request-Timeout {header!r}: a number of seconds > 0.",
+            param="X-Request-Timeout",
+            code="invalid_timeout",
+        )
+    return min(value, settings.max_request_timeout)
 
 
 async def _gather(
-    request: Request, sub: Subscription, abandon: Abandon, headers: dict[str, str]
+    request: Request,
+    sub: Subscription,
+    abandon: Abandon,
+    resubmit: Abandon,
+    headers: dict[str, str],
 ) -> Response:
     """Wait for the whole reply, cancelling the task if the client leaves first."""
-    result = asyncio.create_task(_result(sub))
+    result = asyncio.create_task(_result(sub, resubmit))
     left = asyncio.create_task(wait_disconnect(request.receive))
     try:
         await asyncio.wait({result, left}, return_when=asyncio.FIRST_COMPLETED)
@@ -84,8 +121,20 @@ async def _gather(
     return JSONResponse(body, headers=headers)
 
 
-async def _result(sub: Subscription) -> dict[str, object]:
-    async for frame in sub.frames():
-        if frame.type is FrameType.RESULT and frame.body is not None:
-            return frame.body
+async def _result(sub: Subscription, resubmit: Abandon) -> dict[str, object]:
+    """The result body. If the worker dies first, the request is queued once more for
+    another worker (a non-streaming request has nothing sent yet, so it can run again;
+    its claim makes sure it runs at most twice in all)."""
+    for attempt in (1, 2):
+        try:
+            async for frame in sub.frames():
+                if frame.type is FrameType.RESULT and frame.body is not None:
+                    return frame.body
+            break
+        except WorkerLost:
+            if attempt == 2:
+                raise
+            log.warning("job=%s worker %s lost; queued again", sub.request_id, sub.worker)
+            sub.restart()
+            await resubmit()
     raise CorralError("The worker ended the request without a result.")

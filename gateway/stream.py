@@ -42,6 +42,12 @@ class Subscription:
         self._queue: asyncio.Queue[Frame | CorralError] = asyncio.Queue()
         self._next_seq = 0
 
+    def restart(self) -> None:
+        """Expect a new stream from seq 0 (the request was queued again)."""
+        self.worker = None
+        self.finished = False
+        self._next_seq = 0
+
     def deliver(self, item: Frame | CorralError) -> None:
         self._queue.put_nowait(item)
 
@@ -51,7 +57,9 @@ class Subscription:
     async def next(self) -> Frame:
         """The next frame; a worker's error frame is raised as its CorralError."""
         frame = await self._next_raw()
-        if frame.seq != self._next_seq:
+        if frame.seq == -1 and frame.final:
+            pass  # out of band (a cancel from another gateway, a redelivery's verdict)
+        elif frame.seq != self._next_seq:
             raise StreamBroken(
                 f"Lost part of the stream (frame {self._next_seq} missing, got {frame.seq})."
             )

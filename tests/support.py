@@ -44,7 +44,9 @@ def corral_child(name: str, args: list[str], log: Path, **env: str) -> Child:
 def wait_healthy(base_url: str, workers: int, timeout: float = 60.0) -> None:
     def ready() -> bool:
         try:
-            return int(httpx.get(f"{base_url}/health", timeout=1).json()["workers"]) >= workers
+            return (
+                int(httpx.get(f"{base_url}/health", timeout=1).json()["ready_workers"]) >= workers
+            )
         except (httpx.HTTPError, ValueError, KeyError):
             return False
 

@@ -2,7 +2,7 @@
 
 It drops work that should not run (deadline passed, cancelled while queued, a redelivered
 copy of a task another worker claimed), then calls llama-server and hands what comes back
-to the publisher. Every exit publishes exactly one final frame.
+to the publisher. Every task that runs publishes exactly one final frame.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from common import keys
 from common.errors import CorralError, Timeout, WorkerLost
 from common.frames import Frame, FrameType
 from common.jobs import Job, JobKind
-from workers import runtime
+from common.tracking import RequestState
+from workers import ledger, runtime
 from workers.celery_app import app
+from workers.ledger import Claim
 from workers.publisher import Publisher
 from workers.upstream import Abort, Aborted
 
@@ -32,29 +34,40 @@ def infer(self: Task, payload: dict[str, Any]) -> None:
     r = rt.redis
     if job.expired():
         log.info("job=%s model=%s dropped: deadline passed in queue", job.request_id, job.model)
+        ledger.dropped(r, job, RequestState.EXPIRED, "deadline passed while queued")
         _publish_error(job, Timeout("The request waited in the queue past its deadline."))
         return
     if r.exists(keys.cancel_key(job.request_id)):
         log.info("job=%s model=%s dropped: cancelled while queued", job.request_id, job.model)
+        ledger.dropped(r, job, RequestState.CANCELLED, "cancelled while queued")
         return
     claim_ttl = int(rt.settings.visibility_timeout or rt.settings.task_time_limit * 2)
-    if not r.set(keys.claim_key(job.request_id), rt.worker_id, nx=True, ex=claim_ttl):
-        _on_redelivered(job)
+    claim = ledger.claim(r, job, rt.worker_id, claim_ttl)
+    if claim is Claim.DUPLICATE:
+        log.info("job=%s duplicate delivery dropped", job.request_id)
+        return
+    if claim is Claim.LOST:
+        log.warning("job=%s redelivered after its worker was lost; not streamed twice",
+                    job.request_id)  # fmt: skip
+        ledger.dropped(r, job, RequestState.FAILED, "worker lost mid-stream")
+        _publish_error(job, WorkerLost("The worker serving this request was lost."))
         return
     started = time.monotonic()
+    ledger.started(r, job, rt.worker_id)
     log.info(
-        "job=%s model=%s priority=%s worker=%s started waited_ms=%d",
-        job.request_id, job.model, job.priority.value, rt.worker_id,
+        "job=%s model=%s priority=%s worker=%s started claim=%s waited_ms=%d",
+        job.request_id, job.model, job.priority.value, rt.worker_id, claim.value,
         (time.time() - job.enqueued_at) * 1000,
     )  # fmt: skip
-    outcome = _run(job)
+    state, error = _run(job)
+    ledger.finished(r, job, rt.worker_id, state, error)
     log.info(
-        "job=%s worker=%s finished outcome=%s ms=%d",
-        job.request_id, rt.worker_id, outcome, (time.monotonic() - started) * 1000,
+        "job=%s worker=%s finished state=%s ms=%d",
+        job.request_id, rt.worker_id, state.value, (time.monotonic() - started) * 1000,
     )  # fmt: skip
 
 
-def _run(job: Job) -> str:
+def _run(job: Job) -> tuple[RequestState, str | None]:
     rt = runtime.current()
     abort = Abort()
     pub = Publisher(
@@ -81,35 +94,20 @@ def _run(job: Job) -> str:
             body.pop("stream_options", None)
             result = rt.upstream.request(job.kind.path, body, abort)
             pub.finish(FrameType.RESULT, body=result, usage=result.get("usage"))
-        return "ok"
+        return RequestState.DONE, None
     except Aborted:
-        pub.finish(FrameType.ERROR, error=_cancelled().body(), status=499)
-        return "cancelled"
+        pub.finish(FrameType.ERROR, error=cancelled().body(), status=cancelled().status)
+        return RequestState.CANCELLED, "cancelled while running"
     except CorralError as exc:
         pub.finish(FrameType.ERROR, error=exc.body(), status=exc.status)
-        return f"error:{exc.code}"
+        return RequestState.FAILED, exc.message
 
 
-def _cancelled() -> CorralError:
-    return CorralError("The request was cancelled.", code="cancelled")
-
-
-def _on_redelivered(job: Job) -> None:
-    """Another worker claimed this task before. If that worker is alive the copy is a
-    duplicate and vanishes; if it died, the stream it served is broken: say so."""
-    r = runtime.current().redis
-    owner = r.get(keys.claim_key(job.request_id))
-    if owner is not None and r.exists(keys.worker_key(_text(owner))):
-        log.info("job=%s duplicate delivery dropped (owner %s alive)", job.request_id, owner)
-        return
-    log.warning("job=%s redelivered after its worker was lost; not run twice", job.request_id)
-    _publish_error(job, WorkerLost("The worker serving this request was lost."))
+def cancelled() -> CorralError:
+    return CorralError("The request was cancelled.", code="cancelled", status=499)
 
 
 def _publish_error(job: Job, err: CorralError) -> None:
-    frame = Frame(seq=0, type=FrameType.ERROR, error=err.body(), status=err.status)
+    """An out-of-band final frame (seq -1): accepted whatever the gateway saw before."""
+    frame = Frame(seq=-1, type=FrameType.ERROR, error=err.body(), status=err.status)
     runtime.current().redis.publish(job.channel, frame.model_dump_json(exclude_defaults=True))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,4 +1,4 @@
-"""`GET /health`: is this gateway up, can it reach Redis, how many workers are alive."""
+"""`GET /health`: is this gateway up, can it reach Redis, how many workers are alive/ready."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from common import keys
+from common.registry import WorkerInfo, WorkerState
 from gateway.deps import State
 
 router = APIRouter(tags=["management"])
@@ -15,15 +16,17 @@ router = APIRouter(tags=["management"])
 @router.get("/health")
 async def health(state: State) -> JSONResponse:
     try:
-        members = await state.redis.smembers(keys.WORKERS)
-        alive = 0
-        if members:
-            pipe = state.redis.pipeline(transaction=False)
-            for m in members:
-                pipe.exists(keys.worker_key(str(m)))
-            alive = sum(await pipe.execute())
+        members = sorted(map(str, await state.redis.smembers(keys.WORKERS)))
+        entries = await state.redis.mget([keys.worker_key(m) for m in members]) if members else []
     except RedisError as exc:
         return JSONResponse({"status": "error", "redis": False, "error": repr(exc)}, 503)
+    alive = [WorkerInfo.model_validate_json(e) for e in entries if e is not None]
     return JSONResponse(
-        {"status": "ok", "redis": True, "workers": alive, "active_streams": state.hub.active}
+        {
+            "status": "ok",
+            "redis": True,
+            "workers": len(alive),
+            "ready_workers": sum(w.state is WorkerState.READY for w in alive),
+            "active_streams": state.hub.active,
+        }
     )

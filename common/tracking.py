@@ -1,0 +1,69 @@
+"""Request records: where each request is (queued, running, done...), for
+`GET /v1/requests/{id}`, `GET /v1/queue/stats` and cancellation from any gateway.
+
+A record is a Redis hash written by the gateway when it enqueues and updated by the worker
+when it starts and ends the task (partial HSETs, no read-modify-write), with a TTL so
+finished records fade away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+
+from common.priority import Priority
+
+RECORD_TTL_S = 3600  # how long a finished request stays visible
+
+
+class RequestState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"  # its deadline passed before a worker started it
+
+    @property
+    def final(self) -> bool:
+        return self not in (RequestState.QUEUED, RequestState.RUNNING)
+
+
+class RequestRecord(BaseModel):
+    request_id: str
+    model: str
+    priority: Priority
+    state: RequestState
+    stream: bool = False
+    channel: str | None = None
+    enqueued_at: float
+    deadline: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    error: str | None = None
+    position: int | None = None  # 1 = next to start; only while queued
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> RequestRecord:
+        return cls.model_validate({_text(k): _text(v) for k, v in raw.items() if v})
+
+    def to_hash(self) -> dict[Any, Any]:
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"position"})
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
+
+
+def running_member(worker_id: str, request_id: str) -> str:
+    return f"{worker_id}|{request_id}"
+
+
+def split_running_member(member: str) -> tuple[str, str]:
+    worker, _, request_id = member.rpartition("|")
+    return worker, request_id
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,50 @@
+"""`GET /v1/requests/{id}` (state, queue position, worker) and
+`POST /v1/requests/{id}/cancel` — for the id in any reply's `X-Request-ID`, from any
+gateway of the cluster."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from common.errors import CorralError, InvalidRequest
+from common.tracking import RequestRecord, RequestState
+from gateway.deps import State
+
+router = APIRouter(tags=["requests"])
+
+
+class RequestNotFound(CorralError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "request_not_found"
+
+
+async def _record(state: State, request_id: str) -> RequestRecord:
+    record = await state.dispatcher.tracker.get(request_id)
+    if record is None:
+        raise RequestNotFound(f"No request {request_id!r} (unknown, or finished over an hour ago).")
+    return record
+
+
+@router.get("/v1/requests/{request_id}")
+async def get_request(request_id: str, state: State) -> RequestRecord:
+    return await _record(state, request_id)
+
+
+@router.post("/v1/requests/{request_id}/cancel")
+async def cancel_request(request_id: str, state: State) -> RequestRecord:
+    """Queued: it never runs. Running: its worker closes the llama-server stream. Either
+    way its client gets a `cancelled` error at once."""
+    record = await _record(state, request_id)
+    if record.state.final:
+        raise InvalidRequest(
+            f"Request {request_id!r} already ended ({record.state.value}).",
+            code="request_already_ended",
+            status=409,
+        )
+    await state.dispatcher.cancel(request_id, started=record.state is RequestState.RUNNING)
+    if record.channel:
+        await state.dispatcher.notify(
+            record.channel, CorralError("The request was cancelled.", code="cancelled", status=499)
+        )
+    return await _record(state, request_id)

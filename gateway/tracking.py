@@ -1,0 +1,131 @@
+"""Reading and writing request records from the gateway side: the record at enqueue,
+its end when the gateway gives up on it, a queued request's position, queue statistics.
+
+Positions and oldest waits are read from the queues themselves (kombu keeps each queue as
+a Redis list, LPUSHed and BRPOPped, so the oldest message is at the right end), so they
+are never out of step with what workers will actually take next.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.jobs import Job
+from common.priority import Priority
+from common.tracking import (
+    RECORD_TTL_S,
+    RequestRecord,
+    RequestState,
+    split_running_member,
+)
+
+
+def new_record(job: Job) -> RequestRecord:
+    return RequestRecord(
+        request_id=job.request_id,
+        model=job.model,
+        priority=job.priority,
+        state=RequestState.QUEUED,
+        stream=job.stream,
+        channel=job.channel,
+        enqueued_at=job.enqueued_at,
+        deadline=job.deadline,
+    )
+
+
+class Tracker:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    def record(self, pipe: aioredis.client.Pipeline, job: Job) -> None:
+        """Queue the writes of a new record on `pipe` (the caller's enqueue pipeline)."""
+        key = keys.request_key(job.request_id)
+        pipe.hset(key, mapping=new_record(job).to_hash())
+        pipe.expire(key, int(job.deadline - time.time()) + RECORD_TTL_S)
+
+    async def end_if_queued(self, request_id: str, state: RequestState, why: str) -> bool:
+        """Mark a request that never started as ended; False if a worker had started it."""
+        key = keys.request_key(request_id)
+        current = await self._redis.hget(key, "state")
+        if current != RequestState.QUEUED.value:
+            return False
+        fields: dict[Any, Any] = {"state": state, "finished_at": time.time(), "error": why}
+        await self._redis.hset(key, mapping=fields)
+        return True
+
+    async def get(self, request_id: str) -> RequestRecord | None:
+        raw = await self._redis.hgetall(keys.request_key(request_id))
+        if not raw:
+            return None
+        record = RequestRecord.from_hash(raw)
+        if record.state is RequestState.QUEUED:
+            record.position = await self.position(record)
+        return record
+
+    async def position(self, record: RequestRecord) -> int | None:
+        """1 = the next of its model's requests to start; None if not found in its queue."""
+        ahead = 0
+        for priority in Priority:
+            queue = keys.queue_name(record.model, priority)
+            if priority is not record.priority:
+                if priority.rank < record.priority.rank:
+                    ahead += await self._redis.llen(queue)
+                continue
+            messages = await self._redis.lrange(queue, 0, -1)
+            for i, raw in enumerate(messages):
+                if record.request_id in raw:
+                    return ahead + (len(messages) - 1 - i) + 1
+        return None
+
+    async def queue_stats(self, models: list[str]) -> dict[str, Any]:
+        """Per model and priority: depth, oldest wait (s), and requests running."""
+        now = time.time()
+        out: dict[str, Any] = {}
+        for model in models:
+            per: dict[str, Any] = {}
+            for priority in Priority:
+                queue = keys.queue_name(model, priority)
+                depth = await self._redis.llen(queue)
+                oldest = await self._redis.lindex(queue, -1) if depth else None
+                enqueued = enqueued_at(str(oldest)) if oldest else None
+                per[priority.value] = {
+                    "queue": queue,
+                    "depth": depth,
+                    "oldest_wait_s": round(now - enqueued, 3) if enqueued else None,
+                }
+            out[model] = {"priorities": per, "running": await self.running(model)}
+        return out
+
+    async def running(self, model: str) -> int:
+        """Requests running for `model` on live workers (stale entries are pruned)."""
+        members = await self._redis.zrange(keys.running_key(model), 0, -1)
+        count, alive_cache = 0, {}
+        for member in map(str, members):
+            worker, _ = split_running_member(member)
+            if worker not in alive_cache:
+                alive_cache[worker] = bool(await self._redis.exists(keys.worker_key(worker)))
+            if alive_cache[worker]:
+                count += 1
+            else:
+                await self._redis.zrem(keys.running_key(model), member)
+        return count
+
+
+def enqueued_at(message: str) -> float | None:
+    """The `enqueued_at` of a queued Celery message, as kombu's Redis transport stores it
+    (JSON envelope, base64 body holding `[args, kwargs, embed]`)."""
+    try:
+        envelope = json.loads(message)
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return float(args[0]["enqueued_at"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None

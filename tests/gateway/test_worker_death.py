@@ -1,0 +1,131 @@
+"""kill -9 of a worker mid-stream: its clients hear about it within seconds, a
+non-streaming request runs again elsewhere (once), queued work goes to another worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from corral.redis_server import EmbeddedRedis
+from corral.tinymodel import make_model
+from tests.conftest import Cluster, start_cluster
+from tests.support import alive, busy_slots, corral_child, wait_for, wait_healthy, workers
+
+MODEL = "d-chat"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
+    model = make_model(tmp_path / f"{MODEL}.gguf")
+    cluster = start_cluster(
+        redis_server.url,
+        tmp_path / "logs",
+        [["--model", str(model), "--slots", "2", "--ctx-size", "16384"]],
+    )
+    yield cluster, model
+    cluster.stop()
+
+
+class Call(threading.Thread):
+    """One request in the background, remembering when each part arrived."""
+
+    def __init__(self, base_url: str, stream: bool, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{base_url}/v1/chat/completions"
+        self.body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens,
+                     "stream": stream, "ignore_eos": True}  # fmt: skip
+        self.request_id = ""
+        self.status = 0
+        self.lines: list[str] = []
+        self.result: dict[str, Any] = {}
+        self.ended_at = 0.0
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.body, timeout=60) as resp:
+            self.request_id = resp.headers["x-request-id"]
+            self.status = resp.status_code
+            if self.body["stream"]:
+                self.lines = [x for x in resp.iter_lines() if x.startswith("data:")]
+            else:
+                self.result = json.loads(resp.read())
+        self.ended_at = time.monotonic()
+
+
+def _record(cluster: Cluster, request_id: str) -> dict[str, Any]:
+    data: dict[str, Any] = httpx.get(f"{cluster.base_url}/v1/requests/{request_id}").json()
+    return data
+
+
+def _running_on(cluster: Cluster, worker_id: str) -> int:
+    (info,) = [w for w in workers(cluster.redis_url, MODEL) if w.id == worker_id]
+    assert info.upstream
+    return busy_slots(info.upstream)
+
+
+def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: Path) -> None:
+    cluster, model = two_workers
+    (a,) = workers(cluster.redis_url, MODEL)
+    a_child = cluster.children[1]
+    # A (2 slots) takes a stream and a non-streaming request
+    stream_a = Call(cluster.base_url, stream=True, max_tokens=8000)
+    plain_a = Call(cluster.base_url, stream=False, max_tokens=1500)
+    assert wait_for(lambda: _running_on(cluster, a.id) == 2, 20)
+    # B (1 slot) joins and takes one more stream; then a short request must queue
+    b_child = corral_child("worker-b", ["worker", "--model", str(model), "--slots", "1",
+                                        "--ctx-size", "16384"], tmp_path / "b.log",
+                           CORRAL_REDIS_URL=cluster.redis_url)  # fmt: skip
+    cluster.children.append(b_child)
+    b_child.start()
+    wait_healthy(cluster.base_url, 2)
+    (b,) = [w for w in workers(cluster.redis_url, MODEL) if w.id != a.id]
+    stream_b = Call(cluster.base_url, stream=True, max_tokens=8000)
+    assert wait_for(lambda: _running_on(cluster, b.id) == 1, 20)
+    queued = Call(cluster.base_url, stream=False, max_tokens=4)
+    assert wait_for(lambda: _depth(cluster) == 1, 10, 0.05)
+
+    a_llama = _llama_children(a_child.pid)
+    assert a_child.pid is not None
+    os.kill(a_child.pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    stream_a.join(10)
+    assert stream_a.ended_at and stream_a.ended_at - killed < 5.0, cluster.logs()
+    assert stream_a.status == 200
+    assert '"worker_lost"' in stream_a.lines[-2] and stream_a.lines[-1] == "data: [DONE]"
+    # A's llama-server died with it (PR_SET_PDEATHSIG)
+    assert wait_for(lambda: not any(alive(p) for p in a_llama), 5)
+
+    # free B: the queued request, then the non-streaming one A lost, run there
+    httpx.post(f"{cluster.base_url}/v1/requests/{stream_b.request_id}/cancel")
+    queued.join(30)
+    plain_a.join(30)
+    assert queued.status == 200 and queued.result["choices"], queued.result
+    assert plain_a.status == 200, plain_a.result
+    assert plain_a.result["usage"]["completion_tokens"] == 1500
+    assert _record(cluster, plain_a.request_id)["worker"] == b.id
+    assert _record(cluster, queued.request_id)["worker"] == b.id
+    assert not [w for w in workers(cluster.redis_url) if w.id == a.id]
+
+
+def _depth(cluster: Cluster) -> int:
+    stats = httpx.get(f"{cluster.base_url}/v1/queue/stats").json()["models"][MODEL]
+    return sum(int(p["depth"]) for p in stats["priorities"].values())
+
+
+def _llama_children(pid: int | None) -> list[int]:
+    import psutil
+
+    assert pid is not None
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)
+            if "llama-server" in p.name()]  # fmt: skip
