@@ -1,0 +1,34 @@
+"""Commands the gateway sends a worker's model manager: a JSON list per worker in Redis
+(`keys.worker_commands`), popped by the manager thread (BLPOP), so the one thread that owns
+the llama-server child is also the only one that acts on them."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from pydantic import BaseModel, Field
+
+from common.settings import ModelConfig
+
+COMMAND_TTL_S = 60  # a dead worker's unread commands vanish
+
+# Delete a lock only if we still own it (a late release must not free someone else's).
+RELEASE_LOCK = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+class CommandOp(StrEnum):
+    LOAD = "load"  # load `model` (unloading `evict` first); idempotent
+    UNLOAD = "unload"  # eject `model` if held
+    RESET = "reset"  # forget that `model` failed here
+
+
+class WorkerCommand(BaseModel):
+    op: CommandOp
+    model: str
+    config: ModelConfig | None = None  # as the gateway knows it (the worker's config wins)
+    evict: str | None = None  # the idle model the placer chose to swap out
+    lock: str | None = None  # placement lock token, released once the load is visible
+    sent_at: float = Field(default_factory=time.time)

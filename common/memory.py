@@ -1,0 +1,42 @@
+"""What a model needs in memory, as the cluster knows it: one record per *profile* (device,
+context, slots, flags), holding the GGUF estimate and what a worker measured after loading.
+
+Placement prefers the measured figure (estimates of other tools are off by large factors
+in both directions); the estimate is only the first guess. Records live in the Redis hash
+`keys.memory_key(alias)`, field = `profile(...)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from pydantic import BaseModel, Field
+
+from common.settings import ModelConfig
+
+
+def device_of(gpu: str | None) -> str:
+    """ "cpu" or "gpu": measured figures differ (RSS with weights vs VRAM only)."""
+    return "cpu" if gpu in (None, "cpu") else "gpu"
+
+
+def profile(model: ModelConfig, slots: int, device: str) -> str:
+    """The key of one memory figure: the same model needs more with a longer context, more
+    slots, another cache type... so each combination is measured on its own."""
+    flags = hashlib.sha1("\x00".join(model.flags).encode()).hexdigest()[:10]
+    emb = "emb" if model.embedding else "gen"
+    return f"{device}|ctx={model.ctx_size}|slots={slots}|{emb}|flags={flags}"
+
+
+class MemoryRecord(BaseModel):
+    estimate_mb: int | None = None
+    measured_mb: int | None = None  # RSS (CPU) or NVML per-process (GPU) after the load
+    peak_mb: int | None = None  # the highest RSS seen while it served (CPU)
+    worker: str | None = None
+    at: float = Field(default_factory=time.time)
+
+    def best_mb(self) -> int | None:
+        """The figure placement uses: measured (its peak if higher), else the estimate."""
+        measured = max(self.measured_mb or 0, self.peak_mb or 0)
+        return measured or self.estimate_mb

@@ -1,0 +1,88 @@
+"""The cluster as one gateway sees it: live workers' registry entries and queue depths, read
+from Redis in two round trips, and the per-model summaries the management API and
+`GET /v1/models` show."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.priority import Priority
+from common.registry import ModelState, WorkerInfo, WorkerState
+
+
+@dataclass
+class View:
+    workers: list[WorkerInfo]
+    queued: dict[str, int] = field(default_factory=dict)  # alias -> tasks waiting (all queues)
+    taken_at: float = field(default_factory=time.monotonic)
+
+    def ready(self, alias: str) -> list[WorkerInfo]:
+        return [w for w in self.workers if w.model == alias and w.state is WorkerState.READY]
+
+    def holders(self, alias: str) -> list[WorkerInfo]:
+        """Workers where `alias` is in any state but off."""
+        return [w for w in self.workers if w.model_state(alias) is not ModelState.OFF]
+
+    def state_of(self, alias: str) -> ModelState:
+        """The cluster-wide state: ready if one copy is; else loading, unloading, failed, off."""
+        states = {w.model_state(alias) for w in self.workers}
+        for s in (ModelState.READY, ModelState.LOADING, ModelState.UNLOADING, ModelState.FAILED):
+            if s in states:
+                return s
+        return ModelState.OFF
+
+
+async def read_workers(client: aioredis.Redis) -> list[WorkerInfo]:
+    """Live workers (their entry has not expired), sorted by id; dead ids are pruned."""
+    ids = sorted(str(m) for m in await client.smembers(keys.WORKERS))
+    if not ids:
+        return []
+    raw = await client.mget([keys.worker_key(i) for i in ids])
+    dead = [i for i, r in zip(ids, raw, strict=True) if r is None]
+    if dead:
+        await client.srem(keys.WORKERS, *dead)
+    return [WorkerInfo.model_validate_json(r) for r in raw if r is not None]
+
+
+async def queue_depths(client: aioredis.Redis, aliases: list[str]) -> dict[str, dict[str, int]]:
+    """Per model: tasks waiting in each of its queues, named by priority (and `batch`)."""
+    pipe = client.pipeline(transaction=False)
+    names: list[tuple[str, str]] = []
+    for alias in aliases:
+        for q in keys.worker_queues(alias):
+            names.append((alias, _queue_label(alias, q)))
+            pipe.llen(q)
+    out: dict[str, dict[str, int]] = {a: {} for a in aliases}
+    for (alias, label), n in zip(names, await pipe.execute(), strict=True):
+        out[alias][label] = int(n)
+    return out
+
+
+def _queue_label(alias: str, queue: str) -> str:
+    for p in Priority:
+        if queue == keys.queue_name(alias, p):
+            return p.value
+    return queue.split(".", 1)[0].split("-", 1)[-1]  # e.g. p4-batch.<alias> -> batch
+
+
+async def read_view(client: aioredis.Redis, aliases: list[str] | None = None) -> View:
+    workers = await read_workers(client)
+    held = {w.model for w in workers if w.model} | set(aliases or [])
+    depths = await queue_depths(client, sorted(held)) if held else {}
+    return View(workers, {a: sum(d.values()) for a, d in depths.items()})
+
+
+def worker_summary(w: WorkerInfo) -> dict[str, Any]:
+    """One worker, for the status API (what `corral status` prints)."""
+    return {
+        "worker": w.id, "host": w.host, "gpu": w.gpu, "state": w.state.value, "model": w.model,
+        "next_model": w.next_model, "slots": w.slots, "slots_busy": w.slots_busy,
+        "budget_mb": w.budget_mb, "used_mb": w.used_mb, "pinned": w.pinned,
+        "loaded_at": w.loaded_at, "last_used": w.last_used, "restarts": w.restarts,
+        "failed": dict(w.failed),
+    }  # fmt: skip

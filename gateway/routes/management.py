@@ -1,0 +1,146 @@
+"""Model management (names kept from RouterModelCustom so its users can switch):
+`GET /v1/models/status`, `GET /v1/models/status/stream`, `GET /v1/models/failed`,
+`POST /v1/models/load`, `POST /v1/models/eject`, `GET /v1/models/{alias}/status`,
+`POST /v1/models/{alias}/reset`.
+
+Registered before `GET /v1/models/{id:path}`, which would otherwise swallow these paths.
+Tagged `management`: admin-only once API keys exist (`gateway.auth` opens only routes
+tagged for users).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from common.registry import ModelEvent
+from gateway.cluster import queue_depths
+from gateway.deps import State
+from gateway.placement import Outcome, plan_error, plan_summary
+from gateway.state import GatewayState
+from gateway.status import model_status, summary
+
+router = APIRouter(tags=["management"])
+
+KEEPALIVE_S = 15.0
+
+
+class LoadBody(BaseModel):
+    model: str = Field(min_length=1)
+    replicas: int | None = Field(default=None, ge=1, le=256)
+
+
+class EjectBody(BaseModel):
+    model: str = Field(min_length=1)
+
+
+async def full_status(state: GatewayState) -> dict[str, Any]:
+    models = await state.catalog.all()
+    view = await state.placer.view(0)
+    depths = await queue_depths(state.redis, list(models))
+    statuses = {
+        alias: model_status(alias, m, view, depths[alias], state.placer.preloaded(alias, m))
+        for alias, m in models.items()
+    }
+    return {"models": statuses, "summary": summary(list(statuses.values()))}
+
+
+@router.get("/v1/models/status")
+async def models_status(state: State) -> dict[str, Any]:
+    return await full_status(state)
+
+
+@router.get("/v1/models/status/stream", response_model=None)
+async def models_status_stream(state: State) -> StreamingResponse:
+    """SSE: `full_status` once, then a `model_update` per change (off -> loading -> ready ->
+    unloading / failed), and a `heartbeat` comment-like event when quiet."""
+    events = await state.feed.listen()  # subscribed before the snapshot: nothing is missed
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield _sse("full_status", await full_status(state))
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    yield _sse("heartbeat", {})
+                    continue
+                if event is None:
+                    return
+                yield _sse("model_update", _update(event))
+        finally:
+            state.feed.leave(events)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+
+
+@router.get("/v1/models/failed")
+async def models_failed(state: State) -> dict[str, Any]:
+    view = await state.placer.view(0)
+    failed = [
+        {"model": alias, "worker": w.id, "error": error}
+        for w in view.workers
+        for alias, error in sorted(w.failed.items())
+    ]
+    return {"failed_models": failed}
+
+
+@router.post("/v1/models/load", status_code=202)
+async def models_load(body: LoadBody, state: State) -> dict[str, Any]:
+    """Place the model (`replicas` copies) and return at once; follow it on the status."""
+    plan = await state.placer.load(body.model, body.replicas)
+    if plan.outcome in (Outcome.NO_CAPACITY, Outcome.FAILED):
+        raise plan_error(body.model, plan)
+    status = "ready" if plan.outcome is Outcome.SERVING else "loading"
+    if plan.outcome is Outcome.WAIT:
+        status = "waiting"
+    return {"status": status, "model": body.model, "placement": plan_summary(plan)}
+
+
+@router.post("/v1/models/eject")
+async def models_eject(body: EjectBody, state: State) -> dict[str, Any]:
+    workers = await state.placer.eject(body.model)
+    if not workers:
+        return {"status": "not_found", "model_ejected": None, "workers": [],
+                "message": f"Model {body.model!r} is not loaded."}  # fmt: skip
+    message = f"Model {body.model!r} is unloading on {len(workers)} worker(s)."
+    return {"status": "success", "model_ejected": body.model, "workers": workers,
+            "message": message}  # fmt: skip
+
+
+@router.get("/v1/models/{alias:path}/status")
+async def model_status_one(alias: str, state: State) -> dict[str, Any]:
+    model = await state.catalog.get(alias)  # 404 if unknown
+    view = await state.placer.view(0)
+    depths = await queue_depths(state.redis, [alias])
+    out = model_status(alias, model, view, depths[alias], state.placer.preloaded(alias, model))
+    records = await state.placer.needs.records(alias)  # per profile: estimate vs measured
+    out["memory"] = {prof: rec.model_dump() for prof, rec in sorted(records.items())}
+    return out
+
+
+@router.post("/v1/models/{alias:path}/reset")
+async def model_reset(alias: str, state: State) -> dict[str, Any]:
+    cleared = await state.placer.reset(alias)
+    if not cleared:
+        return {"status": "not_found", "model": alias,
+                "message": f"Model {alias!r} has no failure record."}  # fmt: skip
+    return {"status": "success", "model": alias, "workers": sorted(cleared),
+            "previous_error": next(iter(cleared.values())),
+            "message": f"Failure status cleared on {len(cleared)} worker(s)."}  # fmt: skip
+
+
+def _update(event: ModelEvent) -> dict[str, Any]:
+    return {"alias": event.model, "status": event.state.value, "worker": event.worker,
+            "error": event.error, "at": event.at}  # fmt: skip
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
