@@ -1,0 +1,162 @@
+"""The Batch API's records: create (validate the input file, enqueue every item at batch
+priority), read, list, cancel. The long-running side (resuming enqueues, finalizing,
+re-queueing items of dead workers, expiry) is `gateway.batch_supervisor`.
+
+A batch is a Redis hash: its static fields as one JSON value, plus `status`, counters and
+timestamps as their own fields, so workers can `HINCRBY` counters and read `status`
+without a read-modify-write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.batch import Batch, BatchErrors, BatchLine, BatchState, LineError, RequestCounts
+from common.errors import CorralError, InvalidRequest
+from common.jobs import Job, JobKind
+from common.priority import Priority
+from gateway.storage import FileStore
+
+log = logging.getLogger(__name__)
+
+KINDS = {
+    "/v1/chat/completions": JobKind.CHAT,
+    "/v1/completions": JobKind.COMPLETION,
+    "/v1/embeddings": JobKind.EMBEDDING,
+}
+STATIC = ("id", "endpoint", "input_file_id", "completion_window", "created_at", "expires_at",
+          "metadata", "errors")  # fmt: skip
+WINDOWS = {"24h": 24 * 3600}
+
+
+class BatchNotFound(CorralError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "batch_not_found"
+
+
+def item_id(batch_id: str, index: int) -> str:
+    """The task id (and request id) of a batch's `index`-th item."""
+    return f"{batch_id}-{index}"
+
+
+def item_job(batch: Batch, index: int, line: BatchLine) -> Job:
+    model = str(line.body["model"])
+    return Job(
+        request_id=item_id(batch.id, index),
+        kind=KINDS[line.url],
+        model=model,
+        body=line.body,
+        stream=False,
+        priority=Priority.LOW,
+        channel="",
+        deadline=float(batch.expires_at or time.time() + WINDOWS["24h"]),
+        batch_id=batch.id,
+        custom_id=line.custom_id,
+    )
+
+
+class BatchStore:
+    def __init__(self, client: aioredis.Redis, files: FileStore) -> None:
+        self._redis = client
+        self.files = files
+
+    async def save_new(self, batch: Batch) -> None:
+        static = batch.model_dump(mode="json", include=set(STATIC))
+        fields: dict[Any, Any] = {
+            "static": json.dumps(static),
+            "status": batch.status.value,
+            "total": batch.request_counts.total,
+            "completed": 0, "failed": 0, "skipped": 0, "enqueued": 0,
+        }  # fmt: skip
+        for name in ("in_progress_at", "failed_at"):
+            if getattr(batch, name) is not None:
+                fields[name] = getattr(batch, name)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(keys.batch_key(batch.id), mapping=fields)
+        pipe.zadd(keys.BATCHES, {batch.id: batch.created_at})
+        if not batch.status.final:
+            pipe.sadd(keys.BATCHES_ACTIVE, batch.id)
+        await pipe.execute()
+
+    async def load(self, batch_id: str) -> Batch:
+        raw = await self._redis.hgetall(keys.batch_key(batch_id))
+        if not raw:
+            raise BatchNotFound(f"No batch {batch_id!r}.", param="batch_id")
+        return from_hash({str(k): str(v) for k, v in raw.items()})
+
+    async def update(self, batch_id: str, **fields: Any) -> None:
+        values: dict[Any, Any] = {
+            k: (v.value if isinstance(v, BatchState) else v) for k, v in fields.items()
+        }
+        await self._redis.hset(keys.batch_key(batch_id), mapping=values)
+
+    async def set_status(self, batch_id: str, status: BatchState, **fields: Any) -> None:
+        stamp = {
+            BatchState.IN_PROGRESS: "in_progress_at", BatchState.FINALIZING: "finalizing_at",
+            BatchState.COMPLETED: "completed_at", BatchState.FAILED: "failed_at",
+            BatchState.EXPIRED: "expired_at", BatchState.CANCELLING: "cancelling_at",
+            BatchState.CANCELLED: "cancelled_at",
+        }.get(status)  # fmt: skip
+        if stamp:
+            fields[stamp] = int(time.time())
+        await self.update(batch_id, status=status, **fields)
+        log.info("batch=%s status=%s", batch_id, status.value)
+
+    async def list(self, after: str | None, limit: int) -> tuple[list[Batch], bool]:
+        """Newest first, OpenAI's cursor paging; returns (page, has_more)."""
+        ids = [str(i) for i in await self._redis.zrevrange(keys.BATCHES, 0, -1)]
+        if after is not None:
+            if after not in ids:
+                raise InvalidRequest(f"Unknown cursor {after!r}.", param="after")
+            ids = ids[ids.index(after) + 1 :]
+        page = [await self.load(i) for i in ids[:limit]]
+        return page, len(ids) > limit
+
+    async def cancel(self, batch_id: str) -> Batch:
+        """Items not started are skipped; running ones finish and are reported."""
+        batch = await self.load(batch_id)
+        if batch.status in (BatchState.VALIDATING, BatchState.IN_PROGRESS):
+            await self.set_status(batch_id, BatchState.CANCELLING)
+            return await self.load(batch_id)
+        if batch.status in (BatchState.CANCELLING, BatchState.CANCELLED):
+            return batch
+        raise InvalidRequest(
+            f"Batch {batch_id!r} is {batch.status.value}; it can no longer be cancelled.",
+            code="batch_not_cancellable",
+            status=409,
+        )
+
+
+def from_hash(raw: dict[str, str]) -> Batch:
+    data: dict[str, Any] = json.loads(raw["static"])
+    data["status"] = raw["status"]
+    data["request_counts"] = RequestCounts(
+        total=int(raw.get("total", 0)),
+        completed=int(raw.get("completed", 0)),
+        failed=int(raw.get("failed", 0)),
+    )
+    for name in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+                 "cancelling_at", "cancelled_at"):  # fmt: skip
+        if raw.get(name):
+            data[name] = int(float(raw[name]))
+    for name in ("output_file_id", "error_file_id"):
+        if raw.get(name):
+            data[name] = raw[name]
+    return Batch.model_validate(data)
+
+
+def failed_batch(input_file_id: str, endpoint: str, window: str, errors: list[LineError],
+                 metadata: dict[str, str] | None) -> Batch:  # fmt: skip
+    now = int(time.time())
+    return Batch(
+        endpoint=endpoint, input_file_id=input_file_id, completion_window=window,
+        status=BatchState.FAILED, errors=BatchErrors(data=errors), failed_at=now,
+        metadata=metadata,
+    )  # fmt: skip

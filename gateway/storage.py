@@ -1,0 +1,67 @@
+"""Where files live (batch inputs and outputs): a small interface, so an object store can
+stand in for Redis without touching the API or the batch logic. Every gateway reaches the
+same store; no gateway keeps a file on its own disk."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from common import keys
+from common.batch import FileObject
+
+
+class FileStore(Protocol):
+    async def put(self, meta: FileObject, content: str) -> FileObject: ...
+    async def get(self, file_id: str) -> FileObject | None: ...
+    async def content(self, file_id: str) -> str | None: ...
+    async def delete(self, file_id: str) -> bool: ...
+    async def list(
+        self, purpose: str | None, limit: int, after: str | None
+    ) -> list[FileObject]: ...
+
+
+class RedisFileStore:
+    """Files as Redis strings (metadata JSON + content), indexed by creation time. The
+    broker runs with `noeviction`, so a stored file is never dropped to make room."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    async def put(self, meta: FileObject, content: str) -> FileObject:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(keys.file_content_key(meta.id), content)
+        pipe.set(keys.file_key(meta.id), meta.model_dump_json())
+        pipe.zadd(keys.FILES, {meta.id: meta.created_at})
+        await pipe.execute()
+        return meta
+
+    async def get(self, file_id: str) -> FileObject | None:
+        raw = await self._redis.get(keys.file_key(file_id))
+        return FileObject.model_validate_json(raw) if raw else None
+
+    async def content(self, file_id: str) -> str | None:
+        raw = await self._redis.get(keys.file_content_key(file_id))
+        return None if raw is None else str(raw)
+
+    async def delete(self, file_id: str) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(keys.file_key(file_id), keys.file_content_key(file_id))
+        pipe.zrem(keys.FILES, file_id)
+        deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def list(self, purpose: str | None, limit: int, after: str | None) -> list[FileObject]:
+        """Newest first; `after` is the id of the last file of the previous page."""
+        ids = [str(i) for i in await self._redis.zrevrange(keys.FILES, 0, -1)]
+        if after in ids:
+            ids = ids[ids.index(after) + 1 :]
+        out: list[FileObject] = []
+        for file_id in ids:
+            meta = await self.get(file_id)
+            if meta is not None and (purpose is None or meta.purpose == purpose):
+                out.append(meta)
+                if len(out) >= limit:
+                    break
+        return out
