@@ -46,6 +46,10 @@ class Job(BaseModel):
     channel: str
     deadline: float  # epoch seconds; past it the worker drops the task unrun
     enqueued_at: float = Field(default_factory=time.time)
+    # A batch item writes its result to the batch (exactly once per custom_id), not to a
+    # pub/sub channel.
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.deadline

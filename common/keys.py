@@ -23,8 +23,18 @@ def queue_name(alias: str, priority: Priority) -> str:
 
 
 def model_queues(alias: str) -> list[str]:
-    """A model's queues, highest priority first (the order a worker must consume them)."""
+    """A model's interactive queues, highest priority first (the order they drain in)."""
     return [queue_name(alias, p) for p in sorted(_RANK, key=_RANK.__getitem__)]
+
+
+def worker_queues(alias: str) -> list[str]:
+    """Every queue a worker holding `alias` consumes: interactive ones, then batch items."""
+    return [*model_queues(alias), batch_queue(alias)]
+
+
+def batch_queue(alias: str) -> str:
+    """Batch items: below every interactive priority, so they only soak up idle slots."""
+    return f"p4-batch.{alias}"
 
 
 def channel(gateway_id: str, request_id: str) -> str:
@@ -80,3 +90,72 @@ API_KEYS = f"{PREFIX}:apikeys"
 def ratelimit_key(key_id: str, dimension: str) -> str:
     """A key's token bucket for `dimension` ("requests" or "tokens")."""
     return f"{PREFIX}:ratelimit:{key_id}:{dimension}"
+
+
+# --- Models across the cluster (issue 3) ----------------------------------------------
+
+
+def worker_queue(worker_id: str) -> str:
+    """A worker's private Celery queue, never published to: it keeps the consumer alive
+    while the worker holds no model, and sorts before every `p*` queue."""
+    return f"corral.worker.{worker_id}"
+
+
+def worker_commands(worker_id: str) -> str:
+    """List of JSON commands (load / unload / reset) for one worker's model manager (BLPOP)."""
+    return f"{PREFIX}:worker:{worker_id}:commands"
+
+
+def placement_lock(alias: str) -> str:
+    """`SET NX` by the gateway placing `alias`; the worker that takes the load deletes it."""
+    return f"{PREFIX}:placing:{alias}"
+
+
+def memory_key(alias: str) -> str:
+    """Hash profile -> MemoryRecord JSON: `alias`'s estimated and measured memory."""
+    return f"{PREFIX}:mem:{alias}"
+
+
+# Pub/sub channel of ModelEvent JSON: a model changed state on a worker.
+EVENTS = f"{PREFIX}:events"
+
+# Set of aliases ejected by an operator: preload does not bring them back until a load.
+EJECTED = f"{PREFIX}:ejected"
+
+
+# The OpenAI Files and Batch APIs (`common.batch`).
+FILES = f"{PREFIX}:files"  # sorted set of file ids by creation time
+
+
+def file_key(file_id: str) -> str:
+    """Hash: a file's metadata (`FileObject`)."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_content_key(file_id: str) -> str:
+    return f"{PREFIX}:file:{file_id}:content"
+
+
+BATCHES = f"{PREFIX}:batches"  # sorted set of batch ids by creation time
+BATCHES_ACTIVE = f"{PREFIX}:batches:active"  # set of batches not final yet
+BATCH_LEADER = f"{PREFIX}:batches:leader"  # lock: the gateway that supervises batches now
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: a batch's record and counters."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_results_key(batch_id: str) -> str:
+    """Hash custom_id -> output line JSON; HSETNX makes each item's result exactly once."""
+    return f"{PREFIX}:batch:{batch_id}:results"
+
+
+def batch_attempts_key(batch_id: str) -> str:
+    """Hash custom_id -> how often the supervisor re-sent an item lost with its worker."""
+    return f"{PREFIX}:batch:{batch_id}:attempts"
+
+
+def batch_enqueue_lease(batch_id: str) -> str:
+    """Held (with a TTL) by the gateway enqueuing a batch's items; expired → resumable."""
+    return f"{PREFIX}:batch:{batch_id}:enqueuing"

@@ -10,10 +10,32 @@ from pydantic import BaseModel, Field
 
 class WorkerState(StrEnum):
     STARTING = "starting"
-    LOADING = "loading"
-    READY = "ready"
+    EMPTY = "empty"  # no model: free for placement
+    LOADING = "loading"  # `model` is being loaded (or its crashed child restarted)
+    READY = "ready"  # `model` is served: the worker consumes its queues
+    UNLOADING = "unloading"  # `model` is being unloaded (then `next_model`, if set, loads)
     STOPPING = "stopping"
     FAILED = "failed"
+
+
+class ModelState(StrEnum):
+    """A model's state on one worker, or across the cluster (the status API's words)."""
+
+    OFF = "off"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+class ModelEvent(BaseModel):
+    """A model changed state on a worker (published on `keys.EVENTS`)."""
+
+    model: str
+    worker: str
+    state: ModelState
+    error: str | None = None
+    at: float = Field(default_factory=time.time)
 
 
 class WorkerInfo(BaseModel):
@@ -25,5 +47,34 @@ class WorkerInfo(BaseModel):
     state: WorkerState
     gpu: str | None = None  # "cpu", or the GPU index it is pinned to
     upstream: str | None = None  # the llama-server base URL, on the worker's host
+    metrics_port: int | None = None  # the worker's own Prometheus /metrics, on `host`
     started_at: float = Field(default_factory=time.time)
     error: str | None = None
+    # Models on this worker (issue 3): one at a time, within a memory budget.
+    budget_mb: int | None = None  # VRAM on a GPU, RAM on the CPU
+    used_mb: int | None = None  # measured use of its llama-server (reserved need while loading)
+    slots_busy: int = 0
+    next_model: str | None = None  # loads once `model` has unloaded (a swap)
+    pinned: bool = False  # `model` is never evicted from this worker
+    loaded_at: float | None = None
+    last_used: float | None = None
+    restarts: int = 0  # crashes of `model`'s llama-server, each restarted
+    failed: dict[str, str] = Field(default_factory=dict)  # alias -> why, until reset
+
+    def model_state(self, alias: str) -> ModelState:
+        """`alias`'s state on this worker."""
+        if self.model == alias:
+            return _STATE_OF.get(self.state, ModelState.OFF)
+        if self.next_model == alias:
+            return ModelState.LOADING
+        if alias in self.failed:
+            return ModelState.FAILED
+        return ModelState.OFF
+
+
+_STATE_OF = {
+    WorkerState.LOADING: ModelState.LOADING,
+    WorkerState.READY: ModelState.READY,
+    WorkerState.UNLOADING: ModelState.UNLOADING,
+    WorkerState.STOPPING: ModelState.UNLOADING,
+}

@@ -6,6 +6,7 @@ entry point and the result passed down, so tests build their own.
 
 from __future__ import annotations
 
+import json
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -41,10 +42,11 @@ class ModelConfig(BaseModel):
     ctx_size: int = Field(default=4096, ge=64)
     parallel: int = Field(default=2, ge=1, le=256)  # llama-server slots = worker concurrency
     embedding: bool = False  # served with --embeddings --pooling mean
-    preload: bool = False
-    pinned: bool = False
-    idle_ttl: float = Field(default=300, ge=0)
-    vram_mb: int | None = Field(default=None, ge=1)
+    preload: bool = False  # loaded at start (and kept loaded: no idle_ttl), `replicas` copies
+    pinned: bool = False  # never evicted for another model
+    idle_ttl: float = Field(default=300, ge=0)  # unload after this long unused; 0 = never
+    vram_mb: int | None = Field(default=None, ge=1)  # memory need override (else estimated)
+    replicas: int = Field(default=1, ge=1)  # copies placed when it is loaded
 
 
 class Settings(BaseSettings):
@@ -64,8 +66,12 @@ class Settings(BaseSettings):
 
     request_timeout: float = Field(default=600, gt=0)  # whole request, queue wait included
     max_request_timeout: float = Field(default=3600, gt=0)  # cap of X-Request-Timeout
+    max_file_bytes: int = Field(default=100 * 2**20, ge=1)  # POST /v1/files (batch input)
     task_time_limit: float = Field(default=900, gt=0)
     load_timeout: float = Field(default=120, gt=0)  # a model load, and a request waiting on it
+    preload_models: list[str] = Field(default_factory=list)  # aliases to preload; "*" = all
+    min_residency: float = Field(default=30, ge=0)  # a loaded model is not swapped out sooner
+    max_swap_wait: float = Field(default=10, ge=0)  # ... unless a newcomer waited this long
     visibility_timeout: float | None = None  # default 2 x task_time_limit
     max_queue_size_per_model: int = Field(default=500, ge=1)
     heartbeat_interval: float = Field(default=1.0, gt=0)
@@ -88,10 +94,18 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "127.0.0.1"  # where a worker serves its own /metrics
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
 
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _no_empty_key(cls, value: object) -> object:
+        # CORRAL_ADMIN_KEY= (empty, e.g. `${CORRAL_ADMIN_KEY:-}` in compose) means no key.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
-        # CORRAL_CORS_ORIGINS="https://a.example,https://b.example" (or a YAML list)
+        # CORRAL_CORS_ORIGINS="https://a.example,https://b.example", a JSON list, or YAML's
+        if isinstance(value, str) and value.strip().startswith("["):
+            return json.loads(value)
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value

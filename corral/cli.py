@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from common.settings import ModelConfig, Settings, load_settings
+from corral import batches_cli, keys_cli, models_cli
 from corral.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,8 @@ examples:
   corral up --model ~/models/qwen.gguf       serve a real GGUF (alias: the file stem)
   corral gateway --redis-url redis://r:6379  a gateway on its own machine
   corral worker --redis-url redis://r:6379 --model qwen --gpu 0
+  corral worker --redis-url redis://r:6379 --gpu 0 --vram-budget 20GiB   models on demand
+  corral status --watch                      workers, budgets, models, queues
   corral make-model /tmp/tiny.gguf           a tiny random-weight GGUF for tests
 
 Config: ./corral.yaml (or CORRAL_CONFIG / --config); every field can be overridden by a
@@ -28,6 +31,7 @@ CORRAL_* environment variable, e.g. CORRAL_REDIS_URL, CORRAL_LLAMA_SERVER.
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: $CORRAL_CONFIG or ./corral.yaml)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,21 +63,29 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
     up.add_argument("--slots", type=int, help="parallel slots per model (default: config, 2)")
     up.add_argument("--data-dir", type=Path, help="demo models, Redis data, run files")
+    up.add_argument("--insecure", action="store_true", default=None,
+                    help="serve a non-loopback --host without API keys")  # fmt: skip
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     _common(gw)
     gw.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
     gw.add_argument("--host", help="bind address (default 127.0.0.1)")
     gw.add_argument("--port", type=int, help="port (default 8000)")
+    gw.add_argument("--insecure", action="store_true", default=None,
+                    help="serve a non-loopback address without API keys")  # fmt: skip
 
     wk = sub.add_parser("worker", help="run one worker: a llama-server child + its queues")
     _common(wk)
     wk.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
     wk.add_argument(
         "--model",
-        required=True,
-        help="a model alias from the config, or a GGUF path (alias = file stem)",
+        help="preload and keep this model: a config alias or a GGUF path (alias = file "
+        "stem); default: none, gateways place models on the worker on demand",
     )
+    wk.add_argument("--vram-budget", help="memory budget, e.g. 20GiB (default: the GPU's "
+                    "memory minus a reserve, or on the CPU the --ram-budget)")  # fmt: skip
+    wk.add_argument("--ram-budget", help="CPU memory budget, e.g. 4GiB (default: half of the "
+                    "available RAM)")  # fmt: skip
     wk.add_argument("--embedding", action="store_true", help="with a path: an embedding model")
     wk.add_argument("--ctx-size", type=int, help="with a path: context size (default 4096)")
     wk.add_argument("--slots", type=int, help="parallel slots (default: the model's `parallel`)")
@@ -86,18 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--n-layer", type=int, default=2)
     mk.add_argument("--n-ff", type=int, default=128)
     mk.add_argument("--seed", type=int, default=0)
+
+    fl = sub.add_parser("flower", help="run Flower (task and queue monitor) on the broker")
+    _common(fl)
+    fl.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    fl.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    fl.add_argument("--port", type=int, default=5555, help="port (default 5555)")
+    fl.add_argument(
+        "--basic-auth",
+        metavar="USER:PASSWORD",
+        help="HTTP basic auth (default: $CORRAL_FLOWER_USER and $CORRAL_FLOWER_PASSWORD)",
+    )
+    fl.add_argument(
+        "--unauthenticated",
+        action="store_true",
+        help="allow no credentials, on a loopback --address only",
+    )
+    keys_cli.add_parser(sub, _common)
+    batches_cli.add_parser(sub, _common)
+    models_cli.add_parsers(sub, _common)
     return parser  # fmt: skip
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
-    return load_settings(args.config, log_level=args.log_level, **overrides)
+    return load_settings(args.config, log_level=args.log_level, log_format=args.log_format,
+                         **overrides)  # fmt: skip
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from corral.up import Cluster, collect_models
 
-    settings = _settings(args, host=args.host, port=args.port, data_dir=args.data_dir)
-    setup_logging(settings.log_level, "up")
+    settings = _settings(args, host=args.host, port=args.port, data_dir=args.data_dir,
+                         insecure=args.insecure)  # fmt: skip
+    setup_logging(settings.log_level, "up", settings.log_format)
     models = collect_models(settings, args.model, args.embedding_model, args.slots)
     return Cluster(settings, models).run()
 
@@ -106,22 +139,34 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.auth import exposure_problem
+    from gateway.limits import guarded_protocol
 
-    settings = _settings(args, redis_url=args.redis_url, host=args.host, port=args.port)
-    setup_logging(settings.log_level, "gateway")
-    settings.require_redis_url()
+    settings = _settings(args, redis_url=args.redis_url, host=args.host, port=args.port,
+                         insecure=args.insecure)  # fmt: skip
+    setup_logging(settings.log_level, "gateway", settings.log_format)
+    problem = exposure_problem(settings)  # no keys on a reachable address: refuse
+    if problem:
+        print(f"corral gateway: {problem}", file=sys.stderr)
+        return 2
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=False,
+        log_config=None,  # our handlers (text or JSON), not uvicorn's own
+        http=guarded_protocol(settings.header_timeout),  # slowloris: a deadline on the head
         timeout_graceful_shutdown=5,
     )
     return 0
 
 
-def resolve_worker_model(settings: Settings, args: argparse.Namespace) -> tuple[str, ModelConfig]:
+def resolve_worker_model(
+    settings: Settings, args: argparse.Namespace
+) -> tuple[str | None, ModelConfig | None]:
+    if args.model is None:
+        return None, None
     if args.model in settings.models:
         return args.model, settings.models[args.model]
     path = Path(args.model).expanduser()
@@ -138,9 +183,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.main import run_worker
 
     settings = _settings(args, redis_url=args.redis_url)
-    setup_logging(settings.log_level, "worker")
+    setup_logging(settings.log_level, "worker", settings.log_format)
     alias, model = resolve_worker_model(settings, args)
-    run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu)
+    run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu,
+               vram_budget=args.vram_budget, ram_budget=args.ram_budget)  # fmt: skip
     return 0
 
 
@@ -153,8 +199,42 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flower(args: argparse.Namespace) -> int:
+    from corral.flower import run_flower
+
+    settings = _settings(args, redis_url=args.redis_url)
+    setup_logging(settings.log_level, "flower", settings.log_format)
+    return run_flower(settings, address=args.address, port=args.port,
+                      basic_auth_flag=args.basic_auth,
+                      unauthenticated=args.unauthenticated)  # fmt: skip
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    settings = _settings(args, redis_url=args.redis_url)
+    setup_logging(settings.log_level, "keys", settings.log_format)
+    return keys_cli.run(settings, args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    settings = _settings(args, redis_url=getattr(args, "redis_url", None))
+    setup_logging(settings.log_level, "models", settings.log_format)
+    return models_cli.run_models(settings, args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.log_level, "status", settings.log_format)
+    return models_cli.run_status(settings, args)
+
+
+def cmd_batches(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level or "WARNING", "batches")
+    return batches_cli.run(args)
+
+
 COMMANDS = {"up": cmd_up, "gateway": cmd_gateway, "worker": cmd_worker,
-            "make-model": cmd_make_model}  # fmt: skip
+            "make-model": cmd_make_model, "flower": cmd_flower, "keys": cmd_keys,
+            "models": cmd_models, "status": cmd_status, "batches": cmd_batches}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,10 @@ def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: st
     """The effective config every child reads: one source of truth for this run."""
     run_dir = settings.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    data: dict[str, Any] = settings.model_dump(mode="json", exclude={"models", "redis_url"})
+    # No secrets in the file: the admin key reaches the children in their environment.
+    data: dict[str, Any] = settings.model_dump(
+        mode="json", exclude={"models", "redis_url", "admin_key"}
+    )
     data["redis_url"] = url
     data["models"] = {a: m.model_dump(mode="json") for a, m in models.items()}
     path = run_dir / "corral-up.yaml"
@@ -101,6 +104,8 @@ class Cluster:
         config = write_run_config(self.settings, self.models, url)
         exe = [sys.executable, "-m", "corral"]
         env = {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
+        if self.settings.admin_key is not None:
+            env["CORRAL_ADMIN_KEY"] = self.settings.admin_key.get_secret_value()
         self.children.append(Child("gateway", [*exe, "gateway", "--config", str(config)], env))
         for alias in self.models:
             argv = [*exe, "worker", "--config", str(config), "--model", alias]

@@ -5,12 +5,26 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from common.settings import Settings
-from gateway import errors
+from gateway import errors, hardening
+from gateway.auth import authorize
 from gateway.middleware import RequestIdMiddleware
-from gateway.routes import chat, completions, embeddings, health, models, queue, requests
+from gateway.routes import (
+    batches,
+    chat,
+    completions,
+    embeddings,
+    files,
+    health,
+    management,
+    metrics,
+    models,
+    queue,
+    requests,
+    workers,
+)
 from gateway.state import GatewayState
 
 
@@ -24,9 +38,15 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FastAPI(title="Corral", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Corral", version="0.1.0", lifespan=lifespan, dependencies=[Depends(authorize)]
+    )
     errors.install(app)
-    for module in (chat, completions, embeddings, models, health, requests, queue):
+    # management before models: `GET /v1/models/{id:path}` would swallow /v1/models/status
+    routers = (chat, completions, embeddings, management, workers, models, health, requests,
+               queue, metrics, files, batches)  # fmt: skip
+    for module in routers:
         app.include_router(module.router)
+    hardening.install(app, settings)  # auth, rate limits, body limits, metrics, CORS
     app.add_middleware(RequestIdMiddleware)
     return app

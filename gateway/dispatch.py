@@ -65,6 +65,22 @@ class Dispatcher:
             expires=datetime.fromtimestamp(job.deadline, UTC),
         )
 
+    async def send_batch_items(self, jobs: list[Job]) -> None:
+        """Enqueue batch items on their model's batch queue: below every interactive
+        priority, and outside the interactive depth cap (a batch may hold thousands)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self._send_many, jobs)
+
+    def _send_many(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._celery.send_task(
+                keys.INFER_TASK,
+                args=[job.model_dump(mode="json")],
+                task_id=job.request_id,
+                queue=keys.batch_queue(job.model),
+                expires=datetime.fromtimestamp(job.deadline, UTC),
+            )
+
     async def _admit(self, job: Job, resubmit: bool) -> None:
         """One round trip: the model's queue depth, and the request's record."""
         pipe = self._redis.pipeline(transaction=False)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
+import logging
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common import logctx
+from common.errors import CorralError
 from common.jobs import new_request_id
+
+log = logging.getLogger(__name__)
 
 
 class RequestIdMiddleware:
@@ -24,9 +31,26 @@ class RequestIdMiddleware:
         request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 MutableHeaders(scope=message)["X-Request-ID"] = request_id
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        client_id = logctx.sane_client_id(Headers(scope=scope).get("x-request-id"))
+        bound = logctx.bind(request_id, client_id)  # on every log line of this request
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Caught here, not in Starlette's outermost error middleware, so that even a
+            # 500 carries the OpenAI envelope and the request id.
+            log.exception("request=%s unexpected error", request_id)
+            if started:
+                raise
+            err = CorralError("Internal error in the gateway.")
+            await JSONResponse(err.envelope(), status_code=500)(scope, receive, send_with_id)
+        finally:
+            logctx.unbind(bound)

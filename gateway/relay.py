@@ -19,6 +19,7 @@ from common.priority import resolve_priority
 from common.settings import Settings
 from common.tracking import RequestState
 from common.wire import WireModel
+from gateway.admission import admit
 from gateway.sse import SSEResponse, wait_disconnect
 from gateway.state import GatewayState
 from gateway.stream import Subscription
@@ -36,9 +37,11 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         raise InvalidRequest(
             f"The model {model_name!r} is {what}; it cannot serve {kind.path}.", param="model"
         )
-    priority = resolve_priority(
-        request.headers.get("x-request-priority"), getattr(body, "service_tier", None)
-    )
+    priority = admit(  # the key's models and priority cap; max_tokens vs context
+        request, model_name, model, body,
+        resolve_priority(request.headers.get("x-request-priority"),
+                         getattr(body, "service_tier", None)),
+    )  # fmt: skip
     request_id: str = request.state.request_id
     timeout = request_timeout(request.headers.get("x-request-timeout"), state.settings)
     job = Job(
@@ -52,7 +55,9 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         deadline=time.time() + timeout,
     )
     sub = state.hub.open(request_id, job.deadline)
+    request.state.subscription = sub  # its final usage: rate limits and metrics
     try:
+        await state.placer.ensure(model_name, sub)  # load it somewhere if nobody holds it
         await state.dispatcher.submit(job)
     except BaseException:
         sub.close()

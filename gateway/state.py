@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from common.settings import Settings
+from gateway.batch_runner import BatchRunner
+from gateway.batches import BatchStore
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
+from gateway.placer import Placer
+from gateway.status_feed import StatusFeed
+from gateway.storage import RedisFileStore
 from gateway.stream import StreamHub
 
 
@@ -20,6 +27,10 @@ class GatewayState:
     hub: StreamHub
     dispatcher: Dispatcher
     catalog: Catalog
+    batches: BatchRunner
+    placer: Placer  # models across the cluster (issue 3)
+    feed: StatusFeed
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, settings: Settings) -> GatewayState:
@@ -29,11 +40,24 @@ class GatewayState:
         hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}")
         await hub.start()
         dispatcher = Dispatcher(settings, url, client)
-        state = cls(settings, client, hub, dispatcher, Catalog(settings, client))
+        catalog = Catalog(settings, client)
+        store = BatchStore(client, RedisFileStore(client))
+        placer = Placer(settings, client, catalog)
+        batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
+        state = cls(settings, client, hub, dispatcher, catalog, batches, placer, StatusFeed(client))
         await state.catalog.publish_config()
+        await placer.start()
+        state._background.append(asyncio.create_task(batches.run(), name="corral-batches"))
         return state
 
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.batches.stop()
+        await self.placer.stop()
+        await self.feed.stop()
         await self.hub.stop()
         self.dispatcher.close()
         await self.redis.aclose()

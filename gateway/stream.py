@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -39,6 +40,7 @@ class Subscription:
         self.deadline = deadline
         self.worker: str | None = None
         self.finished = False
+        self.usage: dict[str, Any] | None = None  # the final frame's (rate limits, metrics)
         self._queue: asyncio.Queue[Frame | CorralError] = asyncio.Queue()
         self._next_seq = 0
 
@@ -68,6 +70,7 @@ class Subscription:
             self.worker = frame.worker
         if frame.final:
             self.finished = True
+            self.usage = frame.usage
         if frame.type is FrameType.ERROR:
             assert frame.error is not None
             raise from_body(frame.error, frame.status or 500)

@@ -13,7 +13,7 @@ import pytest
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from tests.support import corral_child, tail, wait_healthy
+from tests.support import corral_child, tail, wait_healthy, wait_ready
 from workers.ports import free_port
 
 CHAT = "tiny-chat"
@@ -54,8 +54,15 @@ class Cluster:
             child.stop(grace=10)
 
 
-def start_cluster(redis_url: str, log_dir: Path, workers: list[list[str]], **env: str) -> Cluster:
-    """A gateway plus one worker per argv tail in `workers`, on `redis_url`."""
+def start_cluster(
+    redis_url: str,
+    log_dir: Path,
+    workers: list[list[str]],
+    worker_states: tuple[str, ...] = ("ready",),
+    **env: str,
+) -> Cluster:
+    """A gateway plus one worker per argv tail in `workers`, on `redis_url`, once each
+    worker is in one of `worker_states` (workers without a model wait `empty`)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cluster = Cluster(redis_url, f"http://127.0.0.1:{port}", log_dir)
@@ -70,7 +77,9 @@ def start_cluster(redis_url: str, log_dir: Path, workers: list[list[str]], **env
             cluster.children.append(corral_child(f"worker{i}", ["worker", *args], log, **common))
         for child in cluster.children:
             child.start()
-        wait_healthy(cluster.base_url, len(workers))
+        wait_healthy(cluster.base_url, 0)
+        wait_ready(redis_url, [c.pid for c in cluster.children[1:] if c.pid],
+                   states=worker_states)  # fmt: skip
     except BaseException:
         print(cluster.logs())
         cluster.stop()

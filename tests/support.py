@@ -54,6 +54,20 @@ def wait_healthy(base_url: str, workers: int, timeout: float = 60.0) -> None:
         raise TimeoutError(f"{base_url} did not report {workers} worker(s) in {timeout}s")
 
 
+def wait_ready(
+    redis_url: str, pids: list[int], timeout: float = 60.0, states: tuple[str, ...] = ("ready",)
+) -> None:
+    """Until the workers with these process ids are registered and ready (or in `states`:
+    a worker started without a model waits `empty`)."""
+
+    def ready() -> bool:
+        up = {w.pid for w in workers(redis_url) if w.state in states}
+        return set(pids) <= up
+
+    if not wait_for(ready, timeout, 0.1):
+        raise TimeoutError(f"workers {pids} not ready in {timeout}s")
+
+
 def workers(redis_url: str, model: str | None = None) -> list[WorkerInfo]:
     """Live registry entries, optionally for one model."""
     client = redis.Redis.from_url(redis_url)

@@ -75,3 +75,17 @@ def gpus_or_none() -> list[GPUInfo]:
 def child_env(index: int) -> dict[str, str]:
     """Environment pinning a llama-server child to one GPU (CUDA and Vulkan builds)."""
     return {"CUDA_VISIBLE_DEVICES": str(index), "GGML_VK_VISIBLE_DEVICES": str(index)}
+
+
+def process_used_mb(index: int, pid: int) -> int | None:
+    """VRAM used by process `pid` on GPU `index` (NVML per-process accounting), or None if
+    the driver does not list it (yet). Raises GPUUnavailable where NVML is absent."""
+    nvml = _nvml()
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        procs = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        procs += list(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))  # Vulkan builds
+        used = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory]
+        return int(sum(used)) // 2**20 if used else None
+    finally:
+        nvml.nvmlShutdown()

@@ -2,12 +2,17 @@
 
 The key expiring *is* the death notice: a gateway waiting on a stream from this worker
 fails it within seconds, and a restarted cluster finds no stale workers.
+
+Lifecycle fields (state, model...) change only through `update()`, called by the model
+manager; fast-moving ones (slots busy, memory used, last use) are read by `sample` at
+each beat, so the entry is never more than one interval old.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import redis
 
@@ -20,9 +25,17 @@ log = logging.getLogger(__name__)
 class Heartbeat:
     """Owns the registry entry: `update()` changes it, the thread keeps it alive."""
 
-    def __init__(self, client: redis.Redis, info: WorkerInfo, interval: float, ttl: float):
+    def __init__(
+        self,
+        client: redis.Redis,
+        info: WorkerInfo,
+        interval: float,
+        ttl: float,
+        sample: Callable[[], dict[str, object]] | None = None,
+    ):
         self._redis = client
         self._info = info
+        self._sample = sample
         self._interval = interval
         self._ttl_ms = int(ttl * 1000)
         self._lock = threading.Lock()
@@ -69,7 +82,19 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            self._take_sample()
             try:
                 self._beat()
             except redis.RedisError as exc:
                 log.warning("worker=%s heartbeat failed: %r", self._info.id, exc)
+
+    def _take_sample(self) -> None:
+        if self._sample is None:
+            return
+        try:
+            changes = self._sample()
+        except Exception:  # a failed sample must never stop the heartbeat
+            log.exception("worker=%s heartbeat sample failed", self._info.id)
+            return
+        with self._lock:
+            self._info = self._info.model_copy(update=changes)

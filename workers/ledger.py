@@ -45,10 +45,12 @@ def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
 def started(r: redis.Redis, job: Job, worker_id: str) -> None:
     now = time.time()
     pipe = r.pipeline(transaction=False)
-    pipe.hset(
-        keys.request_key(job.request_id),
-        mapping={"state": RequestState.RUNNING.value, "started_at": str(now), "worker": worker_id},
-    )
+    fields: dict[Any, Any] = {
+        "request_id": job.request_id, "model": job.model, "priority": job.priority.value,
+        "enqueued_at": job.enqueued_at, "stream": str(job.stream).lower(),
+        "state": RequestState.RUNNING.value, "started_at": now, "worker": worker_id,
+    }  # fmt: skip
+    pipe.hset(keys.request_key(job.request_id), mapping=fields)
     pipe.zadd(keys.running_key(job.model), {running_member(worker_id, job.request_id): now})
     pipe.execute()
 

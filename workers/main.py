@@ -1,5 +1,13 @@
-"""`corral worker`: one process = one model's llama-server child + a Celery consumer of that
-model's three priority queues, with concurrency = the child's slots."""
+"""`corral worker`: one process = one GPU (or a share of it, or the CPU) + one memory budget +
+one llama-server child holding at most one model at a time + a fixed number of slots (the
+Celery pool's concurrency).
+
+Threads of the main process: Celery's consumer (the main thread), the model manager
+(`workers.manager`, owner of the llama-server child, told what to load through Redis), the
+heartbeat (the registry entry). Started with `--model X`, the worker loads X before it
+consumes anything and keeps it (pinned), as a one-model worker always did; started without,
+it waits empty until a gateway places a model on it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,6 @@ import logging
 import os
 import socket
 import uuid
-from pathlib import Path
 
 import redis
 
@@ -15,80 +22,102 @@ from common import keys
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
 from workers import gpu as gpus
-from workers import runtime
+from workers import runtime, tasklog
+from workers.budget import resolve_budget
 from workers.celery_app import configure_app
+from workers.consumer import QueueControl
 from workers.heartbeat import Heartbeat
-from workers.llama_server import LaunchSpec, LlamaServer, resolve_binary
+from workers.llama_server import resolve_binary
+from workers.manager import Manager, WorkerSpec
+from workers.metrics import WorkerMetrics
+from workers.ports import free_port
+from workers.reporter import Reporter
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SLOTS = 2
 
-def new_worker_id(alias: str) -> str:
-    return f"{alias}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+
+def new_worker_id(alias: str | None = None) -> str:
+    return f"{alias or 'worker'}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
 
 
 def run_worker(
     settings: Settings,
-    alias: str,
-    model: ModelConfig,
+    alias: str | None = None,
+    model: ModelConfig | None = None,
     *,
     slots: int | None = None,
     gpu: int | None = None,
+    vram_budget: str | None = None,
+    ram_budget: str | None = None,
     worker_id: str | None = None,
 ) -> None:
-    """Start the llama-server child, advertise it, then consume until told to stop."""
+    """Register, preload `alias` if given, then consume until told to stop."""
     redis_url = settings.require_redis_url()
-    slots = slots or model.parallel
+    slots = slots or (model.parallel if model else DEFAULT_SLOTS)
     worker_id = worker_id or new_worker_id(alias)
-    model_path = settings.resolve_model_path(model)
-    if not model_path.is_file():
-        raise FileNotFoundError(f"model file not found for {alias!r}: {model_path}")
-    env = {}
+    budget_mb, source = resolve_budget(vram_budget=vram_budget, ram_budget=ram_budget, gpu=gpu)
+    env: dict[str, str] = {}
     if gpu is not None:
         info = gpus.gpu(gpu)  # fails clearly where NVML is absent
         log.info("worker=%s gpu=%d name=%s total_mb=%d", worker_id, gpu, info.name, info.total_mb)
         env = gpus.child_env(gpu)
+    if alias is not None and model is not None:
+        model = model.model_copy(update={"model_path": settings.resolve_model_path(model)})
+        if not model.model_path.is_file():
+            raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
+    spec = WorkerSpec(
+        worker_id=worker_id, slots=slots, budget_mb=budget_mb, port=free_port(),
+        binary=resolve_binary(settings.llama_server), gpu=gpu, env=env,
+    )  # fmt: skip
+    log.info("worker=%s slots=%d budget_mb=%d (%s) port=%d", worker_id, slots, budget_mb, source,
+             spec.port)  # fmt: skip
     client = redis.Redis.from_url(redis_url)
-    _announce_model(client, alias, model, model_path)
+    if alias is not None and model is not None:
+        client.hset(keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
+    tasklog.install()  # the request id on every log line of a task
+    manager: Manager | None = None
+    metrics = WorkerMetrics(lambda: hb.info, lambda: manager.child_pid() if manager else None)
+    metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
+    initial = [keys.worker_queue(worker_id)] + (keys.worker_queues(alias) if alias else [])
+    queues = QueueControl(configure_app(settings, redis_url), worker_id, initial)
     hb = Heartbeat(
         client,
         WorkerInfo(
-            id=worker_id, host=socket.gethostname(), pid=os.getpid(), model=alias,
-            slots=slots, state=WorkerState.LOADING, gpu="cpu" if gpu is None else str(gpu),
+            id=worker_id, host=socket.gethostname(), pid=os.getpid(), slots=slots,
+            state=WorkerState.STARTING, gpu="cpu" if gpu is None else str(gpu),
+            metrics_port=metrics.port, budget_mb=budget_mb,
         ),
         settings.heartbeat_interval,
         settings.heartbeat_ttl,
+        sample=lambda: manager.sample() if manager else {},
     )  # fmt: skip
-    spec = LaunchSpec(
-        model_path=model_path, alias=alias, ctx_size=model.ctx_size, parallel=slots,
-        embedding=model.embedding, flags=tuple(model.flags), env=env,
-        binary=resolve_binary(settings.llama_server), log_name=f"{worker_id} {alias}",
-    )  # fmt: skip
-    server = LlamaServer(spec)
+    serving = runtime.Serving()  # before the pool forks: the children share it
+    runtime.configure(
+        runtime.Runtime(settings, redis_url, worker_id, f"http://127.0.0.1:{spec.port}", serving)
+    )
+    manager = Manager(settings, spec, client, Reporter(client, hb), queues, serving,
+                      on_loaded=metrics.model_loaded)  # fmt: skip
     hb.start()
     try:
-        server.start()
-        server.ensure_ready(settings.load_timeout)
-        hb.update(state=WorkerState.READY, upstream=server.base_url)
-        runtime.configure(runtime.Runtime(settings, redis_url, worker_id, alias, server.base_url))
-        _consume(settings, redis_url, alias, slots, worker_id)
+        manager.start((alias, model) if alias is not None and model is not None else None)
+        manager.wait_preloaded()
+        _consume(settings, redis_url, initial, slots, worker_id)
     finally:
+        manager.stop()
         hb.stop()
-        server.stop()
+        metrics.stop()
         client.close()
 
 
-def _announce_model(client: redis.Redis, alias: str, model: ModelConfig, path: Path) -> None:
-    """Put the model in the cluster catalog, so every gateway knows it exists."""
-    entry = model.model_copy(update={"model_path": path})
-    client.hset(keys.CATALOG, alias, entry.model_dump_json())
-
-
-def _consume(settings: Settings, redis_url: str, alias: str, slots: int, worker_id: str) -> None:
+def _consume(
+    settings: Settings, redis_url: str, queues: list[str], slots: int, worker_id: str
+) -> None:
     app = configure_app(settings, redis_url)
     argv = [
         "worker",
-        "--queues", ",".join(keys.model_queues(alias)),
+        "--queues", ",".join(queues),
         "--concurrency", str(slots),
         "--pool", "prefork",
         "--hostname", worker_id,

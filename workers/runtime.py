@@ -1,19 +1,58 @@
-"""What a worker's task code needs at run time: its id, model, llama-server URL, clients.
+"""What a worker's task code needs at run time: its id, llama-server URL, clients, and the
+model it serves right now.
 
 Set once by the worker's main process before Celery forks its pool (`configure`), so every
 pool child inherits it. Network clients are created lazily per process: a Redis or HTTP
 connection opened before a fork must never be shared with the child.
+
+The model changes over the worker's life (issue 3) while the pool children live on, so
+it sits in a `Serving` cell of shared memory that the main process's model manager writes
+and the children read before each task. The llama-server port is fixed for the worker's
+life, so the upstream URL the children inherited stays right across model swaps.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import multiprocessing
 import os
+import time
 from dataclasses import dataclass, field
 
 import redis
+from celery.exceptions import Reject
 
 from common.settings import Settings
 from workers.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+REQUEUE_PAUSE_S = 0.05  # a worker still fetching a queue it just left does not spin
+
+
+class Serving:
+    """The alias this worker serves now (None: none), shared with the pool children.
+
+    Created before the pool forks; the model manager sets it once llama-server is ready and
+    clears it before unloading, so a task for any other model is sent back to its queue."""
+
+    SIZE = 512
+
+    def __init__(self) -> None:
+        self._cell = multiprocessing.get_context("fork").Array(ctypes.c_char, self.SIZE)
+
+    def set(self, alias: str | None) -> None:
+        raw = (alias or "").encode()
+        if len(raw) >= self.SIZE:
+            raise ValueError(f"model alias too long for the serving cell: {alias!r}")
+        with self._cell.get_lock():
+            self._cell.value = raw
+
+    def get(self) -> str | None:
+        with self._cell.get_lock():
+            raw = bytes(self._cell.value)
+        return raw.decode() or None
 
 
 @dataclass
@@ -21,11 +60,25 @@ class Runtime:
     settings: Settings
     redis_url: str
     worker_id: str
-    alias: str
     upstream_url: str
+    serving: Serving = field(default_factory=Serving)
     _pid: int = field(default=-1, repr=False)
     _redis: redis.Redis | None = field(default=None, repr=False)
     _upstream: Upstream | None = field(default=None, repr=False)
+
+    def require_serving(self, alias: str) -> None:
+        """Send the task back to its queue unless this worker serves `alias` right now.
+
+        A worker stops consuming a model's queues before it unloads it, but the BRPOP in
+        flight may still hand it one task (DESIGN.md: cancel_consumer takes ~1 s to bite).
+        Rejected before the claim, so another worker runs it as if it never came here."""
+        held = self.serving.get()
+        if held == alias:
+            return
+        log.info("model=%s sent back to its queue: worker=%s serves %s", alias, self.worker_id,
+                 held)  # fmt: skip
+        time.sleep(REQUEUE_PAUSE_S)
+        raise Reject(f"worker {self.worker_id} does not serve {alias} now", requeue=True)
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():

@@ -8,6 +8,7 @@ to the publisher. Every task that runs publishes exactly one final frame.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -18,11 +19,11 @@ from common.errors import CorralError, Timeout, WorkerLost
 from common.frames import Frame, FrameType
 from common.jobs import Job, JobKind
 from common.tracking import RequestState
-from workers import ledger, runtime
+from workers import batch_sink, ledger, runtime
 from workers.celery_app import app
 from workers.ledger import Claim
 from workers.publisher import Publisher
-from workers.upstream import Abort, Aborted
+from workers.upstream import UNREACHABLE, Abort, Aborted
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 @app.task(name=keys.INFER_TASK, bind=True)
 def infer(self: Task, payload: dict[str, Any]) -> None:
     job = Job.model_validate(payload)
+    runtime.current().require_serving(job.model)  # else back to its queue (issue 3)
+    if job.batch_id is not None:
+        _run_batch_item(job)
+        return
     rt = runtime.current()
     r = rt.redis
     if job.expired():
@@ -101,6 +106,43 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
     except CorralError as exc:
         pub.finish(FrameType.ERROR, error=exc.body(), status=exc.status)
         return RequestState.FAILED, exc.message
+
+
+def _run_batch_item(job: Job) -> None:
+    """A batch item: non-streaming, its result written once to the batch, not published."""
+    rt = runtime.current()
+    r = rt.redis
+    if batch_sink.has_result(r, job):
+        log.info("job=%s batch=%s already has a result; skipped", job.request_id, job.batch_id)
+        return
+    if batch_sink.stopped(r, job):
+        batch_sink.skipped(r, job)
+        return
+    if job.expired():
+        batch_sink.failed(r, job, Timeout("The batch expired before this request ran.",
+                                          code="batch_expired"))  # fmt: skip
+        return
+    # No claim: the results hash takes each custom_id once, and an item whose worker died
+    # must be able to run again (the batch supervisor re-sends it, a bounded number of times).
+    parent = os.getppid()
+    ledger.started(r, job, rt.worker_id)
+    body = dict(job.body, model=job.model)
+    body.pop("stream", None)
+    try:
+        result = rt.upstream.request(job.kind.path, body, Abort())
+        batch_sink.succeeded(r, job, result)
+        state, error = RequestState.DONE, None
+    except CorralError as exc:
+        if exc.code == UNREACHABLE or os.getppid() != parent:
+            # llama-server or this worker went away: not the request's fault. Leave no
+            # result, so the supervisor sends the item to a live worker.
+            log.warning("job=%s batch=%s lost: %s", job.request_id, job.batch_id, exc.message)
+            return
+        batch_sink.failed(r, job, exc)
+        state, error = RequestState.FAILED, exc.message
+    ledger.finished(r, job, rt.worker_id, state, error)
+    log.info("job=%s batch=%s custom_id=%s %s", job.request_id, job.batch_id, job.custom_id,
+             state.value)  # fmt: skip
 
 
 def cancelled() -> CorralError:

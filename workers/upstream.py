@@ -25,6 +25,9 @@ from common.errors import Timeout as TimeoutError_
 log = logging.getLogger(__name__)
 
 
+UNREACHABLE = "upstream_unreachable"  # the connection failed: not the request's fault
+
+
 class Aborted(Exception):
     """The stream was closed on purpose (cancel or client gone): not an upstream failure."""
 
@@ -108,7 +111,7 @@ class Upstream:
         except httpx.HTTPError as exc:
             if abort.fired:
                 raise Aborted() from exc
-            raise UpstreamError(f"llama-server call failed: {exc!r}") from exc
+            raise UpstreamError(f"llama-server call failed: {exc!r}", code=UNREACHABLE) from exc
 
     def request(self, path: str, body: dict[str, Any], abort: Abort) -> dict[str, Any]:
         """A whole (non-streaming) reply, passed through as llama-server sent it."""

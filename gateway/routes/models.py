@@ -1,21 +1,31 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`: the catalog in OpenAI's shape."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: the catalog in OpenAI's shape, each model with
+its cluster state (`status`, `replicas` ready) as extra fields OpenAI clients ignore."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
 from common.wire import ModelCard, ModelList
+from gateway.cluster import View
 from gateway.deps import State
 
 router = APIRouter(tags=["openai"])
 
 
+def _card(alias: str, embedding: bool, view: View) -> ModelCard:
+    extra = {"status": view.state_of(alias).value, "replicas": len(view.ready(alias)),
+             "embedding": embedding}  # fmt: skip
+    return ModelCard.model_validate({"id": alias, **extra})
+
+
 @router.get("/v1/models")
 async def list_models(state: State) -> ModelList:
-    return ModelList(data=[ModelCard(id=alias) for alias in await state.catalog.all()])
+    view = await state.placer.view(0)
+    models = await state.catalog.all()
+    return ModelList(data=[_card(alias, m.embedding, view) for alias, m in models.items()])
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, state: State) -> ModelCard:
-    await state.catalog.get(model_id)  # 404 model_not_found if unknown
-    return ModelCard(id=model_id)
+    model = await state.catalog.get(model_id)  # 404 model_not_found if unknown
+    return _card(model_id, model.embedding, await state.placer.view(0))

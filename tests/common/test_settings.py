@@ -82,3 +82,19 @@ def test_celery_config_keeps_the_promises() -> None:
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_ignore_result"] is True
     assert conf["accept_content"] == ["json"]
+
+
+def test_edge_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 5: CORS off by default; origins comma-separated or JSON; an empty admin key
+    is no key; the admin key never shows in a repr."""
+    assert load_settings().cors_origins == [] and load_settings().admin_key is None
+    monkeypatch.setenv("CORRAL_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("CORRAL_ADMIN_KEY", "")
+    s = load_settings()
+    assert s.cors_origins == ["https://a.example", "https://b.example"] and s.admin_key is None
+    monkeypatch.setenv("CORRAL_CORS_ORIGINS", '["https://c.example"]')
+    monkeypatch.setenv("CORRAL_ADMIN_KEY", "sk-admin-secret")
+    s = load_settings()
+    assert s.cors_origins == ["https://c.example"]
+    assert s.admin_key is not None and s.admin_key.get_secret_value() == "sk-admin-secret"
+    assert "sk-admin-secret" not in repr(s) and "sk-admin-secret" not in s.model_dump_json()

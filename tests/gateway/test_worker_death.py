@@ -18,7 +18,7 @@ import pytest
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
-from tests.support import alive, busy_slots, corral_child, wait_for, wait_healthy, workers
+from tests.support import alive, busy_slots, corral_child, wait_for, workers
 
 MODEL = "d-chat"
 HI = [{"role": "user", "content": "hi"}]
@@ -87,7 +87,7 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
                            CORRAL_REDIS_URL=cluster.redis_url)  # fmt: skip
     cluster.children.append(b_child)
     b_child.start()
-    wait_healthy(cluster.base_url, 2)
+    assert wait_for(lambda: len(_ready(cluster)) == 2, 60, 0.1)
     (b,) = [w for w in workers(cluster.redis_url, MODEL) if w.id != a.id]
     stream_b = Call(cluster.base_url, stream=True, max_tokens=8000)
     assert wait_for(lambda: _running_on(cluster, b.id) == 1, 20)
@@ -116,6 +116,10 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
     assert _record(cluster, plain_a.request_id)["worker"] == b.id
     assert _record(cluster, queued.request_id)["worker"] == b.id
     assert not [w for w in workers(cluster.redis_url) if w.id == a.id]
+
+
+def _ready(cluster: Cluster) -> list[str]:
+    return [w.id for w in workers(cluster.redis_url, MODEL) if w.state == "ready"]
 
 
 def _depth(cluster: Cluster) -> int:
