@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     heartbeat_ttl: float = Field(default=3.0, gt=0)
     flush_interval_ms: float = Field(default=10.0, ge=0)
     broker_pool_limit: int = Field(default=64, ge=1)
+    redis_max_connections: int = Field(default=128, ge=4)  # per gateway process
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from gateway.state import GatewayState
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:  # async: no thread hop
     state: GatewayState = request.app.state.corral
     return state
 

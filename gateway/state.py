@@ -35,7 +35,13 @@ class GatewayState:
     @classmethod
     async def start(cls, settings: Settings) -> GatewayState:
         url = settings.require_redis_url()
-        client = aioredis.Redis.from_url(url, health_check_interval=30, decode_responses=True)
+        # A blocking pool: under a burst, requests wait for one of a bounded set of
+        # connections instead of failing ("Too many connections" at 100 by default).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=settings.redis_max_connections, timeout=30,
+            health_check_interval=30, decode_responses=True,
+        )  # fmt: skip
+        client = aioredis.Redis(connection_pool=pool)
         await client.ping()
         hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}")
         await hub.start()

@@ -62,7 +62,8 @@ class Publisher:
     def chunk(self, raw: str) -> None:
         with self._cond:
             self._chunks.append(raw)
-            self._cond.notify()
+            if len(self._chunks) == 1:  # only a new batch wakes the flusher, so the
+                self._cond.notify()  # chunks after it gather until the batch is due
 
     def finish(self, frame_type: FrameType, **fields: Any) -> None:
         """Queue the final frame after any pending chunks, and wait until it is sent."""
@@ -78,8 +79,8 @@ class Publisher:
             with self._cond:
                 if not self._chunks and self._final is None:
                     self._cond.wait(timeout=CANCEL_POLL_S)
-                wait = self._last_flush + self._interval - time.monotonic()
-                if self._chunks and self._final is None and wait > 0:
+                due = self._last_flush + self._interval
+                while self._chunks and self._final is None and (wait := due - time.monotonic()) > 0:
                     self._cond.wait(timeout=wait)  # gather a batch (woken early by finish)
                 chunks, self._chunks = self._chunks, []
                 final = self._final
