@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from common.errors import CorralError
 from common.settings import ModelConfig, Settings, load_settings
 from corral import batches_cli, keys_cli, models_cli
 from corral.logs import setup_logging
@@ -243,6 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, CorralError) as exc:
         print(f"corral {args.command}: {exc}", file=sys.stderr)
         return 2
