@@ -89,8 +89,8 @@ async def priority_run(base: str, n_low: int, n_high: int) -> dict[str, float]:
         lows = [asyncio.create_task(send("low")) for _ in range(n_low)]
         t0 = time.monotonic()
         while (queued := await depth(http, base, "low")) < n_low * 0.98:
-            if time.monotonic() - t0 > 120:
-                raise RuntimeError(f"only {queued} of {n_low} low requests queued in 120 s")
+            if time.monotonic() - t0 > 300:
+                raise RuntimeError(f"only {queued} of {n_low} low requests queued in 300 s")
             failed = [t for t in lows if t.done() and t.exception()]
             if failed:
                 first = failed[0].exception()
@@ -175,7 +175,7 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-prio-"))
-    model = make_model(tmp / f"{MODEL}.gguf")
+    model = make_model(tmp / f"{MODEL}.gguf", ctx=65536)  # room for a long blocker
     env = {"CORRAL_LOG_LEVEL": "WARNING", "CORRAL_MAX_QUEUE_SIZE_PER_MODEL": str(args.low + 100)}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
