@@ -239,7 +239,7 @@ def _upstream(redis_url: str) -> str:
     r = redis.Redis.from_url(redis_url)
     try:
         for wid in r.smembers(keys.WORKERS):
-            raw = r.get(keys.worker_key(wid.decode() if isinstance(wid, bytes) else wid))
+            raw = r.get(keys.worker_key(keys.text(wid)))
             if raw:
                 info = WorkerInfo.model_validate_json(raw)
                 if info.upstream:

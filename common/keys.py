@@ -17,6 +17,11 @@ INFER_TASK = "corral.infer"
 _RANK = {Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply as text: clients built with and without `decode_responses` differ."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def queue_name(alias: str, priority: Priority) -> str:
     """The Celery queue (and Redis list) holding `alias` requests at `priority`."""
     return f"p{_RANK[priority]}-{priority.value}.{alias}"

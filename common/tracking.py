@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from common.keys import text
 from common.priority import Priority
 
 RECORD_TTL_S = 3600  # how long a finished request stays visible
@@ -49,7 +50,7 @@ class RequestRecord(BaseModel):
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> RequestRecord:
-        return cls.model_validate({_text(k): _text(v) for k, v in raw.items() if v})
+        return cls.model_validate({text(k): text(v) for k, v in raw.items() if v})
 
     def to_hash(self) -> dict[Any, Any]:
         data = self.model_dump(mode="json", exclude_none=True, exclude={"position"})
@@ -63,7 +64,3 @@ def running_member(worker_id: str, request_id: str) -> str:
 def split_running_member(member: str) -> tuple[str, str]:
     worker, _, request_id = member.rpartition("|")
     return worker, request_id
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -176,8 +176,7 @@ class StreamHub:
                 await pubsub.aclose()
 
     def _route(self, channel: bytes | str, data: bytes | str) -> None:
-        name = channel.decode() if isinstance(channel, bytes) else channel
-        sub = self._subs.get(keys.request_id_of(name))
+        sub = self._subs.get(keys.request_id_of(keys.text(channel)))
         if sub is None:
             return  # the client left; the worker notices through its cancel key
         try:

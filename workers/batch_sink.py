@@ -38,7 +38,7 @@ def stopped(r: redis.Redis, job: Job) -> bool:
     """The batch was cancelled or expired: items not started yet are skipped."""
     assert job.batch_id
     status = r.hget(keys.batch_key(job.batch_id), "status")
-    return status is not None and _text(status) in STOPPED
+    return status is not None and keys.text(status) in STOPPED
 
 
 def _record(r: redis.Redis, job: Job, line: dict[str, Any], counter: str) -> bool:
@@ -69,7 +69,3 @@ def _line(job: Job, response: dict[str, Any], error: dict[str, Any] | None) -> d
     out = OutputLine(id=f"batch_req_{uuid.uuid4().hex}", custom_id=job.custom_id,
                      response=response, error=error)  # fmt: skip
     return out.model_dump()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

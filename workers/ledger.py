@@ -32,7 +32,7 @@ def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
     if r.set(key, worker_id, nx=True, ex=ttl):
         return Claim.FIRST
     owner = r.get(key)
-    if owner is not None and r.exists(keys.worker_key(_text(owner))):
+    if owner is not None and r.exists(keys.worker_key(keys.text(owner))):
         return Claim.DUPLICATE
     if job.stream:
         return Claim.LOST
@@ -80,7 +80,3 @@ def dropped(r: redis.Redis, job: Job, state: RequestState, why: str) -> None:
     )
     pipe.expire(keys.request_key(job.request_id), RECORD_TTL_S)
     pipe.execute()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
