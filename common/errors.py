@@ -155,6 +155,8 @@ _BY_STATUS: dict[int, type[CorralError]] = {
 
 def from_body(body: ErrorBody, status: int) -> CorralError:
     """Rebuild an error that crossed a process boundary (an error frame, a result file)."""
+    if body.code == WorkerLost.default_code:
+        return WorkerLost(body.message, param=body.param)  # the gateway may resubmit it
     cls = _BY_STATUS.get(status, UpstreamError if status >= 500 else InvalidRequest)
     err = cls(body.message, param=body.param, code=body.code, status=status)
     return err

@@ -104,8 +104,20 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
         pub.finish(FrameType.ERROR, error=cancelled().body(), status=cancelled().status)
         return RequestState.CANCELLED, "cancelled while running"
     except CorralError as exc:
+        if exc.code == UNREACHABLE:
+            exc = _lost_llama_server(job)
         pub.finish(FrameType.ERROR, error=exc.body(), status=exc.status)
         return RequestState.FAILED, exc.message
+
+
+def _lost_llama_server(job: Job) -> CorralError:
+    """llama-server went away mid-request (it crashed, or this worker was killed and took
+    it down while a pool child still ran): that is a lost worker, not a bad request. The
+    claim is released so the gateway's one resubmission of a non-streaming request can
+    run, on another replica or on the restarted child."""
+    if not job.stream:
+        runtime.current().redis.delete(keys.claim_key(job.request_id))
+    return WorkerLost("The llama-server serving this request went away mid-request.")
 
 
 def _run_batch_item(job: Job) -> None:

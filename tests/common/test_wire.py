@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from common.errors import ModelNotFound, QueueFull, UpstreamError, from_body
+from common.errors import ModelNotFound, QueueFull, UpstreamError, WorkerLost, from_body
 from common.frames import Frame, FrameType
 from common.jobs import Job, JobKind
 from common.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -70,3 +70,4 @@ def test_errors_survive_a_process_boundary() -> None:
     rebuilt = from_body(UpstreamError("boom", status=503).body(), 503)
     assert rebuilt.status == 503 and rebuilt.message == "boom"
     assert from_body(ModelNotFound("x").body(), 404).status == 404
+    assert isinstance(from_body(WorkerLost("gone").body(), 502), WorkerLost)
