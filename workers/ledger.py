@@ -1,5 +1,10 @@
 """What a worker writes about the tasks it takes: the claim that makes each task run once,
-and the request record's running/finished state (`common.tracking`)."""
+and the request record's running/finished state (`common.tracking`).
+
+A task's first delivery is the hot path, right before its llama-server call: one Lua script
+checks the cancel key, takes the claim and writes the running record in one round trip
+(three sequential ones before). Redeliveries take the slower Python path below.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from common import keys
 from common.jobs import Job
@@ -22,35 +28,79 @@ class Claim(StrEnum):
     RERUN = "rerun"  # its first worker died; a non-streaming task runs once more
     DUPLICATE = "duplicate"  # its owner is alive and on it: drop this copy
     LOST = "lost"  # a streaming task whose worker died: its stream cannot be resumed
+    CANCELLED = "cancelled"  # cancelled while queued: nobody claimed it, drop it unrun
+
+
+# KEYS: cancel, claim, record, running set. ARGV: worker id, claim TTL, start time, running
+# member, then the record's field/value pairs. Returns {"cancelled"}, {"first"} (claimed,
+# record written) or {"taken", <owner>}.
+_BEGIN_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
+  return {'first'}
+end
+return {'taken', redis.call('GET', KEYS[2])}
+"""
+_begin: Script | None = None  # registered lazily, once per process
 
 
 def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
-    """Claim `job` for `worker_id`. A redelivered task (kombu redelivers unacked tasks
-    after `visibility_timeout`, and the gateway resubmits a non-streaming request whose
-    worker died) must never stream twice nor run more than twice in all."""
-    key = keys.claim_key(job.request_id)
-    if r.set(key, worker_id, nx=True, ex=ttl):
+    """Claim `job` for `worker_id` unless it was cancelled while queued; when it is ours to
+    run (FIRST, RERUN) its record says so already. A redelivered task (kombu redelivers
+    unacked tasks after `visibility_timeout`, and the gateway resubmits a non-streaming
+    request whose worker died) must never stream twice nor run more than twice in all."""
+    global _begin
+    if _begin is None:
+        _begin = r.register_script(_BEGIN_LUA)
+    now = time.time()
+    request_id = job.request_id
+    keys_ = [keys.cancel_key(request_id), keys.claim_key(request_id),
+             keys.request_key(request_id), keys.running_key(job.model)]  # fmt: skip
+    args: list[Any] = [worker_id, ttl, now, running_member(worker_id, request_id)]
+    for name, value in _record(job, worker_id, now).items():
+        args += (name, value)
+    reply = _begin(keys_, args, client=r)
+    outcome = keys.text(reply[0])
+    if outcome == "cancelled":
+        return Claim.CANCELLED
+    if outcome == "first":
         return Claim.FIRST
-    owner = r.get(key)
+    return _redelivered(r, job, worker_id, ttl, reply[1])
+
+
+def _redelivered(
+    r: redis.Redis, job: Job, worker_id: str, ttl: int, owner: bytes | str | None
+) -> Claim:
+    """Someone claimed this task before: rare, so plain commands, correctness first."""
+    key = keys.claim_key(job.request_id)
     if owner is not None and r.exists(keys.worker_key(keys.text(owner))):
         return Claim.DUPLICATE
     if job.stream:
         return Claim.LOST
     if r.set(f"{key}:rerun", worker_id, nx=True, ex=ttl):
         r.set(key, worker_id, ex=ttl)
+        started(r, job, worker_id)
         return Claim.RERUN
     return Claim.DUPLICATE
 
 
-def started(r: redis.Redis, job: Job, worker_id: str) -> None:
-    now = time.time()
-    pipe = r.pipeline(transaction=False)
-    fields: dict[Any, Any] = {
+def _record(job: Job, worker_id: str, now: float) -> dict[Any, Any]:
+    """The running record's fields: one definition for the script and `started`."""
+    return {
         "request_id": job.request_id, "model": job.model, "priority": job.priority.value,
         "enqueued_at": job.enqueued_at, "stream": str(job.stream).lower(),
         "state": RequestState.RUNNING.value, "started_at": now, "worker": worker_id,
     }  # fmt: skip
-    pipe.hset(keys.request_key(job.request_id), mapping=fields)
+
+
+def started(r: redis.Redis, job: Job, worker_id: str) -> None:
+    """The running record of a task that runs without a first claim (a rerun, a batch
+    item)."""
+    now = time.time()
+    pipe = r.pipeline(transaction=False)
+    pipe.hset(keys.request_key(job.request_id), mapping=_record(job, worker_id, now))
     pipe.zadd(keys.running_key(job.model), {running_member(worker_id, job.request_id): now})
     pipe.execute()
 

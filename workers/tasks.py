@@ -31,23 +31,23 @@ log = logging.getLogger(__name__)
 @app.task(name=keys.INFER_TASK, bind=True)
 def infer(self: Task, payload: dict[str, Any]) -> None:
     job = Job.model_validate(payload)
-    runtime.current().require_serving(job.model)  # else back to its queue (issue 3)
+    rt = runtime.current()
+    rt.require_serving(job.model)  # else back to its queue (issue 3)
     if job.batch_id is not None:
         _run_batch_item(job)
         return
-    rt = runtime.current()
     r = rt.redis
     if job.expired():
         log.info("job=%s model=%s dropped: deadline passed in queue", job.request_id, job.model)
         ledger.dropped(r, job, RequestState.EXPIRED, "deadline passed while queued")
         _publish_error(job, Timeout("The request waited in the queue past its deadline."))
         return
-    if r.exists(keys.cancel_key(job.request_id)):
+    claim_ttl = int(rt.settings.visibility_timeout or rt.settings.task_time_limit * 2)
+    claim = ledger.claim(r, job, rt.worker_id, claim_ttl)  # and the running record
+    if claim is Claim.CANCELLED:
         log.info("job=%s model=%s dropped: cancelled while queued", job.request_id, job.model)
         ledger.dropped(r, job, RequestState.CANCELLED, "cancelled while queued")
         return
-    claim_ttl = int(rt.settings.visibility_timeout or rt.settings.task_time_limit * 2)
-    claim = ledger.claim(r, job, rt.worker_id, claim_ttl)
     if claim is Claim.DUPLICATE:
         log.info("job=%s duplicate delivery dropped", job.request_id)
         return
@@ -58,7 +58,6 @@ def infer(self: Task, payload: dict[str, Any]) -> None:
         _publish_error(job, WorkerLost("The worker serving this request was lost."))
         return
     started = time.monotonic()
-    ledger.started(r, job, rt.worker_id)
     log.info(
         "job=%s model=%s priority=%s worker=%s started claim=%s waited_ms=%d",
         job.request_id, job.model, job.priority.value, rt.worker_id, claim.value,

@@ -1,16 +1,20 @@
-"""Claims on a real Valkey: a redelivered task never streams twice, and a non-streaming
-one runs at most once more, only when its first worker is dead."""
+"""Claims on a real Valkey: a redelivered task never streams twice, a non-streaming one runs
+at most once more, only when its first worker is dead, and a task cancelled while queued is
+never claimed. The first claim writes the running record in the same round trip."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 import redis
 
 from common import keys
 from common.jobs import Job, JobKind
+from common.tracking import RequestState, running_member
 from corral.redis_server import EmbeddedRedis
+from workers import ledger
 from workers.ledger import Claim, claim
 
 
@@ -25,11 +29,50 @@ def _job(stream: bool) -> Job:
     return Job(kind=JobKind.CHAT, model="m", body={}, stream=stream, channel="c", deadline=9e9)
 
 
+def _record(r: redis.Redis, job: Job) -> dict[str, str]:
+    raw = r.hgetall(keys.request_key(job.request_id))
+    return {keys.text(k): keys.text(v) for k, v in raw.items()}
+
+
+def _running(r: redis.Redis, job: Job) -> list[str]:
+    members = cast(list[bytes], r.zrange(keys.running_key(job.model), 0, -1))
+    return [m.decode() for m in members if m.decode().endswith(job.request_id)]
+
+
+def test_first_claim_writes_the_running_record_like_started(r: redis.Redis) -> None:
+    job, twin = _job(stream=True), _job(stream=True)
+    assert claim(r, job, "w1", 60) is Claim.FIRST
+    ledger.started(r, twin, "w1")
+    record, expected = _record(r, job), _record(r, twin)
+    assert record.keys() == expected.keys()
+    assert record["state"] == RequestState.RUNNING.value and record["worker"] == "w1"
+    assert record["stream"] == "true" and record["priority"] == job.priority.value
+    assert float(record["enqueued_at"]) == job.enqueued_at
+    assert r.get(keys.claim_key(job.request_id)) == b"w1"
+    assert 0 < r.ttl(keys.claim_key(job.request_id)) <= 60
+    assert _running(r, job) == [running_member("w1", job.request_id)]
+    score = r.zscore(keys.running_key(job.model), running_member("w1", job.request_id))
+    assert score == pytest.approx(float(record["started_at"]))
+
+
+def test_cancelled_while_queued_is_neither_claimed_nor_recorded(r: redis.Redis) -> None:
+    job = _job(stream=True)
+    r.set(keys.cancel_key(job.request_id), "1", ex=60)
+    assert claim(r, job, "w1", 60) is Claim.CANCELLED
+    assert r.get(keys.claim_key(job.request_id)) is None
+    assert _record(r, job) == {} and _running(r, job) == []
+
+
 def test_first_claim_wins_and_a_live_owner_makes_copies_duplicates(r: redis.Redis) -> None:
     job = _job(stream=True)
     r.set(keys.worker_key("alive"), "{}", ex=30)
     assert claim(r, job, "alive", 60) is Claim.FIRST
     assert claim(r, job, "other", 60) is Claim.DUPLICATE
+    assert _record(r, job)["worker"] == "alive"  # the copy wrote nothing
+    assert _running(r, job) == [running_member("alive", job.request_id)]
+    job_ns = _job(stream=False)
+    assert claim(r, job_ns, "alive", 60) is Claim.FIRST
+    assert claim(r, job_ns, "other", 60) is Claim.DUPLICATE  # alive: no rerun either
 
 
 def test_redelivered_stream_of_a_dead_worker_is_lost_not_rerun(r: redis.Redis) -> None:
@@ -37,6 +80,7 @@ def test_redelivered_stream_of_a_dead_worker_is_lost_not_rerun(r: redis.Redis) -
     assert claim(r, job, "dead-worker", 60) is Claim.FIRST  # no heartbeat key: dead
     assert claim(r, job, "w2", 60) is Claim.LOST
     assert claim(r, job, "w3", 60) is Claim.LOST
+    assert _record(r, job)["worker"] == "dead-worker"
 
 
 def test_non_streaming_task_of_a_dead_worker_runs_exactly_once_more(r: redis.Redis) -> None:
@@ -44,4 +88,25 @@ def test_non_streaming_task_of_a_dead_worker_runs_exactly_once_more(r: redis.Red
     assert claim(r, job, "dead-worker", 60) is Claim.FIRST
     assert claim(r, job, "w2", 60) is Claim.RERUN
     assert r.get(keys.claim_key(job.request_id)) == b"w2"
+    record = _record(r, job)  # the rerun says who runs it now
+    assert record["worker"] == "w2" and record["state"] == RequestState.RUNNING.value
+    assert running_member("w2", job.request_id) in _running(r, job)
     assert claim(r, job, "w3", 60) is Claim.DUPLICATE  # w2 is dead too, but no third run
+
+
+def test_a_cancel_wins_over_a_redelivery(r: redis.Redis) -> None:
+    job = _job(stream=False)
+    assert claim(r, job, "dead-worker", 60) is Claim.FIRST
+    r.set(keys.cancel_key(job.request_id), "1", ex=60)
+    assert claim(r, job, "w2", 60) is Claim.CANCELLED
+    assert r.get(keys.claim_key(job.request_id)) == b"dead-worker"
+
+
+def test_a_decoding_client_reads_the_same_outcomes(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        job = _job(stream=True)
+        assert claim(client, job, "dead-worker", 60) is Claim.FIRST
+        assert claim(client, job, "w2", 60) is Claim.LOST
+    finally:
+        client.close()

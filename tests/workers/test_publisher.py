@@ -1,7 +1,9 @@
-"""The publisher against a real Valkey: order, batching, and noticing a cancel."""
+"""The publisher against a real Valkey: order, batching, noticing a cancel, and flusher
+threads that serve one stream after another (and none inherited across a fork)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +13,7 @@ import redis
 
 from common.frames import Frame, FrameType
 from corral.redis_server import EmbeddedRedis
+from workers import publisher
 from workers.publisher import Publisher
 
 CHANNEL = "corral:chan:gw-test:req_1"
@@ -26,14 +29,16 @@ def r(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _listen(r: redis.Redis) -> tuple[list[Frame], threading.Thread, redis.client.PubSub]:
+def _listen(
+    r: redis.Redis, finals: int = 1
+) -> tuple[list[Frame], threading.Thread, redis.client.PubSub]:
     ps = r.pubsub()
     ps.psubscribe("corral:chan:gw-test:*")
     ps.get_message(timeout=1)  # the psubscribe confirmation
     frames: list[Frame] = []
 
     def run() -> None:
-        while not (frames and frames[-1].final):
+        while sum(f.final for f in frames) < finals:
             msg = ps.get_message(timeout=2)
             if msg is None:
                 return
@@ -99,6 +104,64 @@ def test_no_listener_means_cancelled(r: redis.Redis) -> None:
     pub.start()
     assert fired.wait(0.5)
     pub.finish(FrameType.DONE)
+
+
+def test_flusher_threads_serve_one_stream_after_another(r: redis.Redis) -> None:
+    def flushers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "corral-publisher"}
+
+    for _ in range(2):  # warm: at least one idle flusher afterwards
+        _publish_one(r, "w1")
+    before = flushers()
+    for _ in range(5):
+        frames = _publish_one(r, "w1")
+        assert [f.type for f in frames] == [FrameType.START, FrameType.CHUNKS, FrameType.DONE]
+    assert flushers() == before  # no thread started per stream
+
+
+def test_concurrent_streams_each_get_their_own_flusher(r: redis.Redis) -> None:
+    frames, t, ps = _listen(r, finals=2)
+    first = Publisher(r, CHANNEL, CANCEL, "w1", interval=0.01)
+    second = Publisher(r, CHANNEL.replace("req_1", "req_3"), CANCEL, "w2", interval=0.01)
+    first.start()
+    second.start()
+    second.finish(FrameType.DONE)  # not stuck behind `first`, which is still open
+    first.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert sorted(f.worker or "" for f in frames if f.type is FrameType.START) == ["w1", "w2"]
+
+
+def test_a_forked_child_starts_its_own_flusher(r: redis.Redis, redis_server: EmbeddedRedis) -> None:
+    _publish_one(r, "w1")  # leaves an idle flusher the child must not count on
+    assert publisher._idle
+    pid = os.fork()
+    if pid == 0:  # the child: exit codes only, never back into pytest
+        ok = False
+        try:
+            client = redis.Redis.from_url(redis_server.url)
+            ok = not publisher._idle and len(_publish_one(client, "child")) == 3
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 5
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's stream never finished")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def _publish_one(r: redis.Redis, worker: str) -> list[Frame]:
+    frames, t, ps = _listen(r)
+    pub = Publisher(r, CHANNEL, CANCEL, worker, interval=0.001)
+    pub.start()
+    pub.chunk("{}")
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    return frames
 
 
 def _wait(check: object, timeout: float) -> bool:
