@@ -1,9 +1,12 @@
 """Step 2 of the request path: a validated request becomes a Celery task on its queue.
 
-`send_task` blocks (it talks to Redis through kombu), so it runs on a small thread pool,
-never on the event loop; Celery's producer pool (`broker_pool_limit`) is shared by those
-threads. Cancelling sets a cancel key the worker checks before and while it runs, and
-revokes the task id so a worker that has not fetched it yet discards it.
+The enqueue is one Redis round trip on the event loop: a script checks the model's queue
+depth and, within the cap, writes the request's record, LPUSHes the task message and
+PUBLISHes its `task-sent` event for Flower (`gateway.taskmsg` builds both as kombu would).
+`send_task` would cost a thread hop and ~2 ms more before the first token. Cancelling sets
+a cancel key the worker checks before and while it runs, and revokes the task id (on a
+small thread pool: `revoke` blocks, in kombu) so a worker that has not fetched it yet
+discards it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -23,11 +25,31 @@ from common.frames import Frame, FrameType
 from common.jobs import Job
 from common.settings import Settings
 from common.tracking import RequestState
+from gateway.taskmsg import TaskMessage, TaskMessages
 from gateway.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 CANCEL_TTL_S = 3600
+
+# KEYS: the list to push on, the request record, the queue's binding table and its
+# permanent set, then the queues whose total length is capped.
+# ARGV: the cap (-1: none), the record's TTL, the binding, the message, the `task-sent`
+# event's channel ("" for none) and payload, then the record's fields.
+# Returns {1 if enqueued else 0, the depth found}.
+ENQUEUE_LUA = """
+local depth = 0
+for i = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+local cap = tonumber(ARGV[1])
+if cap >= 0 and depth >= cap then return {0, depth} end
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('LPUSH', KEYS[1], ARGV[4])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return {1, depth}
+"""
 
 
 class Dispatcher:
@@ -36,9 +58,11 @@ class Dispatcher:
         self._redis = client
         self._celery = Celery("corral-gateway", set_as_current=False)
         self._celery.conf.update(celery_config(settings, redis_url=redis_url))
+        self._messages = TaskMessages(self._celery)
+        self._enqueue = client.register_script(ENQUEUE_LUA)
         self.tracker = Tracker(client)
         self._pool = ThreadPoolExecutor(
-            max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-enqueue"
+            max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-dispatch"
         )
 
     def close(self) -> None:
@@ -46,56 +70,53 @@ class Dispatcher:
         self._celery.close()
 
     async def submit(self, job: Job, *, resubmit: bool = False) -> None:
-        """Enqueue `job` on its model's queue for its priority, within the depth cap, and
-        record it (`GET /v1/requests/{id}`)."""
-        await self._admit(job, resubmit)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._send, job)
-        log.info(
-            "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
-            job.request_id, job.model, job.priority.value, job.kind.value, job.stream,
-        )  # fmt: skip
-
-    def _send(self, job: Job) -> None:
-        self._celery.send_task(
-            keys.INFER_TASK,
-            args=[job.model_dump(mode="json")],
-            task_id=job.request_id,
-            queue=keys.queue_name(job.model, job.priority),
-            expires=datetime.fromtimestamp(job.deadline, UTC),
-        )
-
-    async def send_batch_items(self, jobs: list[Job]) -> None:
-        """Enqueue batch items on their model's batch queue: below every interactive
-        priority, and outside the interactive depth cap (a batch may hold thousands)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._send_many, jobs)
-
-    def _send_many(self, jobs: list[Job]) -> None:
-        for job in jobs:
-            self._celery.send_task(
-                keys.INFER_TASK,
-                args=[job.model_dump(mode="json")],
-                task_id=job.request_id,
-                queue=keys.batch_queue(job.model),
-                expires=datetime.fromtimestamp(job.deadline, UTC),
-            )
-
-    async def _admit(self, job: Job, resubmit: bool) -> None:
-        """One round trip: the model's queue depth, and the request's record."""
-        pipe = self._redis.pipeline(transaction=False)
-        for queue in keys.model_queues(job.model):
-            pipe.llen(queue)
-        self.tracker.record(pipe, job)
-        depth = sum((await pipe.execute())[:3])
+        """Enqueue `job` on its model's queue for its priority, within the depth cap (a
+        resubmit is always let in), and record it (`GET /v1/requests/{id}`)."""
+        message = self._messages.build(job, keys.queue_name(job.model, job.priority))
+        fields, ttl = self.tracker.record_fields(job)
+        route, event = message.route, message.sent_event
         limit = self._settings.max_queue_size_per_model
-        if depth >= limit and not resubmit:
-            await self._redis.delete(keys.request_key(job.request_id))
+        enqueued, depth = await self._enqueue(
+            keys=[route.list_key, keys.request_key(job.request_id), route.binding_key,
+                  route.permanent_key, *keys.model_queues(job.model)],
+            args=[-1 if resubmit else limit, ttl, route.binding, message.entry,
+                  event.channel if event else "", event.payload if event else "",
+                  *(item for pair in fields.items() for item in pair)],
+        )  # fmt: skip
+        if not enqueued:
             raise QueueFull(
                 f"The queue for model {job.model!r} is full ({depth} waiting, limit {limit}). "
                 "Retry later.",
                 retry_after=5,
             )
+        log.info(
+            "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
+            job.request_id, job.model, job.priority.value, job.kind.value, job.stream,
+        )  # fmt: skip
+
+    async def send_batch_items(self, jobs: list[Job]) -> None:
+        """Enqueue batch items on their model's batch queue: below every interactive
+        priority, and outside the interactive depth cap (a batch may hold thousands).
+        The messages are built off the event loop (a chunk is CPU work), then pushed in
+        one pipelined round trip."""
+        loop = asyncio.get_running_loop()
+        messages = await loop.run_in_executor(self._pool, self._build_batch, jobs)
+        pipe = self._redis.pipeline(transaction=False)
+        by_queue: dict[str, list[TaskMessage]] = {}
+        for message in messages:
+            by_queue.setdefault(message.route.queue, []).append(message)
+        for queued in by_queue.values():
+            route = queued[0].route
+            pipe.sadd(route.binding_key, route.binding)
+            pipe.sadd(route.permanent_key, route.binding)
+            pipe.lpush(route.list_key, *(m.entry for m in queued))  # in order, oldest first
+        for message in messages:
+            if message.sent_event is not None:
+                pipe.publish(message.sent_event.channel, message.sent_event.payload)
+        await pipe.execute()
+
+    def _build_batch(self, jobs: list[Job]) -> list[TaskMessage]:
+        return [self._messages.build(job, keys.batch_queue(job.model)) for job in jobs]
 
     async def cancel(
         self, request_id: str, *, started: bool, state: RequestState = RequestState.CANCELLED

@@ -43,11 +43,11 @@ class Tracker:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
 
-    def record(self, pipe: aioredis.client.Pipeline, job: Job) -> None:
-        """Queue the writes of a new record on `pipe` (the caller's enqueue pipeline)."""
-        key = keys.request_key(job.request_id)
-        pipe.hset(key, mapping=new_record(job).to_hash())
-        pipe.expire(key, int(job.deadline - time.time()) + RECORD_TTL_S)
+    @staticmethod
+    def record_fields(job: Job) -> tuple[dict[str, str], int]:
+        """A new record's hash fields and TTL (s). The gateway's enqueue script writes
+        them (one round trip with the enqueue); the record's shape stays defined here."""
+        return new_record(job).to_hash(), int(job.deadline - time.time()) + RECORD_TTL_S
 
     async def end_if_queued(self, request_id: str, state: RequestState, why: str) -> bool:
         """Mark a request that never started as ended; False if a worker had started it."""
