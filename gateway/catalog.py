@@ -1,7 +1,14 @@
 """The models this cluster serves: the gateway's own config plus what workers announced
-in Redis (`corral:catalog`), so a gateway on another machine knows them too."""
+in Redis (`corral:catalog`), so a gateway on another machine knows them too.
+
+Every generation request looks its model up here, so announced entries are kept for a
+second (`CACHE_S`) rather than read from Redis each time: an entry changes only when a
+worker restarts with another config, and a second's delay in seeing that is harmless.
+A model not found is never cached, so a model announced a moment ago is found at once."""
 
 from __future__ import annotations
+
+import time
 
 import redis.asyncio as aioredis
 
@@ -9,11 +16,14 @@ from common import keys
 from common.errors import ModelNotFound
 from common.settings import ModelConfig, Settings
 
+CACHE_S = 1.0
+
 
 class Catalog:
     def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
         self._settings = settings
         self._redis = client
+        self._cache: dict[str, tuple[ModelConfig, float]] = {}  # alias -> (config, read at)
 
     async def publish_config(self) -> None:
         """Announce the models of this gateway's config to the cluster."""
@@ -33,10 +43,16 @@ class Catalog:
         model = self._settings.models.get(alias)
         if model is not None:
             return model
+        cached = self._cache.get(alias)
+        if cached is not None and time.monotonic() - cached[1] < CACHE_S:
+            return cached[0]
         raw = await self._redis.hget(keys.CATALOG, alias)
         if raw is None:
+            self._cache.pop(alias, None)
             raise ModelNotFound(alias)
-        return ModelConfig.model_validate_json(raw)
+        model = ModelConfig.model_validate_json(raw)
+        self._cache[alias] = (model, time.monotonic())
+        return model
 
     async def all(self) -> dict[str, ModelConfig]:
         raw = await self._redis.hgetall(keys.CATALOG)

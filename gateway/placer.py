@@ -31,6 +31,7 @@ from common.errors import CorralError
 from common.registry import ModelState, WorkerState
 from common.settings import ModelConfig, Settings
 from gateway import placement
+from gateway.aio import cancel_and_wait
 from gateway.catalog import Catalog
 from gateway.cluster import View, read_view
 from gateway.needs import Needs
@@ -45,6 +46,10 @@ RECONCILE_S = 2.0
 LOCK_TTL_S = 10.0  # the chosen worker releases it as soon as its entry shows the load
 PENDING_S = 2.0  # a load sent but not yet in the worker's entry counts as loading this long
 VIEW_MAX_AGE_S = 0.2
+# On the request path a view this old will do to see that a model is ready: if it is not
+# any more, the watcher, which re-checks the model of every request not started yet each
+# tick on a fresh view, re-plans it. So most requests cost no registry read at all.
+ENSURE_VIEW_MAX_AGE_S = 2.0
 _UP = (ModelState.READY, ModelState.LOADING)
 
 
@@ -69,17 +74,16 @@ class Placer:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     # -- the request path ----------------------------------------------------------------
     async def ensure(self, alias: str, sub: Subscription | None = None) -> None:
         """Before enqueueing a request for `alias`: start a load if no copy is up."""
         if sub is not None:
             self.waiters.add(alias, sub)
-        view = await self.view(VIEW_MAX_AGE_S)
-        if view.ready(alias):
+        if (await self.view(ENSURE_VIEW_MAX_AGE_S)).ready(alias):
+            return
+        if (await self.view(VIEW_MAX_AGE_S)).ready(alias):  # it came up a moment ago
             return
         try:
             await self._place(alias, want=1, waited=0.0, raising=True)
@@ -218,8 +222,11 @@ class Placer:
     async def _run(self) -> None:
         next_reconcile = 0.0
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the cancel that
+            # stop() sends when it lands as the wait times out, and stop() then hangs.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._watch()

@@ -4,7 +4,6 @@ reply channel, enqueue, then stream (SSE) or gather (JSON) what the worker sends
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from common.settings import Settings
 from common.tracking import RequestState
 from common.wire import WireModel
 from gateway.admission import admit
+from gateway.aio import cancel_and_wait
 from gateway.sse import SSEResponse, wait_disconnect
 from gateway.state import GatewayState
 from gateway.stream import Subscription
@@ -115,9 +115,7 @@ async def _gather(
         left.cancel()
         sub.close()
     if not result.done():
-        result.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await result
+        await cancel_and_wait(result)
     if not sub.finished:
         await abandon()
     if not result.done() or result.cancelled():

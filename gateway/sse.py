@@ -10,7 +10,6 @@ cancels the task (queued: it never runs; running: its llama-server stream is clo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from common.errors import CorralError
 from common.frames import Frame, FrameType
+from gateway.aio import cancel_and_wait
 from gateway.stream import Subscription
 
 log = logging.getLogger(__name__)
@@ -65,10 +65,7 @@ class SSEResponse(Response):
             await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            if not pump.done():
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await pump
+            await cancel_and_wait(pump)
             self._sub.close()
         if not self._sub.finished:  # no final frame came: the client left, or we gave up
             log.info("job=%s abandoned before its worker finished", self._sub.request_id)

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from common import keys
 from common.registry import ModelEvent
+from gateway.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,7 @@ class StatusFeed:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         for queue in list(self._listeners):
             self._offer(queue, None)
 

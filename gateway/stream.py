@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from common import keys
 from common.errors import CorralError, StreamBroken, Timeout, WorkerLost, from_body
 from common.frames import Frame, FrameType
+from gateway.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +90,15 @@ class Subscription:
             if remaining <= 0:
                 where = "." if self.worker else " (still queued: no worker took it in time)."
                 raise Timeout("The request did not complete within its deadline" + where)
-            try:
-                item = await asyncio.wait_for(
-                    self._queue.get(), timeout=min(WATCH_INTERVAL_S, remaining)
-                )
-            except TimeoutError:
-                await self._check_worker()
-                continue
+            if self._queue.empty():
+                try:
+                    async with asyncio.timeout(min(WATCH_INTERVAL_S, remaining)):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    await self._check_worker()
+                    continue
+            else:  # a frame already here is taken without arming a timer
+                item = self._queue.get_nowait()
             if isinstance(item, CorralError):
                 raise item
             return item
@@ -126,9 +129,7 @@ class StreamHub:
 
     async def stop(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await cancel_and_wait(self._reader)
         self._fail_all(StreamBroken("The gateway is shutting down."))
 
     def open(self, request_id: str, deadline: float) -> Subscription:

@@ -67,7 +67,8 @@ async def models_status_stream(state: State) -> StreamingResponse:
             yield _sse("full_status", await full_status(state))
             while True:
                 try:
-                    event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
+                    async with asyncio.timeout(KEEPALIVE_S):  # wait_for may eat a cancel
+                        event = await events.get()
                 except TimeoutError:
                     yield _sse("heartbeat", {})
                     continue
