@@ -144,6 +144,7 @@ def file_content_key(file_id: str) -> str:
 BATCHES = f"{PREFIX}:batches"  # sorted set of batch ids by creation time
 BATCHES_ACTIVE = f"{PREFIX}:batches:active"  # set of batches not final yet
 BATCH_LEADER = f"{PREFIX}:batches:leader"  # lock: the gateway that supervises batches now
+AGING_LEADER = f"{PREFIX}:aging:leader"  # lock: the gateway promoting aged low requests now
 
 
 def batch_key(batch_id: str) -> str:

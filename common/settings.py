@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     max_swap_wait: float = Field(default=10, ge=0)  # ... unless a newcomer waited this long
     visibility_timeout: float | None = None  # default 2 x task_time_limit
     max_queue_size_per_model: int = Field(default=500, ge=1)
+    # Aging (issue 4): a low request queued longer than this (s) moves to normal. None: off.
+    low_max_wait: float | None = Field(default=None, gt=0)
     heartbeat_interval: float = Field(default=1.0, gt=0)
     heartbeat_ttl: float = Field(default=3.0, gt=0)
     flush_interval_ms: float = Field(default=10.0, ge=0)

@@ -46,6 +46,7 @@ class RequestRecord(BaseModel):
     finished_at: float | None = None
     worker: str | None = None
     error: str | None = None
+    promoted_at: float | None = None  # moved from low to normal after `low_max_wait`
     position: int | None = None  # 1 = next to start; only while queued
 
     @classmethod

@@ -31,7 +31,7 @@ from gateway.state import GatewayState
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await GatewayState.start(settings)
+        state = await GatewayState.start(settings, app.state.metrics)
         app.state.corral = state
         try:
             yield

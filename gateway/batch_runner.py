@@ -33,9 +33,11 @@ from common.batch import (
 )
 from common.errors import CorralError, InvalidRequest, PermissionDenied
 from common.tracking import split_running_member
+from gateway.aio import cancel_and_wait
 from gateway.batches import KINDS, WINDOWS, BatchStore, failed_batch, item_id, item_job
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
+from gateway.leader import LeaderLock
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class BatchRunner:
         self._lines: dict[str, list[BatchLine]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stalled: dict[str, float] = {}  # batch id -> when it was first seen stalled
+        self._leader = LeaderLock(client, keys.BATCH_LEADER, gateway_id, ttl=5)
 
     # -- creation -----------------------------------------------------------------
     async def create(self, input_file_id: str, endpoint: str, window: str,
@@ -164,17 +167,10 @@ class BatchRunner:
 
     async def stop(self) -> None:
         for task in list(self._tasks):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _lead(self) -> bool:
-        if await self._redis.set(keys.BATCH_LEADER, self._id, nx=True, ex=5):
-            return True
-        if await self._redis.get(keys.BATCH_LEADER) == self._id:
-            await self._redis.expire(keys.BATCH_LEADER, 5)
-            return True
-        return False
+        return await self._leader.hold()
 
     async def tick(self) -> None:
         await self._requeue_lost()

@@ -73,6 +73,10 @@ class GatewayMetrics:
         self.workers = Gauge(
             "corral_workers", "Live workers, by model and state.", ["model", "state"], registry=r
         )
+        self.promotions = Counter(
+            "corral_promotions", "Low requests promoted to normal after `low_max_wait`.",
+            ["model"], registry=r,
+        )  # fmt: skip
 
     async def refresh(self, client: aioredis.Redis, models: list[str], active: int) -> None:
         """Read what lives in Redis (queues, the worker registry) just before a scrape."""

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from common.settings import Settings
+from gateway.aging import Promoter
+from gateway.aio import cancel_and_wait
 from gateway.batch_runner import BatchRunner
 from gateway.batches import BatchStore
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
+from gateway.metrics import GatewayMetrics
 from gateway.placer import Placer
 from gateway.status_feed import StatusFeed
 from gateway.storage import RedisFileStore
@@ -30,10 +32,11 @@ class GatewayState:
     batches: BatchRunner
     placer: Placer  # models across the cluster (issue 3)
     feed: StatusFeed
+    promoter: Promoter | None = None  # aging, if `low_max_wait` is set
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, settings: Settings) -> GatewayState:
+    async def start(cls, settings: Settings, metrics: GatewayMetrics | None = None) -> GatewayState:
         url = settings.require_redis_url()
         # A blocking pool: under a burst, requests wait for one of a bounded set of
         # connections instead of failing ("Too many connections" at 100 by default).
@@ -54,13 +57,17 @@ class GatewayState:
         await state.catalog.publish_config()
         await placer.start()
         state._background.append(asyncio.create_task(batches.run(), name="corral-batches"))
+        if settings.low_max_wait is not None:
+            state.promoter = Promoter(client, catalog, hub.gateway_id, settings.low_max_wait,
+                                      metrics.promotions if metrics else None)  # fmt: skip
+            state._background.append(asyncio.create_task(state.promoter.run(), name="corral-aging"))
         return state
 
     async def stop(self) -> None:
         for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
+        if self.promoter is not None:
+            await self.promoter.stop()
         await self.batches.stop()
         await self.placer.stop()
         await self.feed.stop()

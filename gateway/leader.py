@@ -1,0 +1,51 @@
+"""One gateway at a time for a cluster-wide duty (batch supervision, aging of low requests).
+
+Every gateway runs the duty's loop, but each round starts by holding a lock: a key
+holding the gateway's id, with a short TTL the holder refreshes every round. A gateway
+that dies stops refreshing and another takes over within the TTL. Taking and refreshing
+are one script, so a lock that expires between a read and a refresh is never extended
+on behalf of a gateway that no longer holds it.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+# KEYS: the lock. ARGV: the holder's id, the TTL in ms. Returns 1 if the caller holds it.
+HOLD_LUA = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: the lock. ARGV: the holder's id. Deletes it only if the caller holds it.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaderLock:
+    """`key` held by `holder` for `ttl` seconds from each successful `hold`."""
+
+    def __init__(self, client: aioredis.Redis, key: str, holder: str, ttl: float) -> None:
+        self.key = key
+        self.holder = holder
+        self._ttl_ms = int(ttl * 1000)
+        self._hold = client.register_script(HOLD_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+
+    async def hold(self) -> bool:
+        """Take the lock if it is free, refresh it if it is ours; True if we hold it now."""
+        return bool(await self._hold(keys=[self.key], args=[self.holder, self._ttl_ms]))
+
+    async def release(self) -> None:
+        """Let another gateway take over at once rather than after the TTL (a clean stop)."""
+        await self._release(keys=[self.key], args=[self.holder])
