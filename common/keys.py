@@ -90,6 +90,9 @@ CATALOG = f"{PREFIX}:catalog"
 
 # Hash sha256(secret) -> ApiKey JSON: the user API keys. Secrets themselves are never stored.
 API_KEYS = f"{PREFIX}:apikeys"
+# Pub/sub channel: published to after every change of API_KEYS, so gateways drop the key
+# lookups they cache (`gateway.auth`).
+KEYS_CHANGED = f"{PREFIX}:note:apikeys-changed"
 
 
 def ratelimit_key(key_id: str, dimension: str) -> str:

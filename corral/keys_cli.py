@@ -78,7 +78,10 @@ def create(client: redis.Redis, args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     key, secret = issue(args.name, max_priority=args.max_priority, rpm=args.rpm, tpm=args.tpm,
                         models=models)  # fmt: skip
-    client.hset(keys.API_KEYS, key.digest, key.model_dump_json())
+    pipe = client.pipeline(transaction=False)
+    pipe.hset(keys.API_KEYS, key.digest, key.model_dump_json())
+    pipe.publish(keys.KEYS_CHANGED, key.id)  # gateways forget what they cached
+    pipe.execute()
     print(f"created {key.id} ({describe(key)}); its secret, shown only now:", file=sys.stderr)
     print(secret)
     return 0
@@ -111,6 +114,7 @@ def revoke(client: redis.Redis, which: str) -> int:
     pipe = client.pipeline(transaction=False)
     pipe.hdel(keys.API_KEYS, key.digest)
     pipe.delete(keys.ratelimit_key(key.id, "requests"), keys.ratelimit_key(key.id, "tokens"))
+    pipe.publish(keys.KEYS_CHANGED, key.id)  # gateways forget what they cached: 401 at once
     pipe.execute()
     print(f"revoked {key.id} (name={key.name})", file=sys.stderr)
     return 0

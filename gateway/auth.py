@@ -11,12 +11,18 @@ body is read, then the key's rate limits (`gateway.ratelimit`).
   (`check_exposure`), and if every key is revoked later it answers 401, never opens.
 
 Secrets are never logged; the log names a key by its id and name.
+
+Key lookups are cached (per secret, `CACHE_S`), saving a Redis round trip on every request:
+`corral keys create/revoke` publish `keys.KEYS_CHANGED`, which the gateway's pub/sub
+connection turns into a new `keys_epoch`, and no cached lookup outlives its epoch. A
+revoked key is refused at once; the time limit only guards against a lost note.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -38,6 +44,8 @@ from gateway.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
+CACHE_S = 5.0
+CACHE_MAX = 4096  # lookups kept (secrets, right or wrong); all are dropped when full
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 USER_TAGS = frozenset({"openai", "requests", "batch"})
 
@@ -107,15 +115,16 @@ class Authenticator:
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         self._admin_digest = digest(admin) if admin else None
         self._open_allowed = settings.insecure or is_loopback(settings.host)
+        # digest of the secret ("-": none) -> (keys epoch, read at, its record, any key?)
+        self._cache: dict[str, tuple[int, float, str | None, bool]] = {}
 
-    async def authenticate(self, client: aioredis.Redis, header: str | None) -> Principal:
+    async def authenticate(
+        self, client: aioredis.Redis, header: str | None, epoch: int = 0
+    ) -> Principal:
         token = bearer(header)
         if token and self._admin_digest and same_secret(token, self._admin_digest):
             return Principal(Role.ADMIN)
-        pipe = client.pipeline(transaction=False)
-        pipe.hget(keys.API_KEYS, digest(token) if token else "-")
-        pipe.exists(keys.API_KEYS)
-        raw, any_keys = await pipe.execute()
+        raw, any_keys = await self._lookup(client, digest(token) if token else "-", epoch)
         if raw is not None:
             key = ApiKey.model_validate_json(raw)
             if token and same_secret(token, key.digest):
@@ -128,6 +137,24 @@ class Authenticator:
                 code="missing_api_key",
             )
         raise AuthenticationFailed("Invalid API key.")
+
+    async def _lookup(
+        self, client: aioredis.Redis, field: str, epoch: int
+    ) -> tuple[str | None, bool]:
+        """The key stored under `field`, and whether any key exists: from the cache if
+        read in this `epoch` (no key changed since) less than `CACHE_S` ago."""
+        now = time.monotonic()
+        hit = self._cache.get(field)
+        if hit is not None and hit[0] == epoch and now - hit[1] < CACHE_S:
+            return hit[2], hit[3]
+        pipe = client.pipeline(transaction=False)
+        pipe.hget(keys.API_KEYS, field)
+        pipe.exists(keys.API_KEYS)
+        raw, any_keys = await pipe.execute()
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[field] = (epoch, now, raw, bool(any_keys))
+        return raw, bool(any_keys)
 
 
 class AuthMiddleware:
@@ -146,11 +173,12 @@ class AuthMiddleware:
         if scope["type"] != "http" or scope["path"] in self._open:
             await self.app(scope, receive, send)
             return
-        client: aioredis.Redis = scope["app"].state.corral.redis
+        state = scope["app"].state.corral
+        client: aioredis.Redis = state.redis
         headers: dict[str, str] = {}
         try:
             header = Headers(scope=scope).get("authorization")
-            principal = await self._auth.authenticate(client, header)
+            principal = await self._auth.authenticate(client, header, state.hub.keys_epoch)
             if principal.key is not None:
                 headers = await self._admit(client, principal.key)
         except CorralError as err:

@@ -3,7 +3,9 @@
 One pub/sub connection per gateway process, multiplexed over all requests: it subscribes
 once to the pattern of this gateway's channels (`corral:chan:<gateway id>:*`), so every
 request's channel is subscribed before its task is enqueued, without a SUBSCRIBE per
-request. A reader task routes each message to the request's `Subscription`.
+request. A reader task routes each message to the request's `Subscription`. The same
+connection hears `keys.KEYS_CHANGED`: each note (and each reconnection, when notes may
+have been missed) starts a new `keys_epoch`, which invalidates cached key lookups.
 
 A subscription turns silence into errors, so no client ever hangs: a frame out of
 sequence ends the stream (`StreamBroken`); a worker whose heartbeat key expired ends it
@@ -119,6 +121,7 @@ class StreamHub:
         self._subs: dict[str, Subscription] = {}
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.keys_epoch = 0  # bumped when API keys change (gateway.auth's cache)
 
     def channel(self, request_id: str) -> str:
         return keys.channel(self.gateway_id, request_id)
@@ -168,10 +171,14 @@ class StreamHub:
         pubsub = self._redis.pubsub()
         try:
             await pubsub.psubscribe(keys.channel_pattern(self.gateway_id))
+            await pubsub.subscribe(keys.KEYS_CHANGED)
+            self.keys_epoch += 1  # notes may have been missed while disconnected
             self._ready.set()
             async for message in pubsub.listen():
                 if message["type"] == "pmessage":
                     self._route(message["channel"], message["data"])
+                elif message["type"] == "message":  # the only plain channel: KEYS_CHANGED
+                    self.keys_epoch += 1
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()

@@ -40,6 +40,7 @@ def add_key(redis_url: str, name: str, **limits: object) -> tuple[str, str]:
     client = redis.Redis.from_url(redis_url)
     try:
         client.hset(keys.API_KEYS, key.digest, key.model_dump_json())
+        client.publish(keys.KEYS_CHANGED, key.id)  # as the CLI does: gateways re-read keys
     finally:
         client.close()
     return key.id, secret
@@ -51,6 +52,7 @@ def drop_keys(redis_url: str) -> None:
     try:
         buckets = list(client.scan_iter(keys.ratelimit_key("*", "*")))
         client.delete(keys.API_KEYS, *buckets)
+        client.publish(keys.KEYS_CHANGED, "all")
     finally:
         client.close()
 

@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from common import keys
 from common.errors import AuthenticationFailed
 from common.settings import Settings
 from corral.redis_server import EmbeddedRedis
@@ -218,6 +219,28 @@ def test_exposed_gateway_never_opens_when_the_last_key_goes(cluster: Cluster) ->
                 await exposed.authenticate(r, None)
             local = Authenticator(Settings(redis_url=cluster.redis_url))
             assert (await local.authenticate(r, "Bearer whatever")).role is Role.OPEN
+        finally:
+            await r.aclose()
+
+    asyncio.run(run())
+
+
+def test_key_lookups_are_cached_within_an_epoch(cluster: Cluster) -> None:
+    """A lookup is read from Redis once per keys epoch; a new epoch (a KEYS_CHANGED note)
+    reads again, so a key added or revoked is seen at once."""
+
+    async def run() -> None:
+        r = aioredis.Redis.from_url(cluster.redis_url, decode_responses=True)
+        auth = Authenticator(Settings(redis_url=cluster.redis_url))
+        try:
+            assert (await auth.authenticate(r, None, epoch=7)).role is Role.OPEN
+            await r.hset(keys.API_KEYS, "not-a-digest", "{}")  # a key now exists
+            try:
+                assert (await auth.authenticate(r, None, epoch=7)).role is Role.OPEN  # cached
+                with pytest.raises(AuthenticationFailed):
+                    await auth.authenticate(r, None, epoch=8)  # read again: keys exist
+            finally:
+                await r.hdel(keys.API_KEYS, "not-a-digest")
         finally:
             await r.aclose()
 
