@@ -3,11 +3,17 @@
 Streams are read on the task's own thread; `Abort.fire()` may be called from another thread
 (the publisher, when the client went away) and shuts the socket down, which wakes the
 blocked read at once and makes llama-server see the disconnect and free its slot.
+
+The client is the standard library's `http.client`, one fresh connection per call:
+llama-server closes a connection after a stream even though it advertises keep-alive,
+and reusing one fails now and then (issue 2, "Known facts"). httpx cost ~0.8 ms more
+to the first token here, and more CPU per token (its pure-Python HTTP parser).
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import socket
@@ -16,8 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from common.errors import CorralError, InvalidRequest, UpstreamError
 from common.errors import Timeout as TimeoutError_
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 
 
 UNREACHABLE = "upstream_unreachable"  # the connection failed: not the request's fault
+CONNECT_TIMEOUT_S = 5.0
+_JSON = {"Content-Type": "application/json"}
 
 
 class Aborted(Exception):
@@ -40,9 +47,7 @@ class Abort:
         self._sock: socket.socket | None = None
         self.fired = False
 
-    def attach(self, response: httpx.Response) -> None:
-        stream = response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
+    def attach(self, sock: socket.socket | None) -> None:
         with self._lock:
             self._sock = sock
             fired = self.fired
@@ -89,29 +94,34 @@ class Upstream:
     """One per worker process: a client for the local llama-server."""
 
     def __init__(self, base_url: str, read_timeout: float) -> None:
-        # No keep-alive: llama-server closes a connection after a stream even though it
-        # advertises keep-alive, and reusing one fails now and then (issue 2, "Known facts").
-        self._client = httpx.Client(
-            base_url=base_url,
-            timeout=httpx.Timeout(read_timeout, connect=5.0),
-            limits=httpx.Limits(max_keepalive_connections=0),
-        )
+        url = urlsplit(base_url)
+        self._host, self._port = url.hostname or "127.0.0.1", url.port
+        self._read_timeout = read_timeout
 
     def close(self) -> None:
-        self._client.close()
+        """Nothing is held between calls (one connection per call)."""
 
     @contextmanager
-    def _call(self, path: str, body: dict[str, Any], abort: Abort) -> Iterator[httpx.Response]:
+    def _call(
+        self, path: str, body: dict[str, Any], abort: Abort
+    ) -> Iterator[http.client.HTTPResponse]:
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
-            with self._client.stream("POST", path, json=body) as resp:
-                abort.attach(resp)
-                if resp.status_code != 200:
-                    raise upstream_error(resp.status_code, resp.read())
-                yield resp
-        except httpx.HTTPError as exc:
+            conn.connect()
+            assert conn.sock is not None
+            conn.sock.settimeout(self._read_timeout)
+            abort.attach(conn.sock)
+            conn.request("POST", path, body=json.dumps(body).encode(), headers=_JSON)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise upstream_error(resp.status, resp.read())
+            yield resp
+        except (OSError, http.client.HTTPException) as exc:
             if abort.fired:
                 raise Aborted() from exc
             raise UpstreamError(f"llama-server call failed: {exc!r}", code=UNREACHABLE) from exc
+        finally:
+            conn.close()
 
     def request(self, path: str, body: dict[str, Any], abort: Abort) -> dict[str, Any]:
         """A whole (non-streaming) reply, passed through as llama-server sent it."""
@@ -126,7 +136,8 @@ class Upstream:
         usage-only chunk, which is returned (the caller relays it if the client asked)."""
         end = StreamEnd()
         with self._call(path, body, abort) as resp:
-            for line in resp.iter_lines():
+            for raw in iter(resp.readline, b""):
+                line = raw.decode(errors="replace").rstrip("\r\n")
                 if line.startswith("error:"):
                     raise _stream_error(line[6:].strip())
                 if not line.startswith("data:"):
@@ -144,6 +155,8 @@ class Upstream:
                             end.usage_chunk = data
                             continue
                 on_chunk(data)
+            if abort.fired:  # the socket was shut down: the read ended early, on purpose
+                raise Aborted()
         return end
 
 
