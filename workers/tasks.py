@@ -107,6 +107,11 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
             exc = _lost_llama_server(job)
         pub.finish(FrameType.ERROR, error=exc.body(), status=exc.status)
         return RequestState.FAILED, exc.message
+    except Exception:  # a bug, or a reply nobody foresaw: still exactly one final frame
+        log.exception("job=%s failed unexpectedly", job.request_id)
+        err = CorralError("The worker failed while serving this request.")
+        pub.finish(FrameType.ERROR, error=err.body(), status=err.status)
+        return RequestState.FAILED, err.message
 
 
 def _lost_llama_server(job: Job) -> CorralError:

@@ -126,8 +126,14 @@ class Upstream:
     def request(self, path: str, body: dict[str, Any], abort: Abort) -> dict[str, Any]:
         """A whole (non-streaming) reply, passed through as llama-server sent it."""
         with self._call(path, body, abort) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
+            raw = resp.read()
+        try:
+            data: dict[str, Any] = json.loads(raw)
+        except ValueError:
+            raise UpstreamError(
+                f"llama-server sent a reply that is not JSON: {raw[:200]!r}"
+            ) from None
+        return data
 
     def stream(
         self, path: str, body: dict[str, Any], on_chunk: Callable[[str], None], abort: Abort

@@ -26,6 +26,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/notjson":
+            self.send_response(200)
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+            self.wfile.write(b"garbage")
+            return
         if self.path == "/bad":
             body = b'{"error":{"code":400,"message":"the prompt is too long","type":"x"}}'
             self.send_response(400)
@@ -95,3 +101,9 @@ def test_an_unreachable_server_is_unreachable() -> None:
     with pytest.raises(CorralError) as err:
         Upstream("http://127.0.0.1:9", read_timeout=1).request("/x", {}, Abort())
     assert err.value.code == UNREACHABLE
+
+
+def test_a_reply_that_is_not_json_is_an_upstream_error(base: str) -> None:
+    with pytest.raises(CorralError, match="not JSON") as err:
+        Upstream(base, read_timeout=10).request("/notjson", {}, Abort())
+    assert err.value.status == 502
