@@ -108,17 +108,30 @@ def started(r: redis.Redis, job: Job, worker_id: str) -> None:
 def finished(
     r: redis.Redis, job: Job, worker_id: str, state: RequestState, error: str | None = None
 ) -> None:
-    fields: dict[Any, Any] = {"state": state.value, "finished_at": str(time.time())}
-    if error:
-        fields["error"] = error[:500]
     pipe = r.pipeline(transaction=False)
-    pipe.hset(keys.request_key(job.request_id), mapping=fields)
-    pipe.expire(keys.request_key(job.request_id), RECORD_TTL_S)
-    pipe.zrem(keys.running_key(job.model), running_member(worker_id, job.request_id))
+    finish_into(pipe, job=job, worker_id=worker_id, state=state, error=error)
     try:
         pipe.execute()
     except redis.RedisError as exc:  # the reply already went out; the record is secondary
         log.warning("job=%s could not record its end: %r", job.request_id, exc)
+
+
+def finish_into(
+    pipe: redis.client.Pipeline,
+    *,
+    job: Job,
+    worker_id: str,
+    state: RequestState,
+    error: str | None = None,
+) -> None:
+    """Queue the record's end on `pipe`: the publisher sends it with the final frame, in one
+    round trip, so the slot is handed back to Celery that much sooner."""
+    fields: dict[Any, Any] = {"state": state.value, "finished_at": str(time.time())}
+    if error:
+        fields["error"] = error[:500]
+    pipe.hset(keys.request_key(job.request_id), mapping=fields)
+    pipe.expire(keys.request_key(job.request_id), RECORD_TTL_S)
+    pipe.zrem(keys.running_key(job.model), running_member(worker_id, job.request_id))
 
 
 def dropped(r: redis.Redis, job: Job, state: RequestState, why: str) -> None:

@@ -95,6 +95,7 @@ class Publisher:
         self._cond = threading.Condition()
         self._chunks: list[str] = []
         self._final: Frame | None = None
+        self._also: Callable[[redis.client.Pipeline], None] | None = None
         self._seq = 0
         self._last_flush = 0.0  # paces batching: when chunks last went out
         self._last_check = 0.0  # paces cancel polls
@@ -113,9 +114,17 @@ class Publisher:
             if len(self._chunks) == 1:  # only a new batch wakes the flusher, so the
                 self._cond.notify()  # chunks after it gather until the batch is due
 
-    def finish(self, frame_type: FrameType, **fields: Any) -> None:
-        """Queue the final frame after any pending chunks, and wait until it is sent."""
+    def finish(
+        self,
+        frame_type: FrameType,
+        *,
+        also: Callable[[redis.client.Pipeline], None] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Queue the final frame after any pending chunks, and wait until it is sent.
+        `also` adds commands to the final frame's round trip (the record's end)."""
         with self._cond:
+            self._also = also
             self._final = Frame(seq=-1, type=frame_type, **fields)
             self._cond.notify()
         self._done.wait()
@@ -147,7 +156,9 @@ class Publisher:
             pipe = self._redis.pipeline(transaction=False)
             pipe.publish(self._channel, frame.model_dump_json(exclude_defaults=True))
             pipe.exists(self._cancel_key)
-            receivers, cancelled = pipe.execute()
+            if frame.final and self._also is not None:
+                self._also(pipe)
+            receivers, cancelled, *_ = pipe.execute()
         except redis.RedisError as exc:
             log.warning("publish failed channel=%s: %r", self._channel, exc)
             receivers, cancelled = 0, 1

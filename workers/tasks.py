@@ -7,6 +7,7 @@ to the publisher. Every task that runs publishes exactly one final frame.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from workers import batch_sink, ledger, runtime
 from workers.celery_app import app
 from workers.ledger import Claim
 from workers.publisher import Publisher
-from workers.upstream import UNREACHABLE, Abort, Aborted
+from workers.upstream import UNREACHABLE, Abort, Aborted, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,7 @@ def infer(self: Task, payload: dict[str, Any]) -> None:
         job.request_id, job.model, job.priority.value, rt.worker_id, claim.value,
         (time.time() - job.enqueued_at) * 1000,
     )  # fmt: skip
-    state, error = _run(job)
-    ledger.finished(r, job, rt.worker_id, state, error)
+    state, _ = _run(job)
     log.info(
         "job=%s worker=%s finished state=%s ms=%d",
         job.request_id, rt.worker_id, state.value, (time.monotonic() - started) * 1000,
@@ -72,6 +72,8 @@ def infer(self: Task, payload: dict[str, Any]) -> None:
 
 
 def _run(job: Job) -> tuple[RequestState, str | None]:
+    """Call llama-server, relay what it sends, and end with one final frame; the record's
+    end goes out in the same round trip as that frame."""
     rt = runtime.current()
     abort = Abort()
     pub = Publisher(
@@ -83,35 +85,52 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
         on_cancel=abort.fire,
     )
     pub.start()
+    state, error, final, fields = _serve(job, rt.upstream, pub, abort)
+    record = functools.partial(
+        ledger.finish_into, job=job, worker_id=rt.worker_id, state=state, error=error
+    )
+    pub.finish(final, also=record, **fields)
+    return state, error
+
+
+Outcome = tuple[RequestState, str | None, FrameType, dict[str, Any]]
+
+
+def _serve(job: Job, upstream: Upstream, pub: Publisher, abort: Abort) -> Outcome:
     body = dict(job.body, model=job.model)
     try:
         if job.stream and job.kind is not JobKind.EMBEDDING:
             body["stream"] = True
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             body["stream_options"] = {"include_usage": True}
-            end = rt.upstream.stream(job.kind.path, body, pub.chunk, abort)
+            end = upstream.stream(job.kind.path, body, pub.chunk, abort)
             if wants_usage and end.usage_chunk:
                 pub.chunk(end.usage_chunk)
-            pub.finish(FrameType.DONE, usage=end.usage)
-        else:
-            body.pop("stream", None)
-            body.pop("stream_options", None)
-            result = rt.upstream.request(job.kind.path, body, abort)
-            pub.finish(FrameType.RESULT, body=result, usage=result.get("usage"))
-        return RequestState.DONE, None
+            return RequestState.DONE, None, FrameType.DONE, {"usage": end.usage}
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        result = upstream.request(job.kind.path, body, abort)
+        return (
+            RequestState.DONE,
+            None,
+            FrameType.RESULT,
+            {"body": result, "usage": result.get("usage")},
+        )
     except Aborted:
-        pub.finish(FrameType.ERROR, error=cancelled().body(), status=cancelled().status)
-        return RequestState.CANCELLED, "cancelled while running"
+        err = cancelled()
+        return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, _error(err)
     except CorralError as exc:
         if exc.code == UNREACHABLE:
             exc = _lost_llama_server(job)
-        pub.finish(FrameType.ERROR, error=exc.body(), status=exc.status)
-        return RequestState.FAILED, exc.message
+        return RequestState.FAILED, exc.message, FrameType.ERROR, _error(exc)
     except Exception:  # a bug, or a reply nobody foresaw: still exactly one final frame
         log.exception("job=%s failed unexpectedly", job.request_id)
         err = CorralError("The worker failed while serving this request.")
-        pub.finish(FrameType.ERROR, error=err.body(), status=err.status)
-        return RequestState.FAILED, err.message
+        return RequestState.FAILED, err.message, FrameType.ERROR, _error(err)
+
+
+def _error(err: CorralError) -> dict[str, Any]:
+    return {"error": err.body(), "status": err.status}
 
 
 def _lost_llama_server(job: Job) -> CorralError:
