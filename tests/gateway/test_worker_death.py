@@ -26,7 +26,9 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
-    model = make_model(tmp_path / f"{MODEL}.gguf")
+    # Wider and deeper than the default tiny model, so it decodes a few hundred tokens/s:
+    # the long requests must still be running on A when B has started and A is killed.
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=128, n_layer=4, n_ff=256)
     cluster = start_cluster(
         redis_server.url,
         tmp_path / "logs",
