@@ -93,8 +93,11 @@ class Subscription:
                 where = "." if self.worker else " (still queued: no worker took it in time)."
                 raise Timeout("The request did not complete within its deadline" + where)
             if self._queue.empty():
+                # Only a started request has a worker to watch: a queued one sleeps until
+                # its first frame or its deadline (thousands may wait; no timer churn).
+                wait = remaining if self.worker is None else min(WATCH_INTERVAL_S, remaining)
                 try:
-                    async with asyncio.timeout(min(WATCH_INTERVAL_S, remaining)):
+                    async with asyncio.timeout(wait):
                         item = await self._queue.get()
                 except TimeoutError:
                     await self._check_worker()
