@@ -30,7 +30,6 @@ sums all of a model's interactive queues, so a promotion leaves the depth unchan
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -43,6 +42,7 @@ from common import keys
 from common.priority import Priority
 from gateway.catalog import Catalog
 from gateway.leader import LeaderLock
+from gateway.taskmsg import set_task_body, task_body
 from gateway.tracking import enqueued_at
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,11 @@ def retarget(message: str, queue: str, priority: Priority) -> tuple[str, str]:
     argument is our `Job`), and the message addressed to `queue` with the job at
     `priority`. The rest (task id, delivery tag, expiry, enqueue time) is kept."""
     envelope = json.loads(message)
-    properties = envelope["properties"]
-    properties["delivery_info"]["routing_key"] = queue
-    encoded = properties.get("body_encoding") == "base64"
-    body = base64.b64decode(envelope["body"]) if encoded else envelope["body"]
-    args, kwargs, embed = json.loads(body)
-    args[0]["priority"] = priority.value
-    data = json.dumps([args, kwargs, embed])
-    envelope["body"] = base64.b64encode(data.encode()).decode() if encoded else data
-    return str(args[0]["request_id"]), json.dumps(envelope)
+    envelope["properties"]["delivery_info"]["routing_key"] = queue
+    body = task_body(envelope)
+    body[0][0]["priority"] = priority.value
+    set_task_body(envelope, body)
+    return str(body[0][0]["request_id"]), json.dumps(envelope)
 
 
 class Promoter:

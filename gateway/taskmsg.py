@@ -9,7 +9,8 @@ only kombu's envelope around it (`Producer.publish` → `Channel.basic_publish` 
 is re-done here, for the one case we publish: a priority-0 message on a direct queue, with
 Celery's JSON serializer and the transport's default base64 body encoding.
 `tests/gateway/test_taskmsg.py` compares our entry with what `send_task` writes, so a
-kombu or Celery upgrade that changes the envelope fails a test, not production.
+kombu or Celery upgrade that changes the envelope fails a test, not production. Code that
+reads or rewrites a queued entry (positions, aging) goes through `task_body` here too.
 
 The `task-sent` event (what Flower lists queued tasks from) is built here too, as the
 PUBLISH kombu would send on Celery's event exchange, and sent by the same script: sending
@@ -40,6 +41,7 @@ from kombu.serialization import dumps as serialize
 from kombu.transport.redis import Channel as RedisChannel
 from kombu.transport.virtual.base import Base64
 from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import loads as json_loads
 from kombu.utils.uuid import uuid
 
 from common import keys
@@ -201,3 +203,18 @@ def _event_exchange_topic(app: Celery, options: dict[str, Any]) -> str:
     elif not prefix:
         prefix = ""
     return f"{prefix}{app.conf.event_exchange}"
+
+
+def task_body(envelope: dict[str, Any]) -> Any:
+    """The Celery body (`[args, kwargs, embed]`) of a kombu Redis entry, JSON-decoded."""
+    body = envelope["body"]
+    if envelope.get("properties", {}).get("body_encoding") == "base64":
+        body = _BASE64.decode(body)
+    return json_loads(body)
+
+
+def set_task_body(envelope: dict[str, Any], body: Any) -> None:
+    """Replace the Celery body of a kombu Redis entry, encoded as the entry says."""
+    data = json_dumps(body)
+    encoded = envelope.get("properties", {}).get("body_encoding") == "base64"
+    envelope["body"] = _BASE64.encode(data.encode()) if encoded else data

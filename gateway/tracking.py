@@ -8,7 +8,6 @@ are never out of step with what workers will actually take next.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from common.tracking import (
     RequestState,
     split_running_member,
 )
+from gateway.taskmsg import task_body
 
 
 def new_record(job: Job) -> RequestRecord:
@@ -121,11 +121,7 @@ def enqueued_at(message: str) -> float | None:
     """The `enqueued_at` of a queued Celery message, as kombu's Redis transport stores it
     (JSON envelope, base64 body holding `[args, kwargs, embed]`)."""
     try:
-        envelope = json.loads(message)
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
+        args = task_body(json.loads(message))[0]
         return float(args[0]["enqueued_at"])
     except (ValueError, KeyError, IndexError, TypeError):
         return None

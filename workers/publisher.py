@@ -12,7 +12,9 @@ subscriber means the gateway that owned the request is gone: that cancels too.
 
 Flusher threads outlive their stream: the next request's publisher takes an idle one.
 Starting a thread made the task wait ~0.2 ms (several ms on busy cores) right before its
-llama-server call, because `Thread.start` blocks until the new thread runs.
+llama-server call, because `Thread.start` blocks until the new thread runs. They are
+daemon threads, not a ThreadPoolExecutor's: those are joined at interpreter exit, so a
+stream that never finished would hang a pool child's exit.
 """
 
 from __future__ import annotations
