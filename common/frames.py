@@ -4,6 +4,12 @@ One PUBLISH carries one frame; a frame carries a batch of raw OpenAI chunk JSON 
 (flushed every ~10 ms), so a fast model costs ~100 publishes a second, not one per token.
 `seq` counts frames from 0 per request: a gap means a lost frame, and the gateway then
 ends the stream with an error instead of silently dropping tokens.
+
+A stream's frames: START (the worker took the task), ACCEPTED (llama-server answered 200,
+so the prompt is valid and generation is under way: the gateway sends its own 200 and
+SSE headers now, while the first token is computed, rather than with it), CHUNKS …, then
+one final frame. An error llama-server reports before its 200 (a prompt too long) still
+becomes a proper 4xx reply.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from common.errors import ErrorBody
 
 class FrameType(StrEnum):
     START = "start"  # a worker took the task: `worker` says which (heartbeat to watch)
+    ACCEPTED = "accepted"  # llama-server took the stream (its 200): the reply can begin
     CHUNKS = "chunks"  # streamed OpenAI chunks, in order
     RESULT = "result"  # a whole non-streaming response body (final)
     DONE = "done"  # end of a stream, with `usage` when llama-server reported it (final)

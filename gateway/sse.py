@@ -1,10 +1,12 @@
 """Step 6 of the request path: frames out to the client as OpenAI server-sent events.
 
-The HTTP status is sent only once the first content arrives, so an error the worker
-reports before any token (a prompt too long, say) is a proper 4xx/5xx reply with the
-OpenAI envelope. After that, a failure is one `data: {"error": …}` event, then
-`data: [DONE]`. A client that disconnects at any point triggers `on_abandon`, which
-cancels the task (queued: it never runs; running: its llama-server stream is closed).
+The HTTP status is sent once llama-server has accepted the stream (the ACCEPTED frame,
+its own 200), so an error reported before that (a prompt too long, say) is a proper
+4xx/5xx reply with the OpenAI envelope, and the client reads the headers while the first
+token is still being computed rather than just before it. After that, a failure is one
+`data: {"error": …}` event, then `data: [DONE]`. A client that disconnects at any point
+triggers `on_abandon`, which cancels the task (queued: it never runs; running: its
+llama-server stream is closed).
 """
 
 from __future__ import annotations
@@ -82,7 +84,9 @@ class SSEResponse(Response):
     async def _pump(self, send: Send) -> None:
         try:
             async for frame in self._sub.frames():
-                if frame.type is FrameType.CHUNKS:
+                if frame.type is FrameType.ACCEPTED and not self._started:
+                    await self._start(send)  # headers out while the first token is computed
+                elif frame.type is FrameType.CHUNKS:
                     if not self._started:
                         await self._start(send)
                     await send({"type": "http.response.body", "body": encode_chunks(frame),

@@ -80,7 +80,7 @@ class Subscription:
         return frame
 
     async def frames(self) -> AsyncIterator[Frame]:
-        """Content frames (CHUNKS, RESULT, DONE) until the final one."""
+        """The frames after START (ACCEPTED, CHUNKS, …), until the final one."""
         while not self.finished:
             frame = await self.next()
             if frame.type is not FrameType.START:

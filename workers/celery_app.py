@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
 from celery.signals import worker_process_init
@@ -15,21 +16,34 @@ from common.settings import Settings
 app = Celery("corral", include=["workers.tasks"])
 
 
-class Consumer(CeleryConsumer):
-    """Celery's consumer, with its task events flushed one event-loop turn later.
+# How long task events wait in Celery's buffer before one PUBLISH sends them (see Consumer).
+EVENT_FLUSH_DELAY_S = 0.005
 
-    Celery buffers task events (`task-received` …) and flushes them on the loop's next
-    turn, before the pool writes the task to a child's pipe on that same turn: every task
-    then waited for an event PUBLISH (~1.2 ms here) before it could start. Flushing a turn
-    later sends the same events, in the same order, right after the hand-off, while the
-    child is already running the task. (`worker_consumer` names this class.)"""
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer, with its task events sent a few milliseconds later.
+
+    Celery buffers task events (`task-received`, `task-succeeded` …) and flushes them on
+    the event loop's next turn, with a blocking PUBLISH (~0.5 ms here). That turn is the
+    worst one to block: it is the one in which the pool writes a new task to a child (the
+    task's first token waited for it), and the one in which the consumer, a task having
+    just ended, acks and fetches the next task (the hand-off between two tasks waited for
+    it, once for the ended task's events and once for the new one's). A timer sends the
+    same events, in the same order, `EVENT_FLUSH_DELAY_S` later, off both paths; Flower
+    sees them that much later. (`worker_consumer` names this class.)"""
+
+    _flush_timer: Any = None  # the pending flush (a kombu timer entry), if any
 
     def on_send_event_buffered(self) -> None:
-        if self.hub:
-            self.hub.call_soon(self._flush_next_turn)
+        if self.hub is None:
+            return
+        pending = self._flush_timer
+        if pending is None or pending.canceled:  # a reconnect cancels the consumer's timers
+            self._flush_timer = self.hub.call_later(EVENT_FLUSH_DELAY_S, self._flush_buffered)
 
-    def _flush_next_turn(self) -> None:
-        self.hub.call_soon(self._flush_events_promise)
+    def _flush_buffered(self) -> None:
+        self._flush_timer = None
+        self._flush_events()
 
 
 @worker_process_init.connect

@@ -83,8 +83,7 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
         rt.worker_id,
         interval=rt.settings.flush_interval_ms / 1000,
         on_cancel=abort.fire,
-    )
-    pub.start()
+    )  # started by `_serve` once the request is sent
     state, error, final, fields = _serve(job, rt.upstream, pub, abort)
     record = functools.partial(
         ledger.finish_into, job=job, worker_id=rt.worker_id, state=state, error=error
@@ -103,13 +102,13 @@ def _serve(job: Job, upstream: Upstream, pub: Publisher, abort: Abort) -> Outcom
             body["stream"] = True
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             body["stream_options"] = {"include_usage": True}
-            end = upstream.stream(job.kind.path, body, pub.chunk, abort)
+            end = upstream.stream(job.kind.path, body, pub.chunk, abort, pub.start, pub.accepted)
             if wants_usage and end.usage_chunk:
                 pub.chunk(end.usage_chunk)
             return RequestState.DONE, None, FrameType.DONE, {"usage": end.usage}
         body.pop("stream", None)
         body.pop("stream_options", None)
-        result = upstream.request(job.kind.path, body, abort)
+        result = upstream.request(job.kind.path, body, abort, pub.start)
         return (
             RequestState.DONE,
             None,

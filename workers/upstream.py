@@ -35,6 +35,10 @@ CONNECT_TIMEOUT_S = 5.0
 _JSON = {"Content-Type": "application/json"}
 
 
+def _noop() -> None:
+    pass
+
+
 class Aborted(Exception):
     """The stream was closed on purpose (cancel or client gone): not an upstream failure."""
 
@@ -103,7 +107,12 @@ class Upstream:
 
     @contextmanager
     def _call(
-        self, path: str, body: dict[str, Any], abort: Abort
+        self,
+        path: str,
+        body: dict[str, Any],
+        abort: Abort,
+        on_sent: Callable[[], None],
+        on_accepted: Callable[[], None] = _noop,
     ) -> Iterator[http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
@@ -112,9 +121,11 @@ class Upstream:
             conn.sock.settimeout(self._read_timeout)
             abort.attach(conn.sock)
             conn.request("POST", path, body=json.dumps(body).encode(), headers=_JSON)
+            on_sent()
             resp = conn.getresponse()
             if resp.status != 200:
                 raise upstream_error(resp.status, resp.read())
+            on_accepted()
             yield resp
         except (OSError, http.client.HTTPException) as exc:
             if abort.fired:
@@ -123,9 +134,12 @@ class Upstream:
         finally:
             conn.close()
 
-    def request(self, path: str, body: dict[str, Any], abort: Abort) -> dict[str, Any]:
-        """A whole (non-streaming) reply, passed through as llama-server sent it."""
-        with self._call(path, body, abort) as resp:
+    def request(
+        self, path: str, body: dict[str, Any], abort: Abort, on_sent: Callable[[], None] = _noop
+    ) -> dict[str, Any]:
+        """A whole (non-streaming) reply, passed through as llama-server sent it. `on_sent`
+        runs once the request is on the wire, while llama-server works on it."""
+        with self._call(path, body, abort, on_sent) as resp:
             raw = resp.read()
         try:
             data: dict[str, Any] = json.loads(raw)
@@ -136,12 +150,28 @@ class Upstream:
         return data
 
     def stream(
-        self, path: str, body: dict[str, Any], on_chunk: Callable[[str], None], abort: Abort
+        self,
+        path: str,
+        body: dict[str, Any],
+        on_chunk: Callable[..., None],
+        abort: Abort,
+        on_sent: Callable[[], None] = _noop,
+        on_accepted: Callable[[], None] = _noop,
     ) -> StreamEnd:
         """Relay each SSE `data:` payload (raw JSON text) to `on_chunk`, except the final
-        usage-only chunk, which is returned (the caller relays it if the client asked)."""
+        usage-only chunk, which is returned (the caller relays it if the client asked).
+
+        llama-server opens a chat stream with a chunk that carries only the assistant's
+        role, a few hundredths of a millisecond before the first token. It is held and
+        relayed with that token, `on_chunk(role, token)`: relayed alone, it made a batch of
+        its own and the first token waited one flush interval behind it.
+
+        `on_sent` runs once the request is on the wire; `on_accepted` once llama-server
+        answered 200 (it has checked the prompt and is working on it)."""
         end = StreamEnd()
-        with self._call(path, body, abort) as resp:
+        held: tuple[str, ...] = ()
+        first = True
+        with self._call(path, body, abort, on_sent, on_accepted) as resp:
             for raw in iter(resp.readline, b""):
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 if line.startswith("error:"):
@@ -160,10 +190,29 @@ class Upstream:
                         if not chunk.get("choices"):
                             end.usage_chunk = data
                             continue
-                on_chunk(data)
+                if first and _role_only(data):
+                    held, first = (data,), False
+                    continue
+                first = False
+                on_chunk(*held, data)
+                held = ()
             if abort.fired:  # the socket was shut down: the read ended early, on purpose
                 raise Aborted()
+        if held:
+            on_chunk(*held)
         return end
+
+
+def _role_only(data: str) -> bool:
+    """A chunk whose one choice says nothing yet but who speaks (`{"role": "assistant"}`)."""
+    try:
+        choices = json.loads(data).get("choices") or []
+    except (ValueError, AttributeError):
+        return False
+    if len(choices) != 1 or not isinstance(choices[0], dict) or choices[0].get("finish_reason"):
+        return False
+    delta = choices[0].get("delta") or {}
+    return isinstance(delta, dict) and not any(v for k, v in delta.items() if k != "role")
 
 
 def _stream_error(data: str) -> CorralError:

@@ -83,6 +83,30 @@ def test_first_chunk_after_quiet_is_not_delayed(r: redis.Redis) -> None:
         ps.close()
 
 
+def test_chunks_given_together_share_a_frame(r: redis.Redis) -> None:
+    frames, t, ps = _listen(r)
+    pub = Publisher(r, CHANNEL, CANCEL, "w1", interval=0.5)
+    pub.start()
+    time.sleep(0.05)
+    pub.chunk("{}")  # goes out at once, alone
+    assert _wait(lambda: any(f.chunks for f in frames), 2)
+    pub.chunk('{"role":1}', '{"token":1}')  # one batch: the window holds both, not one
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert [f.chunks for f in frames if f.chunks] == [["{}"], ['{"role":1}', '{"token":1}']]
+
+
+def test_finish_without_start_still_announces_and_ends(r: redis.Redis) -> None:
+    """A call that failed before its request went out never started the publisher."""
+    frames, t, ps = _listen(r)
+    Publisher(r, CHANNEL, CANCEL, "w1").finish(FrameType.ERROR, status=502)
+    t.join(5)
+    ps.close()
+    assert [f.type for f in frames] == [FrameType.START, FrameType.ERROR]
+    assert frames[-1].status == 502
+
+
 def test_cancel_key_is_noticed_while_quiet(r: redis.Redis) -> None:
     _, t, ps = _listen(r)
     fired = threading.Event()

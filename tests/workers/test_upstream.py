@@ -14,6 +14,7 @@ import pytest
 from common.errors import CorralError, InvalidRequest
 from workers.upstream import UNREACHABLE, Abort, Aborted, Upstream
 
+ROLE = '{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}]}'
 CHUNKS = ['{"choices":[{"delta":{"content":"a"}}]}', '{"choices":[{"delta":{"content":"b"}}]}']
 USAGE = '{"choices":[],"usage":{"completion_tokens":2}}'
 
@@ -43,7 +44,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        events = [f"data: {c}\n\n" for c in (*CHUNKS, USAGE)]
+        chunks = (ROLE, *CHUNKS) if self.path == "/chat" else CHUNKS
+        events = [f"data: {c}\n\n" for c in (*chunks, USAGE)]
         if self.path != "/slow":
             events.append("data: [DONE]\n\n")
         for event in events:
@@ -75,6 +77,12 @@ def test_stream_relays_chunks_and_returns_the_usage_chunk(base: str) -> None:
     end = Upstream(base, read_timeout=10).stream("/ok", {}, got.append, Abort())
     assert got == CHUNKS
     assert end.usage == {"completion_tokens": 2} and end.usage_chunk == USAGE
+
+
+def test_the_role_only_first_chunk_comes_with_the_first_token(base: str) -> None:
+    calls: list[tuple[str, ...]] = []
+    Upstream(base, read_timeout=10).stream("/chat", {}, lambda *c: calls.append(c), Abort())
+    assert calls == [(ROLE, CHUNKS[0]), (CHUNKS[1],)]
 
 
 def test_an_error_status_is_the_openai_envelope(base: str) -> None:
