@@ -94,6 +94,12 @@ class TaskMessages:
         self._hostname = anon_nodename()  # what Celery's own dispatcher calls a client
         self._event_exchange = _event_exchange_topic(app, options)
         self._event_patterns = options.get("fanout_patterns", True)
+        conf = app.conf  # read once: each lookup walks Celery's layered config (~10 us)
+        self._serializer = conf.task_serializer
+        self._compression = conf.task_compression
+        self._send_sent_event = bool(conf.task_send_sent_event)
+        self._event_serializer = conf.event_serializer
+        self._event_exchange_name = conf.event_exchange
 
     def route(self, queue: str) -> Route:
         """The queue's route, as Celery's `send_task_message` resolves it (a queue it does
@@ -120,21 +126,21 @@ class TaskMessages:
         """What `send_task(INFER_TASK, args=[job], task_id=job.request_id, queue=queue,
         expires=<job's deadline>)` would LPUSH, and the `task-sent` event it would send."""
         app, route = self._app, self.route(queue)
-        conf = app.conf
         headers, properties, body, sent_event = app.amqp.as_task_v2(
             job.request_id,
             keys.INFER_TASK,
             args=[job.model_dump(mode="json")],
             expires=datetime.fromtimestamp(job.deadline, UTC),
             reply_to=app.thread_oid,
-            create_sent_event=conf.task_send_sent_event,
+            create_sent_event=self._send_sent_event,
             ignore_result=None,  # what send_task passes when the caller says nothing
             argsrepr=summary(job),
             kwargsrepr="{}",
+            origin=self._hostname,  # what as_task_v2 would compute on every call
         )
-        content_type, content_encoding, data = serialize(body, serializer=conf.task_serializer)
-        if conf.task_compression:
-            data, headers["compression"] = compress(data, conf.task_compression)
+        content_type, content_encoding, data = serialize(body, serializer=self._serializer)
+        if self._compression:
+            data, headers["compression"] = compress(data, self._compression)
         expires_ms = int(max(0.0, job.deadline - time.time()) * 1000)
         properties.update(
             delivery_mode=route.delivery_mode,
@@ -159,10 +165,9 @@ class TaskMessages:
 
     def _event(self, kind: str, fields: dict[str, Any]) -> Publish:
         """The PUBLISH that Celery's `EventDispatcher.send(kind, **fields)` would make."""
-        conf = self._app.conf
         event = Event(kind, hostname=self._hostname, utcoffset=utcoffset(), pid=os.getpid(),
                       clock=self._app.clock.forward(), **fields)  # fmt: skip
-        content_type, content_encoding, data = serialize(event, serializer=conf.event_serializer)
+        content_type, content_encoding, data = serialize(event, serializer=self._event_serializer)
         envelope = {
             "body": _BASE64.encode(data),
             "content-encoding": content_encoding,
@@ -171,7 +176,7 @@ class TaskMessages:
             "properties": {
                 "delivery_mode": 1,  # events are transient
                 "delivery_info": {
-                    "exchange": conf.event_exchange,
+                    "exchange": self._event_exchange_name,
                     "routing_key": kind.replace("-", "."),
                 },
                 "priority": 0,

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from celery.worker.consumer import Consumer as CeleryConsumer
 
 from common.celery_config import celery_config
@@ -50,8 +51,18 @@ class Consumer(CeleryConsumer):
 def _yield_to_the_consumer(**_: object) -> None:
     """Pool children relay streams; the worker's main process fetches the next task. With
     many runnable processes on few cores, a fetch stuck behind the streams leaves slots
-    idle while tasks wait in Redis (measured: c=32 TTFT p50 1.3 s → 0.6 s with this)."""
+    idle while tasks wait in Redis (measured: c=32 TTFT p50 1.3 s → 0.6 s with this).
+    The heap a child inherits is frozen (see `_freeze_the_heap`)."""
     os.nice(5)
+    gc.freeze()
+
+
+@worker_ready.connect
+def _freeze_the_heap(**_: object) -> None:
+    """Exempt everything built at startup (Celery, kombu, pydantic's schemas: hundreds of
+    thousands of objects) from the garbage collector's full passes. Each pass walked all of
+    them: 30-80 ms during which the consumer neither fetched nor handed over a task."""
+    gc.freeze()
 
 
 def configure_app(settings: Settings, redis_url: str) -> Celery:

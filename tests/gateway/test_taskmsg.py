@@ -183,6 +183,8 @@ def capture_sent(url: str, ids: set[str], send: Callable[[], None]) -> dict[str,
         with contextlib.suppress(TimeoutError):
             recv.capture(timeout=20, wakeup=False)
 
+    probe = redis.Redis.from_url(url)
+    patterns = int(probe.execute_command("PUBSUB", "NUMPAT"))
     try:
         with app.connection_for_read() as conn:
             recv = app.events.Receiver(conn, handlers={"task-sent": on_sent})
@@ -190,10 +192,17 @@ def capture_sent(url: str, ids: set[str], send: Callable[[], None]) -> dict[str,
             thread = threading.Thread(target=listen, daemon=True)
             thread.start()
             assert ready.wait(10), "the event receiver never started"
+            # "Ready" comes before kombu has sent its PSUBSCRIBE: an event sent in between
+            # is lost. Wait until Redis counts the receiver's pattern.
+            deadline = time.monotonic() + 10
+            while int(probe.execute_command("PUBSUB", "NUMPAT")) <= patterns:
+                assert time.monotonic() < deadline, "the event receiver never subscribed"
+                time.sleep(0.01)
             send()
             thread.join(25)
     finally:
         app.close()
+        probe.close()
     return got
 
 

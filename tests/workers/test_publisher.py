@@ -83,6 +83,28 @@ def test_first_chunk_after_quiet_is_not_delayed(r: redis.Redis) -> None:
         ps.close()
 
 
+def test_chunks_after_quiet_spells_and_in_bursts_stay_in_order(r: redis.Redis) -> None:
+    """Quiet spells make the task thread send a chunk itself, bursts go through the
+    flusher: the two writers must never reorder frames nor lose a chunk."""
+    frames, t, ps = _listen(r)
+    pub = Publisher(r, CHANNEL, CANCEL, "w1", interval=0.002)
+    pub.start()
+    pub.accepted()
+    sent = []
+    for i in range(300):
+        if i % 7 == 0:
+            time.sleep(0.003)  # longer than the interval: the next chunk goes out inline
+        sent.append(f'{{"i":{i}}}')
+        pub.chunk(sent[-1])
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert [f.type for f in frames[:2]] == [FrameType.START, FrameType.ACCEPTED]
+    assert [c for f in frames for c in f.chunks] == sent
+    assert frames[-1].type is FrameType.DONE
+
+
 def test_chunks_given_together_share_a_frame(r: redis.Redis) -> None:
     frames, t, ps = _listen(r)
     pub = Publisher(r, CHANNEL, CANCEL, "w1", interval=0.5)
