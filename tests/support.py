@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,38 @@ def descendants(pid: int) -> list[int]:
 
 def env_without_corral() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+
+
+class Blocker:
+    """A long streaming generation holding the model's only slot until cancelled."""
+
+    def __init__(self, base_url: str, model: str) -> None:
+        self.base_url = base_url
+        self.model = model
+        self.request_id = ""
+        self.events: list[str] = []
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Blocker:
+        self._thread.start()
+        assert self._started.wait(30), "the blocker never started"
+        return self
+
+    def _run(self) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8000, "stream": True, "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", f"{self.base_url}/v1/chat/completions", json=body,
+                          timeout=60) as resp:  # fmt: skip
+            self.request_id = resp.headers["x-request-id"]
+            self._started.set()
+            self.events = [line for line in resp.iter_lines() if line.startswith("data:")]
+
+    def cancel(self) -> None:
+        r = httpx.post(f"{self.base_url}/v1/requests/{self.request_id}/cancel")
+        assert r.status_code == 200, r.text
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            self.cancel()
+            self._thread.join(10)

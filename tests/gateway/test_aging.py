@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +31,16 @@ from gateway.catalog import Catalog
 from gateway.leader import LeaderLock
 from gateway.tracking import Tracker, enqueued_at, new_record
 from tests.conftest import Cluster, start_cluster
-from tests.support import corral_child, wait_for, wait_healthy
+from tests.support import Blocker, corral_child, wait_for, wait_healthy
 from workers.ports import free_port
 
 LOW, NORMAL = keys.queue_name("m", Priority.LOW), keys.queue_name("m", Priority.NORMAL)
 
 
 @pytest.fixture(scope="module")
-def bare() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture
-def r(bare: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(bare.url, decode_responses=True)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def celery_app(bare: EmbeddedRedis) -> Iterator[Celery]:
+def celery_app(own_redis: EmbeddedRedis) -> Iterator[Celery]:
     app = Celery("test-aging", set_as_current=False)
-    app.conf.update(celery_config(Settings(redis_url=bare.url)))
+    app.conf.update(celery_config(Settings(redis_url=own_redis.url)))
     yield app
     app.close()
 
@@ -89,14 +73,14 @@ def promote(url: str, max_wait: float) -> int:
 
 
 def test_aged_lows_move_to_normal_by_age(
-    bare: EmbeddedRedis, r: redis.Redis, celery_app: Celery
+    own_redis: EmbeddedRedis, r: redis.Redis, celery_app: Celery
 ) -> None:
     n_old = enqueue(celery_app, r, Priority.NORMAL, waited=40)
     n_young = enqueue(celery_app, r, Priority.NORMAL, waited=5)
     l_30, l_20, l_new = (enqueue(celery_app, r, Priority.LOW, w) for w in (30, 20, 0.1))
     since = enqueued_at(r.lindex(LOW, -1))  # l_30's
 
-    assert promote(bare.url, max_wait=10) == 2
+    assert promote(own_redis.url, max_wait=10) == 2
     assert ids(r, LOW) == [l_new]  # not old enough: stays
     # as if enqueued as normal requests: after the older normal one, before the younger
     assert ids(r, NORMAL) == [n_old, l_30, l_20, n_young]
@@ -112,7 +96,7 @@ def test_aged_lows_move_to_normal_by_age(
     assert enqueued_at(json.dumps(moved)) == since  # its wait is not reset
 
     async def position() -> int | None:
-        client = aioredis.Redis.from_url(bare.url, decode_responses=True)
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
         record = await Tracker(client).get(l_30)
         await client.aclose()
         assert record is not None and record.priority is Priority.NORMAL
@@ -122,18 +106,18 @@ def test_aged_lows_move_to_normal_by_age(
 
 
 def test_promoted_later_never_passes_promoted_earlier(
-    bare: EmbeddedRedis, r: redis.Redis, celery_app: Celery
+    own_redis: EmbeddedRedis, r: redis.Redis, celery_app: Celery
 ) -> None:
     """Always pushing at the right end would let each later promotion jump the earlier
     ones while the slot stays busy; placed by age they keep their order."""
     first, second = (enqueue(celery_app, r, Priority.LOW, w) for w in (30, 20))
-    assert promote(bare.url, max_wait=25) == 1
-    assert promote(bare.url, max_wait=15) == 1
+    assert promote(own_redis.url, max_wait=25) == 1
+    assert promote(own_redis.url, max_wait=15) == 1
     assert ids(r, NORMAL) == [first, second] and r.llen(LOW) == 0
 
 
 def test_script_moves_a_message_only_while_it_is_last(
-    bare: EmbeddedRedis, r: redis.Redis, celery_app: Celery
+    own_redis: EmbeddedRedis, r: redis.Redis, celery_app: Celery
 ) -> None:
     oldest, other = (enqueue(celery_app, r, Priority.LOW, w) for w in (30, 20))
     script = r.register_script(PROMOTE_LUA)
@@ -150,12 +134,12 @@ def test_script_moves_a_message_only_while_it_is_last(
     assert ids(r, LOW) == [other]
 
 
-def test_one_leader_at_a_time(bare: EmbeddedRedis, r: redis.Redis, celery_app: Celery) -> None:
+def test_one_leader_at_a_time(own_redis: EmbeddedRedis, r: redis.Redis, celery_app: Celery) -> None:
     stale = enqueue(celery_app, r, Priority.LOW, 30)
-    conf = Settings(redis_url=bare.url, models={"m": ModelConfig(model_path=Path("m.gguf"))})
+    conf = Settings(redis_url=own_redis.url, models={"m": ModelConfig(model_path=Path("m.gguf"))})
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(bare.url, decode_responses=True)
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
         a = LeaderLock(client, keys.AGING_LEADER, "gw-a", ttl=5)
         b = LeaderLock(client, keys.AGING_LEADER, "gw-b", ttl=5)
         assert await a.hold() and await a.hold() and not await b.hold()
@@ -195,30 +179,6 @@ def acluster(
     running.stop()
 
 
-@contextmanager
-def blocked(pool: ThreadPoolExecutor, base: str) -> Iterator[None]:
-    """A long streaming generation holds the only slot until the block ends (cancelled)."""
-    started = threading.Event()
-    request_id: list[str] = []
-
-    def run() -> None:
-        body = {"model": MODEL, "messages": HI, "max_tokens": 8000, "stream": True,
-                "ignore_eos": True}  # fmt: skip
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as resp:
-            request_id.append(resp.headers["x-request-id"])
-            started.set()
-            for _ in resp.iter_lines():
-                pass
-
-    done = pool.submit(run)
-    assert started.wait(30), "the blocker never started"
-    try:
-        yield
-    finally:
-        httpx.post(f"{base}/v1/requests/{request_id[0]}/cancel")
-        done.result(10)
-
-
 def send(pool: ThreadPoolExecutor, base: str, priority: str) -> Future[httpx.Response]:
     body = {"model": MODEL, "messages": HI, "max_tokens": 1}
     return pool.submit(httpx.post, f"{base}/v1/chat/completions", json=body,
@@ -256,7 +216,7 @@ def test_an_aged_low_request_runs_before_later_normal_ones(
     try:
         agw = f"http://127.0.0.1:{port}"
         wait_healthy(agw, 0)
-        with ThreadPoolExecutor(8) as pool, blocked(pool, base):
+        with ThreadPoolExecutor(8) as pool, Blocker(base, MODEL):
             lows = [send(pool, base, "low")]
             time.sleep(0.6)  # so they are promoted in different rounds
             lows.append(send(pool, base, "low"))
@@ -283,7 +243,7 @@ def test_an_aged_low_request_runs_before_later_normal_ones(
 
 def test_without_the_setting_nothing_is_promoted(acluster: Cluster) -> None:
     base = acluster.base_url
-    with ThreadPoolExecutor(8) as pool, blocked(pool, base):
+    with ThreadPoolExecutor(8) as pool, Blocker(base, MODEL):
         lows = [send(pool, base, "low") for _ in range(2)]
         assert wait_for(lambda: depth(base, "low") == 2, 10, 0.05)
         time.sleep(1.5)

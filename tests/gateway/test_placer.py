@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,6 @@ from corral.redis_server import EmbeddedRedis
 from gateway.catalog import Catalog
 from gateway.placer import Placer
 from gateway.stream import Subscription
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as s:
-        yield s
-
-
-@pytest.fixture
-def r(server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url, decode_responses=True)
-    client.flushall()
-    yield client
-    client.close()
 
 
 class _Hub:
@@ -60,13 +46,15 @@ def commands(r: redis.Redis, worker_id: str) -> list[WorkerCommand]:
     return [WorkerCommand.model_validate_json(c) for c in raw]
 
 
-def run(server: EmbeddedRedis, body: Callable[[Placer], Awaitable[None]], **settings: Any) -> None:
+def run(
+    own_redis: EmbeddedRedis, body: Callable[[Placer], Awaitable[None]], **settings: Any
+) -> None:
     model = ModelConfig(model_path=Path("/nonexistent/m.gguf"), vram_mb=50)
     big = ModelConfig(model_path=Path("/nonexistent/big.gguf"), vram_mb=5000)
-    conf = Settings(redis_url=server.url, models={"m": model, "big": big}, **settings)
+    conf = Settings(redis_url=own_redis.url, models={"m": model, "big": big}, **settings)
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
         placer = Placer(conf, client, Catalog(conf, client))
         await placer.start()
         try:
@@ -78,7 +66,9 @@ def run(server: EmbeddedRedis, body: Callable[[Placer], Awaitable[None]], **sett
     asyncio.run(main())
 
 
-def test_ten_concurrent_cold_requests_send_one_load(server: EmbeddedRedis, r: redis.Redis) -> None:
+def test_ten_concurrent_cold_requests_send_one_load(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
     register(r, id="w1", state=WorkerState.EMPTY, budget_mb=100)
     register(r, id="w2", state=WorkerState.EMPTY, budget_mb=100)
 
@@ -86,24 +76,26 @@ def test_ten_concurrent_cold_requests_send_one_load(server: EmbeddedRedis, r: re
         await asyncio.gather(*(placer.ensure("m", sub()) for _ in range(10)))
         await asyncio.sleep(0.6)  # a few watcher ticks: still one load in flight
 
-    run(server, body)
+    run(own_redis, body)
     sent = commands(r, "w1") + commands(r, "w2")
     assert [(c.op.value, c.model) for c in sent] == [("load", "m")]
     assert r.get(keys.placement_lock("m")) == sent[0].lock  # held until the worker takes it
 
 
-def test_too_big_for_every_budget_raises_at_once(server: EmbeddedRedis, r: redis.Redis) -> None:
+def test_too_big_for_every_budget_raises_at_once(own_redis: EmbeddedRedis, r: redis.Redis) -> None:
     register(r, id="w1", state=WorkerState.EMPTY, budget_mb=100)
 
     async def body(placer: Placer) -> None:
         with pytest.raises(NoCapacity, match=r"needs 5000 MiB .* largest worker budget is 100"):
             await placer.ensure("big", sub())
 
-    run(server, body)
+    run(own_redis, body)
     assert commands(r, "w1") == []
 
 
-def test_a_load_failure_reaches_the_waiting_request(server: EmbeddedRedis, r: redis.Redis) -> None:
+def test_a_load_failure_reaches_the_waiting_request(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
     register(r, id="w1", state=WorkerState.EMPTY, budget_mb=100)
 
     async def body(placer: Placer) -> None:
@@ -117,10 +109,10 @@ def test_a_load_failure_reaches_the_waiting_request(server: EmbeddedRedis, r: re
             await asyncio.wait_for(waiting.next(), 5)
         assert err.value.code == "model_failed"
 
-    run(server, body)
+    run(own_redis, body)
 
 
-def test_waiting_is_bounded_by_load_timeout(server: EmbeddedRedis, r: redis.Redis) -> None:
+def test_waiting_is_bounded_by_load_timeout(own_redis: EmbeddedRedis, r: redis.Redis) -> None:
     register(r, id="w1", state=WorkerState.READY, model="x", pinned=True, budget_mb=100,
              loaded_at=time.time())  # fmt: skip
 
@@ -133,11 +125,11 @@ def test_waiting_is_bounded_by_load_timeout(server: EmbeddedRedis, r: redis.Redi
         assert err.value.status == 504
         assert 1.0 <= time.monotonic() - started < 5
 
-    run(server, body, load_timeout=1.0)
+    run(own_redis, body, load_timeout=1.0)
     assert commands(r, "w1") == []
 
 
-def test_eject_and_reset_command_the_holders(server: EmbeddedRedis, r: redis.Redis) -> None:
+def test_eject_and_reset_command_the_holders(own_redis: EmbeddedRedis, r: redis.Redis) -> None:
     register(r, id="w1", state=WorkerState.READY, model="m", budget_mb=100)
     register(r, id="w2", state=WorkerState.EMPTY, budget_mb=100, failed={"m": "crashed 3x"})
 
@@ -145,7 +137,7 @@ def test_eject_and_reset_command_the_holders(server: EmbeddedRedis, r: redis.Red
         assert await placer.eject("m") == ["w1"]
         assert await placer.reset("m") == {"w2": "crashed 3x"}
 
-    run(server, body)
+    run(own_redis, body)
     assert [c.op.value for c in commands(r, "w1")] == ["unload"]
     assert [c.op.value for c in commands(r, "w2")] == ["reset"]
     assert r.sismember(keys.EJECTED, "m")

@@ -21,7 +21,7 @@ import pytest
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
-from tests.support import busy_slots, corral_child, wait_for, workers
+from tests.support import Blocker, busy_slots, corral_child, wait_for, workers
 from workers.ports import free_port
 
 MODEL = "q-chat"
@@ -41,40 +41,6 @@ def qcluster(
     )
     yield running
     running.stop()
-
-
-class Blocker:
-    """A long streaming generation holding the model's only slot until cancelled."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.request_id = ""
-        self.events: list[str] = []
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Blocker:
-        self._thread.start()
-        assert self._started.wait(30), "the blocker never started"
-        return self
-
-    def _run(self) -> None:
-        body = {"model": MODEL, "messages": HI, "max_tokens": 8000, "stream": True,
-                "ignore_eos": True}  # fmt: skip
-        with httpx.stream("POST", f"{self.base_url}/v1/chat/completions", json=body,
-                          timeout=60) as resp:  # fmt: skip
-            self.request_id = resp.headers["x-request-id"]
-            self._started.set()
-            self.events = [line for line in resp.iter_lines() if line.startswith("data:")]
-
-    def cancel(self) -> None:
-        r = httpx.post(f"{self.base_url}/v1/requests/{self.request_id}/cancel")
-        assert r.status_code == 200, r.text
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread.is_alive():
-            self.cancel()
-            self._thread.join(10)
 
 
 def _depth(cluster: Cluster, priority: str) -> int:
@@ -129,7 +95,7 @@ def background(qcluster: Cluster) -> Iterator[Background]:
 def test_strict_priority_high_then_normal_then_low(
     qcluster: Cluster, background: Background
 ) -> None:
-    with Blocker(qcluster.base_url) as blocker:
+    with Blocker(qcluster.base_url, MODEL) as blocker:
         futures = {}
         for priority, n in (("low", 50), ("normal", 10), ("high", 5)):
             futures[priority] = background.send(n, priority)
@@ -159,7 +125,7 @@ def test_queue_full_is_429_with_retry_after(
     try:
         base = f"http://127.0.0.1:{port}"
         assert wait_for(lambda: _up(base), 30, 0.1)
-        with Blocker(qcluster.base_url):
+        with Blocker(qcluster.base_url, MODEL):
             queued = background.send(3, "low")
             assert wait_for(lambda: _depth(qcluster, "low") == 3, 20, 0.05)
             r = httpx.post(f"{base}/v1/chat/completions",
@@ -180,7 +146,7 @@ def _up(base: str) -> bool:
 
 
 def test_deadline_passed_in_queue_is_504_and_never_runs(qcluster: Cluster) -> None:
-    with Blocker(qcluster.base_url):
+    with Blocker(qcluster.base_url, MODEL):
         t0 = time.monotonic()
         r = httpx.post(f"{qcluster.base_url}/v1/chat/completions",
                        json={"model": MODEL, "messages": HI, "max_tokens": 1},
@@ -204,7 +170,7 @@ def test_invalid_timeout_header_is_400(qcluster: Cluster) -> None:
 
 
 def test_disconnect_while_queued_never_runs(qcluster: Cluster) -> None:
-    with Blocker(qcluster.base_url):
+    with Blocker(qcluster.base_url, MODEL):
         body = {"model": MODEL, "messages": HI, "max_tokens": 1, "stream": True}
         sock = raw_post(qcluster.base_url, "/v1/chat/completions", body)
         assert wait_for(lambda: _depth(qcluster, "normal") == 1, 20, 0.05)
@@ -242,7 +208,7 @@ def _queued_request_id(cluster: Cluster) -> str:
 def test_cancel_running_by_id_frees_the_slot(qcluster: Cluster) -> None:
     (worker,) = workers(qcluster.redis_url, MODEL)
     assert worker.upstream
-    with Blocker(qcluster.base_url) as blocker:
+    with Blocker(qcluster.base_url, MODEL) as blocker:
         assert busy_slots(worker.upstream) == 1
         assert _record(qcluster, blocker.request_id)["state"] == "running"
         blocker.cancel()
@@ -254,7 +220,7 @@ def test_cancel_running_by_id_frees_the_slot(qcluster: Cluster) -> None:
 
 
 def test_queued_request_reports_its_position(qcluster: Cluster, background: Background) -> None:
-    with Blocker(qcluster.base_url) as blocker:
+    with Blocker(qcluster.base_url, MODEL) as blocker:
         lows = background.send(2, "low")
         assert wait_for(lambda: _depth(qcluster, "low") == 2, 20, 0.05)
         high = background.send(1, "high")
