@@ -196,8 +196,12 @@ class Upstream:
                 first = False
                 on_chunk(*held, data)
                 held = ()
-            if abort.fired:  # the socket was shut down: the read ended early, on purpose
-                raise Aborted()
+            else:  # the connection ended before `data: [DONE]`
+                if abort.fired:  # we shut the socket down: the read ended early, on purpose
+                    raise Aborted()
+                # http.client's chunked readline reads a connection dropped between two
+                # chunks as the end: llama-server died (with its killed worker, say).
+                raise UpstreamError("llama-server ended the stream early", code=UNREACHABLE)
         if held:
             on_chunk(*held)
         return end

@@ -46,12 +46,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         chunks = (ROLE, *CHUNKS) if self.path == "/chat" else CHUNKS
         events = [f"data: {c}\n\n" for c in (*chunks, USAGE)]
-        if self.path != "/slow":
+        if self.path not in ("/slow", "/cut"):
             events.append("data: [DONE]\n\n")
         for event in events:
             self._chunk(event.encode())
         if self.path == "/slow":  # then nothing more for a long while
             time.sleep(5)
+        if self.path == "/cut":  # the server dies between two chunks: no terminating chunk
+            self.close_connection = True
+            return
         self._chunk(b"")
 
     def _chunk(self, data: bytes) -> None:
@@ -103,6 +106,17 @@ def test_a_fired_abort_ends_a_quiet_stream_at_once(base: str) -> None:
     with pytest.raises(Aborted):
         Upstream(base, read_timeout=10).stream("/slow", {}, on_chunk, abort)
     assert time.monotonic() - started < 3  # not the server's 5 s
+
+
+def test_a_stream_cut_between_chunks_is_not_a_complete_stream(base: str) -> None:
+    """http.client's chunked readline says b"" (end) when the connection drops between two
+    chunks, as when a killed worker takes its llama-server down: without `[DONE]` that is
+    a lost llama-server, never a finished stream."""
+    got: list[str] = []
+    with pytest.raises(CorralError) as err:
+        Upstream(base, read_timeout=10).stream("/cut", {}, got.append, Abort())
+    assert err.value.code == UNREACHABLE
+    assert got == CHUNKS  # what came before the cut was relayed
 
 
 def test_an_unreachable_server_is_unreachable() -> None:
