@@ -68,4 +68,6 @@ def _freeze_the_heap(**_: object) -> None:
 def configure_app(settings: Settings, redis_url: str) -> Celery:
     app.conf.update(celery_config(settings, redis_url=redis_url))
     app.conf.worker_consumer = f"{__name__}:Consumer"
+    if redis_url.startswith("redis://"):  # TLS and Sentinel URLs keep kombu's own transport
+        app.conf.broker_transport = "workers.broker:Transport"  # acks written unblocked
     return app
