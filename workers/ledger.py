@@ -15,6 +15,8 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
+from redis.connection import Connection
+from redis.exceptions import NoScriptError
 
 from common import keys
 from common.jobs import Job
@@ -46,28 +48,77 @@ return {'taken', redis.call('GET', KEYS[2])}
 _begin: Script | None = None  # registered lazily, once per process
 
 
+class PendingClaim:
+    """A claim sent to Redis whose answer is read later (`result`), so that the round trip
+    overlaps the task's llama-server call instead of preceding it (~0.6 ms of every first
+    token). The task reads it as soon as its request is on the wire, before it publishes
+    anything, and cuts the call if the task is not its to run."""
+
+    def __init__(self, r: redis.Redis, job: Job, worker_id: str, ttl: int) -> None:
+        global _begin
+        if _begin is None:
+            _begin = r.register_script(_BEGIN_LUA)
+        self._r, self._job, self._worker_id, self._ttl = r, job, worker_id, ttl
+        now = time.time()
+        request_id = job.request_id
+        self._keys = [keys.cancel_key(request_id), keys.claim_key(request_id),
+                      keys.request_key(request_id), keys.running_key(job.model)]  # fmt: skip
+        self._args: list[Any] = [worker_id, ttl, now, running_member(worker_id, request_id)]
+        for name, value in _record(job, worker_id, now).items():
+            self._args += (name, value)
+        self._conn: Connection | None = r.connection_pool.get_connection()
+        try:
+            self._conn.send_command("EVALSHA", _begin.sha, len(self._keys), *self._keys,
+                                    *self._args)  # fmt: skip
+        except BaseException:
+            self._release(broken=True)
+            raise
+        self._claim: Claim | None = None
+
+    def result(self) -> Claim:
+        """The verdict (read once; later calls return it again)."""
+        if self._claim is None:
+            self._claim = self._verdict(self._reply())
+        return self._claim
+
+    def _reply(self) -> Any:
+        conn = self._conn
+        assert conn is not None
+        try:
+            reply = conn.read_response()
+        except NoScriptError:  # Redis restarted, or flushed its scripts: EVAL loads it
+            self._release()
+            assert _begin is not None
+            return _begin(self._keys, self._args, client=self._r)
+        except BaseException:
+            self._release(broken=True)
+            raise
+        self._release()
+        return reply
+
+    def _verdict(self, reply: Any) -> Claim:
+        outcome = keys.text(reply[0])
+        if outcome == "cancelled":
+            return Claim.CANCELLED
+        if outcome == "first":
+            return Claim.FIRST
+        return _redelivered(self._r, self._job, self._worker_id, self._ttl, reply[1])
+
+    def _release(self, broken: bool = False) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if broken:
+            conn.disconnect()
+        self._r.connection_pool.release(conn)
+
+
 def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
     """Claim `job` for `worker_id` unless it was cancelled while queued; when it is ours to
     run (FIRST, RERUN) its record says so already. A redelivered task (kombu redelivers
     unacked tasks after `visibility_timeout`, and the gateway resubmits a non-streaming
     request whose worker died) must never stream twice nor run more than twice in all."""
-    global _begin
-    if _begin is None:
-        _begin = r.register_script(_BEGIN_LUA)
-    now = time.time()
-    request_id = job.request_id
-    keys_ = [keys.cancel_key(request_id), keys.claim_key(request_id),
-             keys.request_key(request_id), keys.running_key(job.model)]  # fmt: skip
-    args: list[Any] = [worker_id, ttl, now, running_member(worker_id, request_id)]
-    for name, value in _record(job, worker_id, now).items():
-        args += (name, value)
-    reply = _begin(keys_, args, client=r)
-    outcome = keys.text(reply[0])
-    if outcome == "cancelled":
-        return Claim.CANCELLED
-    if outcome == "first":
-        return Claim.FIRST
-    return _redelivered(r, job, worker_id, ttl, reply[1])
+    return PendingClaim(r, job, worker_id, ttl).result()
 
 
 def _redelivered(

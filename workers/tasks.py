@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -44,36 +45,66 @@ def infer(self: Task, payload: dict[str, Any]) -> None:
         _publish_error(job, Timeout("The request waited in the queue past its deadline."))
         return
     claim_ttl = int(rt.settings.visibility_timeout or rt.settings.task_time_limit * 2)
-    claim = ledger.claim(r, job, rt.worker_id, claim_ttl)  # and the running record
-    if claim is Claim.CANCELLED:
-        log.info("job=%s model=%s dropped: cancelled while queued", job.request_id, job.model)
-        ledger.dropped(r, job, RequestState.CANCELLED, "cancelled while queued")
-        return
-    if claim is Claim.DUPLICATE:
-        log.info("job=%s duplicate delivery dropped", job.request_id)
-        return
-    if claim is Claim.LOST:
-        log.warning("job=%s redelivered after its worker was lost; not streamed twice",
-                    job.request_id)  # fmt: skip
-        ledger.dropped(r, job, RequestState.FAILED, "worker lost mid-stream")
-        _publish_error(job, WorkerLost("The worker serving this request was lost."))
-        return
+    claim = ledger.PendingClaim(r, job, rt.worker_id, claim_ttl)  # and the running record
     started = time.monotonic()
-    log.info(
-        "job=%s model=%s priority=%s worker=%s started claim=%s waited_ms=%d",
-        job.request_id, job.model, job.priority.value, rt.worker_id, claim.value,
-        (time.time() - job.enqueued_at) * 1000,
-    )  # fmt: skip
-    state, _ = _run(job)
+    try:
+        state, _ = _run(job, claim)
+    except NotOurs as exc:
+        _drop(job, exc.claim)
+        return
     log.info(
         "job=%s worker=%s finished state=%s ms=%d",
         job.request_id, rt.worker_id, state.value, (time.monotonic() - started) * 1000,
     )  # fmt: skip
 
 
-def _run(job: Job) -> tuple[RequestState, str | None]:
+class NotOurs(Exception):
+    """The claim's verdict: this task is not this worker's to run (see `_drop`)."""
+
+    def __init__(self, claim: Claim) -> None:
+        super().__init__(claim.value)
+        self.claim = claim
+
+
+def _ours(claim: ledger.PendingClaim) -> Claim:
+    """The claim's verdict if the task is ours to run; else `NotOurs`."""
+    verdict = claim.result()
+    if verdict not in (Claim.FIRST, Claim.RERUN):
+        raise NotOurs(verdict)
+    return verdict
+
+
+def _confirm(job: Job, claim: ledger.PendingClaim, pub: Publisher) -> None:
+    """Once the llama-server request is on the wire: read the claim and, if the task is
+    ours, start publishing; else `NotOurs` cuts the call before anything was published."""
+    verdict = _ours(claim)
+    pub.start()
+    log.info(
+        "job=%s model=%s priority=%s worker=%s started claim=%s waited_ms=%d",
+        job.request_id, job.model, job.priority.value, runtime.current().worker_id,
+        verdict.value, (time.time() - job.enqueued_at) * 1000,
+    )  # fmt: skip
+
+
+def _drop(job: Job, claim: Claim) -> None:
+    """A task that is not ours to run; its llama-server call, cut at once, freed its slot."""
+    r = runtime.current().redis
+    if claim is Claim.CANCELLED:
+        log.info("job=%s model=%s dropped: cancelled while queued", job.request_id, job.model)
+        ledger.dropped(r, job, RequestState.CANCELLED, "cancelled while queued")
+    elif claim is Claim.DUPLICATE:
+        log.info("job=%s duplicate delivery dropped", job.request_id)
+    else:
+        log.warning("job=%s redelivered after its worker was lost; not streamed twice",
+                    job.request_id)  # fmt: skip
+        ledger.dropped(r, job, RequestState.FAILED, "worker lost mid-stream")
+        _publish_error(job, WorkerLost("The worker serving this request was lost."))
+
+
+def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None]:
     """Call llama-server, relay what it sends, and end with one final frame; the record's
-    end goes out in the same round trip as that frame."""
+    end goes out in the same round trip as that frame. The claim is read once the request
+    is sent (`_confirm`): its round trip overlaps llama-server's work."""
     rt = runtime.current()
     abort = Abort()
     pub = Publisher(
@@ -83,8 +114,10 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
         rt.worker_id,
         interval=rt.settings.flush_interval_ms / 1000,
         on_cancel=abort.fire,
-    )  # started by `_serve` once the request is sent
-    state, error, final, fields = _serve(job, rt.upstream, pub, abort)
+    )
+    on_sent = functools.partial(_confirm, job, claim, pub)
+    state, error, final, fields = _serve(job, rt.upstream, pub, abort, on_sent)
+    _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
     record = functools.partial(
         ledger.finish_into, job=job, worker_id=rt.worker_id, state=state, error=error
     )
@@ -95,26 +128,30 @@ def _run(job: Job) -> tuple[RequestState, str | None]:
 Outcome = tuple[RequestState, str | None, FrameType, dict[str, Any]]
 
 
-def _serve(job: Job, upstream: Upstream, pub: Publisher, abort: Abort) -> Outcome:
+def _serve(
+    job: Job, upstream: Upstream, pub: Publisher, abort: Abort, on_sent: Callable[[], None]
+) -> Outcome:
     body = dict(job.body, model=job.model)
     try:
         if job.stream and job.kind is not JobKind.EMBEDDING:
             body["stream"] = True
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             body["stream_options"] = {"include_usage": True}
-            end = upstream.stream(job.kind.path, body, pub.chunk, abort, pub.start, pub.accepted)
+            end = upstream.stream(job.kind.path, body, pub.chunk, abort, on_sent, pub.accepted)
             if wants_usage and end.usage_chunk:
                 pub.chunk(end.usage_chunk)
             return RequestState.DONE, None, FrameType.DONE, {"usage": end.usage}
         body.pop("stream", None)
         body.pop("stream_options", None)
-        result = upstream.request(job.kind.path, body, abort, pub.start)
+        result = upstream.request(job.kind.path, body, abort, on_sent)
         return (
             RequestState.DONE,
             None,
             FrameType.RESULT,
             {"body": result, "usage": result.get("usage")},
         )
+    except NotOurs:
+        raise
     except Aborted:
         err = cancelled()
         return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, _error(err)

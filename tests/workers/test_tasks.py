@@ -1,13 +1,15 @@
 """workers.tasks: every task that runs publishes exactly one final frame, even when
-something nobody foresaw goes wrong (a unit: the upstream call is replaced)."""
+something nobody foresaw goes wrong; a task that is not ours to run (cancelled while queued)
+publishes nothing, though its claim is read only once its llama-server call is sent
+(units: the upstream call is replaced)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import pytest
-import redis
 
 from common import keys
 from common.frames import Frame, FrameType
@@ -16,35 +18,111 @@ from common.priority import Priority
 from common.settings import Settings
 from common.tracking import RequestState
 from corral.redis_server import EmbeddedRedis
-from workers import runtime, tasks
-from workers.upstream import Upstream
+from workers import ledger, runtime, tasks
+from workers.ledger import Claim
+from workers.upstream import Abort, StreamEnd, Upstream
+
+
+@pytest.fixture
+def rt(redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch) -> Iterator[runtime.Runtime]:
+    rt = runtime.Runtime(settings=Settings(), redis_url=redis_server.url, worker_id="w-unit",
+                         upstream_url="http://127.0.0.1:9")  # fmt: skip
+    monkeypatch.setattr(runtime, "_runtime", rt)
+    yield rt
+    rt.redis.close()
+
+
+@pytest.fixture
+def job() -> Job:
+    return Job(kind=JobKind.CHAT, model="m", body={"messages": []}, stream=True,
+               priority=Priority.NORMAL, channel=keys.channel("gw-unit", "r"),
+               deadline=time.time() + 60)  # fmt: skip
+
+
+@pytest.fixture
+def frames(rt: runtime.Runtime, job: Job) -> Iterator[Callable[[], list[Frame]]]:
+    """What the task publishes on the job's channel, read when called."""
+    sub = rt.redis.pubsub()
+    sub.subscribe(job.channel)
+    sub.get_message(timeout=1)  # the subscribe confirmation
+
+    def read() -> list[Frame]:
+        out = []
+        while (message := sub.get_message(timeout=0.3)) is not None:
+            out.append(Frame.model_validate_json(message["data"]))
+        return out
+
+    yield read
+    sub.close()
+
+
+def _claim(rt: runtime.Runtime, job: Job) -> ledger.PendingClaim:
+    return ledger.PendingClaim(rt.redis, job, rt.worker_id, 60)
+
+
+def _one_token(
+    _self: Upstream, _path: str, _body: dict[str, Any], on_chunk: Callable[..., None],
+    _abort: Abort, on_sent: Callable[[], None], on_accepted: Callable[[], None],
+) -> StreamEnd:  # fmt: skip
+    on_sent()
+    on_accepted()
+    on_chunk('{"choices": [{"delta": {"content": "x"}}]}')
+    return StreamEnd(usage={"completion_tokens": 1})
 
 
 def test_an_unexpected_error_still_ends_the_stream(
-    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     def boom(*_: Any, **__: Any) -> NoReturn:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(Upstream, "stream", boom)
-    rt = runtime.Runtime(settings=Settings(), redis_url=redis_server.url, worker_id="w-unit",
-                         upstream_url="http://127.0.0.1:9")  # fmt: skip
-    monkeypatch.setattr(runtime, "_runtime", rt)
-    job = Job(kind=JobKind.CHAT, model="m", body={"messages": []}, stream=True,
-              priority=Priority.NORMAL, channel=keys.channel("gw-unit", "r"),
-              deadline=time.time() + 60)  # fmt: skip
-    client = redis.Redis.from_url(redis_server.url)
-    sub = client.pubsub()
-    try:
-        sub.subscribe(job.channel)
-        sub.get_message(timeout=1)  # the subscribe confirmation
-        state, error = tasks._run(job)
-        frames = []
-        while (message := sub.get_message(timeout=2)) is not None:
-            frames.append(Frame.model_validate_json(message["data"]))
-    finally:
-        sub.close()
-        client.close()
+    state, error = tasks._run(job, _claim(rt, job))
+    got = frames()
     assert state is RequestState.FAILED and error
-    assert [f.type for f in frames] == [FrameType.START, FrameType.ERROR]
-    assert frames[-1].status == 500 and frames[-1].error
+    assert [f.type for f in got] == [FrameType.START, FrameType.ERROR]
+    assert got[-1].status == 500 and got[-1].error
+
+
+def test_a_task_claimed_first_streams(
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(Upstream, "stream", _one_token)
+    state, _ = tasks._run(job, _claim(rt, job))
+    assert state is RequestState.DONE
+    types = [f.type for f in frames()]
+    assert types == [FrameType.START, FrameType.ACCEPTED, FrameType.CHUNKS, FrameType.DONE]
+    assert rt.redis.get(keys.claim_key(job.request_id)) == b"w-unit"
+
+
+def test_a_task_cancelled_while_queued_publishes_nothing(
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    sent: list[bool] = []
+
+    def stream(*args: Any) -> StreamEnd:
+        sent.append(True)
+        return _one_token(*args)
+
+    monkeypatch.setattr(Upstream, "stream", stream)
+    rt.redis.set(keys.cancel_key(job.request_id), "1")
+    with pytest.raises(tasks.NotOurs) as caught:
+        tasks._run(job, _claim(rt, job))
+    assert caught.value.claim is Claim.CANCELLED
+    assert sent == [True]  # the call was cut when the claim was read, right after sending
+    assert frames() == []
+    assert rt.redis.get(keys.claim_key(job.request_id)) is None
+
+
+def test_a_call_that_failed_before_sending_reads_the_claim_too(
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]]
+) -> None:
+    """Nothing listens on port 9: the call fails before `on_sent`; the claim still decides
+    whether the failure is published (here: cancelled, so it is not)."""
+    rt.redis.set(keys.cancel_key(job.request_id), "1")
+    with pytest.raises(tasks.NotOurs):
+        tasks._run(job, _claim(rt, job))
+    assert frames() == []
