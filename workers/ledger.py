@@ -1,9 +1,9 @@
 """What a worker writes about the tasks it takes: the claim that makes each task run once,
 and the request record's running/finished state (`common.tracking`).
 
-A task's first delivery is the hot path, right before its llama-server call: one Lua script
-checks the cancel key, takes the claim and writes the running record in one round trip
-(three sequential ones before). Redeliveries take the slower Python path below.
+A task's first delivery is the hot path: one Lua script checks the cancel key, takes the
+claim and writes the running record in one round trip, sent before the task's llama-server
+call and read after it (`PendingClaim`). Redeliveries take the slower Python path below.
 """
 
 from __future__ import annotations

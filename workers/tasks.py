@@ -1,8 +1,11 @@
 """Step 3 of the request path: the Celery task a worker runs for each request.
 
-It drops work that should not run (deadline passed, cancelled while queued, a redelivered
-copy of a task another worker claimed), then calls llama-server and hands what comes back
-to the publisher. Every task that runs publishes exactly one final frame.
+It drops work that should not run: a task whose deadline passed, at once; one cancelled
+while queued or a redelivered copy of a task another worker claimed, when its claim is
+read, right after its llama-server call was sent (the call is cut before anything is
+published: the claim's round trip overlaps llama-server's work instead of preceding it).
+Otherwise it hands what llama-server sends back to the publisher. Every task that runs
+publishes exactly one final frame; a task dropped publishes none.
 """
 
 from __future__ import annotations
