@@ -12,19 +12,21 @@ trip twice per task, and both lie on a path users wait on:
   ack is done), so every hand-off between two tasks waited for it, and a high-priority
   request waiting for a slot waited that much longer.
 
-This QoS sends the same transaction on a connection of its own and reads the replies on its
-next write (they have long arrived by then) or before anything reads the structures back
-(reject, restore). Nothing is weaker: the commands reach the socket before the task reaches
-the pool, exactly where the stock write would have completed, and a worker killed after
-that point leaves them to Redis all the same (the kernel delivers what was written; a
-transaction cut short is discarded whole, as before). A write that cannot be sent falls back
-to kombu's blocking path, so a broken connection behaves as stock kombu does.
+This QoS sends the same writes, as one script each (atomic like the transaction, and one
+reply to read), on a connection of its own, and reads the replies on its next write (they
+have long arrived by then) or before anything reads the structures back (reject, restore,
+close). Nothing is weaker: a write reaches the socket before the task reaches the pool,
+exactly where the stock write would have completed, and a worker killed after that point
+leaves it to Redis all the same (the kernel delivers what was written). A write that
+cannot be sent falls back to kombu's blocking path; one whose reply shows a failure, or
+whose fate a broken connection hides, is written again with it.
 
 Selected by `broker_transport` in `workers.celery_app.configure_app`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from time import time
 from typing import Any
@@ -37,6 +39,23 @@ from kombu.utils.json import dumps
 log = logging.getLogger(__name__)
 
 
+# Each write is one script (atomic, like kombu's MULTI … EXEC, and one reply to read).
+# KEYS: the unacked index, the unacked hash.
+_APPEND_LUA = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""  # ARGV: time, delivery tag, the message as kombu stores it
+_ACK_LUA = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""  # ARGV: delivery tag
+_SHA = {lua: hashlib.sha1(lua.encode()).hexdigest() for lua in (_APPEND_LUA, _ACK_LUA)}
+
+Write = tuple[str, list[Any]]  # a script and its KEYS + ARGV
+
+
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, with `append` and `ack` sent without waiting (module docstring)."""
 
@@ -44,24 +63,19 @@ class QoS(kombu_redis.QoS):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._unconfirmed: list[list[tuple[Any, ...]]] = []  # sent on `_conn`, not yet read
+        self._unconfirmed: list[Write] = []  # sent on `_conn`, reply not read yet
 
     def append(self, message: Any, delivery_tag: str) -> None:
         delivery = message.delivery_info
         raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        if not self._send(
-            ("ZADD", self.unacked_index_key, time(), delivery_tag),
-            ("HSET", self.unacked_key, delivery_tag, raw),
-        ):
+        keys_ = [self.unacked_index_key, self.unacked_key]
+        if not self._send((_APPEND_LUA, [*keys_, time(), delivery_tag, raw])):
             super().append(message, delivery_tag)
             return
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if not self._send(
-            ("ZREM", self.unacked_index_key, delivery_tag),
-            ("HDEL", self.unacked_key, delivery_tag),
-        ):
+        if not self._send((_ACK_LUA, [self.unacked_index_key, self.unacked_key, delivery_tag])):
             super().ack(delivery_tag)
             return
         virtual.QoS.ack(self, delivery_tag)
@@ -74,25 +88,25 @@ class QoS(kombu_redis.QoS):
         self.collect()
         return super().restore_unacked(client)
 
-    def _send(self, *commands: tuple[Any, ...]) -> bool:
-        """Write `commands` as one transaction; False if it could not be written."""
+    def _send(self, write: Write) -> bool:
+        """Send `write`; False if it could not be sent."""
         if self.channel.global_keyprefix:  # keys need kombu's prefixing client: its path
             return False
-        batch = [("MULTI",), *commands, ("EXEC",)]
+        lua, keys_and_args = write
         try:
             self.collect()
             conn = self._connection()
-            conn.send_packed_command(conn.pack_commands(batch), check_health=False)
+            conn.send_command("EVALSHA", _SHA[lua], 2, *keys_and_args, check_health=False)
         except (redis.RedisError, OSError) as exc:
             log.warning("broker bookkeeping write failed, using the blocking path: %r", exc)
             self._drop()
             return False
-        self._unconfirmed.append(batch)
+        self._unconfirmed.append(write)
         return True
 
     def _connection(self) -> redis.Connection:
-        """Our connection; a new one if Redis closed it (idle timeout, restart), which shows
-        as something to read while Redis owes us nothing."""
+        """Our connection, with the scripts loaded; a new one if Redis closed it (idle
+        timeout, restart), which shows as something to read while Redis owes us nothing."""
         conn = self._conn
         if conn is not None:
             try:
@@ -102,35 +116,33 @@ class QoS(kombu_redis.QoS):
                 pass
             self._drop()
         conn = self._conn = self.channel.pool.get_connection()
+        for lua in _SHA:  # once per connection (and again after a restart lost them)
+            conn.send_command("SCRIPT", "LOAD", lua)
+            conn.read_response()
         return conn
 
     def collect(self) -> None:
         """Read the replies Redis owes us. If a write failed, or its fate is unknown (the
         connection broke), write everything not yet confirmed again, in order, with a
-        blocking round trip: the commands are idempotent, so the end state is right."""
-        conn, batches = self._conn, self._unconfirmed
-        if conn is None or not batches:
+        blocking round trip: the writes are idempotent, so the end state is right."""
+        conn, writes = self._conn, self._unconfirmed
+        if conn is None or not writes:
             return
         self._unconfirmed = []
         try:
-            for batch in batches:
-                for _ in batch[:-1]:
-                    conn.read_response()  # +OK, +QUEUED …; raises on an error reply
-                failed = [r for r in conn.read_response() if isinstance(r, Exception)]
-                if failed:
-                    raise failed[0]
+            for _ in writes:
+                conn.read_response()  # raises on an error reply
         except (redis.RedisError, OSError) as exc:
             log.warning("broker bookkeeping write failed (%r); writing %d again",
-                        exc, len(batches))  # fmt: skip
+                        exc, len(writes))  # fmt: skip
             self._drop()
-            self._write_blocking(batches)
+            self._write_blocking(writes)
 
-    def _write_blocking(self, batches: list[list[tuple[Any, ...]]]) -> None:
+    def _write_blocking(self, writes: list[Write]) -> None:
         with self.channel.conn_or_acquire() as client:
             pipe = client.pipeline()
-            for batch in batches:
-                for command in batch[1:-1]:
-                    pipe.execute_command(*command)
+            for lua, keys_and_args in writes:
+                pipe.eval(lua, 2, *keys_and_args)
             pipe.execute()
 
     def _drop(self) -> None:

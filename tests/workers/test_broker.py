@@ -110,3 +110,15 @@ def test_writes_whose_fate_is_unknown_are_written_again(
     message.ack()
     qos.collect()
     assert _unacked(r) == ({}, [])
+
+
+def test_a_write_redis_refused_is_written_again(
+    conn: Connection, r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    message, qos = _deliver(conn, {"n": 5})
+    qos.collect()
+    r.script_flush()  # the ack's script is gone: Redis answers NOSCRIPT
+    message.ack()
+    qos.collect()
+    assert "writing 1 again" in caplog.text
+    assert _unacked(r) == ({}, [])
