@@ -104,23 +104,27 @@ async def priority_run(base: str, n_low: int, n_high: int, tokens: int) -> dict[
             highs.append(asyncio.create_task(send("high")))
             await asyncio.sleep(0.15)
         high_ids = await asyncio.gather(*highs)
-        waits, services = [], []
-        for rid in high_ids:
-            rec = await record(http, base, rid)
-            waits.append(rec["started_at"] - rec["enqueued_at"])
-            services.append(rec["finished_at"] - rec["started_at"])
-        low_done = [t for t in lows if t.done()]
+        low_done = [t.result() for t in lows if t.done() and not t.exception()]
         for t in lows:
             t.cancel()
         await asyncio.gather(*lows, return_exceptions=True)
-        for t in low_done[:50]:
-            rec = await record(http, base, t.result())
-            services.append(rec["finished_at"] - rec["started_at"])
+        highs_rec = [await record(http, base, rid) for rid in high_ids]
+        lows_rec = [await record(http, base, rid) for rid in low_done]
         while await depth(http, base, "low"):  # the abandoned ones are dropped unrun
             await asyncio.sleep(0.2)
+    waits = [r["started_at"] - r["enqueued_at"] for r in highs_rec]
+    services = [r["finished_at"] - r["started_at"] for r in highs_rec + lows_rec]
+    ends = sorted(r["finished_at"] for r in highs_rec + lows_rec)
+    # The slot's idle time before each high request started: from the end of the task
+    # before it (the one it waited for) to its own start. A high request's wait is what
+    # remained of that task plus this hand-off.
+    handoffs = [r["started_at"] - max((e for e in ends if e <= r["started_at"]), default=0)
+                for r in highs_rec]  # fmt: skip
     service = statistics.mean(services)
     return {
         "low_queued": n_low, "high": n_high, "service_ms": service * 1000,
+        "service_p50_ms": pct(services, 50) * 1000, "service_p99_ms": pct(services, 99) * 1000,
+        "handoff_p50_ms": pct(handoffs, 50) * 1000, "handoff_p99_ms": pct(handoffs, 99) * 1000,
         "high_wait_p50_ms": pct(waits, 50) * 1000, "high_wait_p99_ms": pct(waits, 99) * 1000,
         "p99_over_service": pct(waits, 99) / service,
     }  # fmt: skip
@@ -216,7 +220,14 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
         return 0
     print(f"strict priority ({prio['low_queued']:.0f} low queued, {prio['high']:.0f} high):")
-    print(f"  mean service time      {prio['service_ms']:8.1f} ms")
+    print(
+        f"  mean service time      {prio['service_ms']:8.1f} ms "
+        f"(p50 {prio['service_p50_ms']:.1f}, p99 {prio['service_p99_ms']:.1f})"
+    )
+    print(
+        f"  slot hand-off p50      {prio['handoff_p50_ms']:8.1f} ms "
+        f"(p99 {prio['handoff_p99_ms']:.1f}): a task's end to the high request's start"
+    )
     print(f"  high queue wait p50    {prio['high_wait_p50_ms']:8.1f} ms")
     print(
         f"  high queue wait p99    {prio['high_wait_p99_ms']:8.1f} ms  = "
