@@ -122,3 +122,20 @@ def test_a_write_redis_refused_is_written_again(
     qos.collect()
     assert "writing 1 again" in caplog.text
     assert _unacked(r) == ({}, [])
+
+
+def test_what_a_dead_worker_left_unacked_is_delivered_again(url: str, r: redis.Redis) -> None:
+    """kombu's own restore (any worker runs it, after `visibility_timeout`) reads back what
+    our append wrote: the message returns to its queue, whole."""
+    with Connection(url, transport="workers.broker:Transport") as first:
+        _, qos = _deliver(first, {"n": 6})
+        qos.collect()
+        qos.restore_at_shutdown = False  # killed: no ack, and no restore at shutdown
+    assert r.llen("broker-test") == 0 and len(_unacked(r)[0]) == 1
+    options = {"visibility_timeout": 0}
+    with Connection(url, transport="workers.broker:Transport", transport_options=options) as c:
+        c.default_channel.qos.restore_visible()
+        assert r.llen("broker-test") == 1
+        assert _unacked(r) == ({}, [])
+        message, _ = _deliver(c, {"n": 7})  # the restored one comes first (BRPOP)
+        assert message.payload == {"n": 6} and message.delivery_info["redelivered"]
