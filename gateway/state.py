@@ -46,7 +46,7 @@ class GatewayState:
         )  # fmt: skip
         client = aioredis.Redis(connection_pool=pool)
         await client.ping()
-        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}")
+        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", url)
         await hub.start()
         dispatcher = Dispatcher(settings, url, client)
         catalog = Catalog(settings, client)

@@ -1,9 +1,10 @@
 """Step 5 → 6 of the request path: frames from workers, back to the request that waits.
 
-One pub/sub connection per gateway process, multiplexed over all requests: it subscribes
-once to the pattern of this gateway's channels (`corral:chan:<gateway id>:*`), so every
-request's channel is subscribed before its task is enqueued, without a SUBSCRIBE per
-request. A reader task routes each message to the request's `Subscription`. The same
+One pub/sub connection per gateway process (`gateway.pubsub`), multiplexed over all
+requests: it subscribes once to the pattern of this gateway's channels
+(`corral:chan:<gateway id>:*`), so every request's channel is subscribed before its task
+is enqueued, without a SUBSCRIBE per request. Each message is routed to the request's
+`Subscription` as soon as it is read. The same
 connection hears `keys.KEYS_CHANGED`: each note (and each reconnection, when notes may
 have been missed) starts a new `keys_epoch`, which invalidates cached key lookups.
 
@@ -15,7 +16,6 @@ sequence ends the stream (`StreamBroken`); a worker whose heartbeat key expired 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,10 +28,12 @@ from common import keys
 from common.errors import CorralError, StreamBroken, Timeout, WorkerLost, from_body
 from common.frames import Frame, FrameType
 from gateway.aio import cancel_and_wait
+from gateway.pubsub import PubSubConnection
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 1.0  # silence after which the worker's heartbeat is checked
+WATCH_INTERVAL_S = 1.0
+_KEYS_CHANGED = keys.KEYS_CHANGED.encode()  # silence after which the worker's heartbeat is checked
 
 
 class Subscription:
@@ -118,8 +120,9 @@ class Subscription:
 class StreamHub:
     """Owns the gateway's pub/sub connection and the table of open subscriptions."""
 
-    def __init__(self, client: aioredis.Redis, gateway_id: str) -> None:
-        self._redis = client
+    def __init__(self, client: aioredis.Redis, gateway_id: str, url: str) -> None:
+        self._redis = client  # for heartbeat checks; the pub/sub connection is `url`'s own
+        self._url = url
         self.gateway_id = gateway_id
         self._subs: dict[str, Subscription] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -171,20 +174,21 @@ class StreamHub:
                 backoff = min(backoff * 2, 5.0)
 
     async def _read_once(self) -> None:
-        pubsub = self._redis.pubsub()
+        conn = await PubSubConnection.open(self._url, self._on_message)
         try:
-            await pubsub.psubscribe(keys.channel_pattern(self.gateway_id))
-            await pubsub.subscribe(keys.KEYS_CHANGED)
+            await conn.psubscribe(keys.channel_pattern(self.gateway_id))
+            await conn.subscribe(keys.KEYS_CHANGED)
             self.keys_epoch += 1  # notes may have been missed while disconnected
             self._ready.set()
-            async for message in pubsub.listen():
-                if message["type"] == "pmessage":
-                    self._route(message["channel"], message["data"])
-                elif message["type"] == "message":  # the only plain channel: KEYS_CHANGED
-                    self.keys_epoch += 1
+            await conn.run()
         finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            conn.close()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel == _KEYS_CHANGED:  # the only plain channel
+            self.keys_epoch += 1
+        else:
+            self._route(channel, data)
 
     def _route(self, channel: bytes | str, data: bytes | str) -> None:
         sub = self._subs.get(keys.request_id_of(keys.text(channel)))
