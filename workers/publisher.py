@@ -3,8 +3,9 @@
 A frame is taken from the publisher's buffer and sent under one lock, which also guards
 the sequence counter, so frames can never be reordered. Chunks arriving faster than
 `interval` are batched into one frame, which a flusher thread sends when it is due; a
-chunk after a quiet spell (the first token, above all) is sent at once by the task thread
-that read it, so batching never delays it, nor does waking the flusher.
+chunk after a quiet spell (the first token, above all) and the ACCEPTED frame are sent at
+once by the task thread that read them, so batching never delays them, nor does waking
+the flusher.
 
 Each PUBLISH is pipelined with an `EXISTS` of the request's cancel key, so noticing a
 cancel costs no extra round trip while tokens flow; when the stream is quiet (a long
@@ -119,10 +120,14 @@ class Publisher:
             _spawn(self._run, self._done)
 
     def accepted(self) -> None:
-        """llama-server answered 200: tell the gateway, which starts its reply."""
+        """llama-server answered 200: tell the gateway, which starts its reply. Sent by the
+        caller itself, like a first chunk, unless the flusher is sending (START)."""
         with self._cond:
             self._accepted = True
-            self._cond.notify()
+            if self._seq == 0 or not self._send_lock.acquire(blocking=False):
+                self._cond.notify()  # START first: the flusher sends both in order
+                return
+        self._send_taken()
 
     def chunk(self, *raw: str) -> None:
         """Queue chunks for the next frame; several given at once share a frame. A chunk
@@ -138,6 +143,10 @@ class Publisher:
             if not quiet or not self._send_lock.acquire(blocking=False):
                 self._cond.notify()  # only a new batch wakes the flusher, so the chunks
                 return  # after it gather until the batch is due
+        self._send_taken()
+
+    def _send_taken(self) -> None:
+        """Take the next frame and send it; called with the send lock, which it releases."""
         try:
             frame = self._take()
             if frame is not None:

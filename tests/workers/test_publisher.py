@@ -83,6 +83,33 @@ def test_first_chunk_after_quiet_is_not_delayed(r: redis.Redis) -> None:
         ps.close()
 
 
+def test_accepted_is_sent_by_the_caller_once_start_went_out(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ACCEPTED (llama-server's 200) is sent by the task thread itself, as a first chunk
+    is: waking the flusher for it cost ~0.3 ms before the gateway could send its
+    headers. Before START is out, the flusher sends both, in order."""
+    senders: dict[FrameType, str] = {}
+    send = Publisher._send
+
+    def recording(self: Publisher, frame: Frame) -> None:
+        senders[frame.type] = threading.current_thread().name
+        send(self, frame)
+
+    monkeypatch.setattr(Publisher, "_send", recording)
+    frames, t, ps = _listen(r)
+    pub = Publisher(r, CHANNEL, CANCEL, "w1")
+    pub.start()
+    assert _wait(lambda: len(frames) == 1, 2)  # START
+    pub.accepted()
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert [f.type for f in frames] == [FrameType.START, FrameType.ACCEPTED, FrameType.DONE]
+    assert senders[FrameType.ACCEPTED] == threading.current_thread().name
+    assert senders[FrameType.START] != threading.current_thread().name
+
+
 def test_chunks_after_quiet_spells_and_in_bursts_stay_in_order(r: redis.Redis) -> None:
     """Quiet spells make the task thread send a chunk itself, bursts go through the
     flusher: the two writers must never reorder frames nor lose a chunk."""
