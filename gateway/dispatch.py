@@ -1,8 +1,9 @@
 """Step 2 of the request path: a validated request becomes a Celery task on its queue.
 
 The enqueue is one Redis round trip on the event loop: a script checks the model's queue
-depth and, within the cap, writes the request's record, LPUSHes the task message and
-PUBLISHes its `task-sent` event for Flower (`gateway.taskmsg` builds both as kombu would).
+depth and, within the cap, writes the request's record and LPUSHes the task message; the
+task's `task-sent` event for Flower is built and PUBLISHed after it, off the path to the
+first token (`gateway.taskmsg` builds both as kombu would).
 `send_task` would cost a thread hop and ~2 ms more before the first token. Cancelling sets
 a cancel key the worker checks before and while it runs, and revokes the task id (on a
 small thread pool: `revoke` blocks, in kombu) so a worker that has not fetched it yet
@@ -34,20 +35,18 @@ CANCEL_TTL_S = 3600
 
 # KEYS: the list to push on, the request record, the queue's binding table and its
 # permanent set, then the queues whose total length is capped.
-# ARGV: the cap (-1: none), the record's TTL, the binding, the message, the `task-sent`
-# event's channel ("" for none) and payload, then the record's fields.
-# Returns {1 if enqueued else 0, the depth found}.
+# ARGV: the cap (-1: none), the record's TTL, the binding, the message, then the record's
+# fields. Returns {1 if enqueued else 0, the depth found}.
 ENQUEUE_LUA = """
 local depth = 0
 for i = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 local cap = tonumber(ARGV[1])
 if cap >= 0 and depth >= cap then return {0, depth} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('LPUSH', KEYS[1], ARGV[4])
-if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return {1, depth}
 """
 
@@ -74,13 +73,12 @@ class Dispatcher:
         resubmit is always let in), and record it (`GET /v1/requests/{id}`)."""
         message = self._messages.build(job, keys.queue_name(job.model, job.priority))
         fields, ttl = self.tracker.record_fields(job)
-        route, event = message.route, message.sent_event
+        route = message.route
         limit = self._settings.max_queue_size_per_model
         enqueued, depth = await self._enqueue(
             keys=[route.list_key, keys.request_key(job.request_id), route.binding_key,
                   route.permanent_key, *keys.model_queues(job.model)],
             args=[-1 if resubmit else limit, ttl, route.binding, message.entry,
-                  event.channel if event else "", event.payload if event else "",
                   *(item for pair in fields.items() for item in pair)],
         )  # fmt: skip
         if not enqueued:
@@ -89,6 +87,9 @@ class Dispatcher:
                 "Retry later.",
                 retry_after=5,
             )
+        event = self._messages.sent_event(message)  # for Flower; the worker has the task
+        if event is not None:
+            await self._redis.publish(event.channel, event.payload)
         log.info(
             "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
             job.request_id, job.model, job.priority.value, job.kind.value, job.stream,
@@ -111,8 +112,8 @@ class Dispatcher:
             pipe.sadd(route.permanent_key, route.binding)
             pipe.lpush(route.list_key, *(m.entry for m in queued))  # in order, oldest first
         for message in messages:
-            if message.sent_event is not None:
-                pipe.publish(message.sent_event.channel, message.sent_event.payload)
+            if (event := self._messages.sent_event(message)) is not None:
+                pipe.publish(event.channel, event.payload)
         await pipe.execute()
 
     def _build_batch(self, jobs: list[Job]) -> list[TaskMessage]:

@@ -13,9 +13,9 @@ kombu or Celery upgrade that changes the envelope fails a test, not production. 
 reads or rewrites a queued entry (positions, aging) goes through `task_body` here too.
 
 The `task-sent` event (what Flower lists queued tasks from) is built here too, as the
-PUBLISH kombu would send on Celery's event exchange, and sent by the same script: sending
-it with Celery's own dispatcher on a thread cost the first token ~3 ms more, the thread
-holding the GIL just as the event loop needed it.
+PUBLISH kombu would send on Celery's event exchange; the gateway sends it right after the
+enqueue. Sending it with Celery's own dispatcher on a thread cost the first token ~3 ms
+more, the thread holding the GIL just as the event loop needed it.
 
 A task's `argsrepr` (what Flower and worker logs show as its arguments) is a one-line
 summary of the request rather than Celery's `saferepr` of the whole body: the prompt is
@@ -78,7 +78,7 @@ class Publish:
 class TaskMessage:
     route: Route
     entry: str  # the JSON string to LPUSH on `route.list_key`
-    sent_event: Publish | None  # Celery's `task-sent` event; None if not wanted
+    sent_fields: dict[str, Any] | None  # Celery's `task-sent` event's fields; None: not wanted
 
 
 class TaskMessages:
@@ -157,11 +157,17 @@ class TaskMessages:
             "headers": headers,
             "properties": properties,
         }
-        event = None
         if sent_event is not None:
             sent_event.update(queue=queue, exchange=route.exchange, routing_key=route.routing_key)
-            event = self._event("task-sent", sent_event)
-        return TaskMessage(route, json_dumps(envelope), event)
+        return TaskMessage(route, json_dumps(envelope), sent_event)
+
+    def sent_event(self, message: TaskMessage) -> Publish | None:
+        """The `task-sent` event's PUBLISH, built apart from the message: the gateway
+        builds and sends it once the task is queued, off the path to the first token (it
+        is a third of the build, ~0.1 ms)."""
+        if message.sent_fields is None:
+            return None
+        return self._event("task-sent", dict(message.sent_fields))
 
     def _event(self, kind: str, fields: dict[str, Any]) -> Publish:
         """The PUBLISH that Celery's `EventDispatcher.send(kind, **fields)` would make."""

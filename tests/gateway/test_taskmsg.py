@@ -239,7 +239,8 @@ def test_task_sent_channel_follows_the_broker_db(url: str, channel: str) -> None
     """kombu prefixes its fanout channels with the broker's db number."""
     app = celery_app(url)
     try:
-        event = TaskMessages(app).build(make_job("m"), "p2-normal.m").sent_event
+        messages = TaskMessages(app)
+        event = messages.sent_event(messages.build(make_job("m"), "p2-normal.m"))
     finally:
         app.close()
     assert event is not None and event.channel == channel
