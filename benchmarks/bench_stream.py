@@ -14,8 +14,9 @@ tokens and `ignore_eos: true`, so every request generates exactly that many toke
 Per request, TTFT = time from sending the request to the first non-empty content delta.
 Per level: p50/p99 TTFT, and tokens/s = tokens received (from `usage`) / wall time of the
 level. Also per level: the CPU time each part used (client, llama-server, gateway, worker,
-valkey) and the CPU that *other* processes on the machine used meanwhile ("other"), so a
-run disturbed by a neighbour shows it.
+valkey), the CPU that *other* processes on the machine used meanwhile ("other") and the
+CPU the hypervisor gave to other guests while this one wanted it ("steal"), so a run
+disturbed by a neighbour shows it.
 
 Run:  python benchmarks/bench_stream.py [--levels 1,8,32] [--requests N] [--json]
 """
@@ -91,12 +92,14 @@ the progress lines and the JSON says how idle it was.
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy since boot (all cores, steal excluded)."""
+def _machine_seconds() -> tuple[float, float]:
+    """CPU seconds the whole machine spent busy since boot (all cores, steal excluded), and
+    the seconds the hypervisor gave to other guests while this one wanted to run (steal)."""
     with open("/proc/stat") as f:
         parts = f.readline().split()
     user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in parts[1:8])
-    return (user + nice + system + irq + softirq) / _TICK
+    steal = int(parts[8]) if len(parts) > 8 else 0
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
 
 
 def _component(proc: psutil.Process, me: int) -> str:
@@ -117,13 +120,16 @@ def _component(proc: psutil.Process, me: int) -> str:
     return "other-child"
 
 
+Snapshot = tuple[float, float, float, dict[str, float]]  # wall, busy, steal, ours
+
+
 class CpuMeter:
     """CPU seconds used by this process and each kind of child, and by everything else."""
 
     def __init__(self) -> None:
         self._me = psutil.Process()
 
-    def snapshot(self) -> tuple[float, float, dict[str, float]]:
+    def snapshot(self) -> Snapshot:
         parts: dict[str, float] = {}
         for proc in [self._me, *self._me.children(recursive=True)]:
             try:
@@ -132,18 +138,20 @@ class CpuMeter:
                 continue
             name = _component(proc, self._me.pid)
             parts[name] = parts.get(name, 0.0) + t.user + t.system
-        return time.perf_counter(), _busy_seconds(), parts
+        busy, steal = _machine_seconds()
+        return time.perf_counter(), busy, steal, parts
 
     @staticmethod
-    def delta(
-        a: tuple[float, float, dict[str, float]], b: tuple[float, float, dict[str, float]]
-    ) -> dict[str, float]:
-        """Cores used per component between two snapshots, plus `other` (not ours)."""
+    def delta(a: Snapshot, b: Snapshot) -> dict[str, float]:
+        """Cores used per component between two snapshots, plus `other` (not ours) and
+        `steal` (taken by the hypervisor: on a shared VM, a cause of noisy rounds)."""
         wall = max(b[0] - a[0], 1e-9)
-        ours = {k: (v - a[2].get(k, 0.0)) / wall for k, v in b[2].items()}
+        ours = {k: (v - a[3].get(k, 0.0)) / wall for k, v in b[3].items()}
         ours = {k: max(v, 0.0) for k, v in ours.items()}
         other = (b[1] - a[1]) / wall - sum(ours.values())
-        return {**{k: round(v, 3) for k, v in sorted(ours.items())}, "other": round(other, 3)}
+        steal = (b[2] - a[2]) / wall
+        return {**{k: round(v, 3) for k, v in sorted(ours.items())}, "other": round(other, 3),
+                "steal": round(steal, 3)}  # fmt: skip
 
 
 async def wait_idle(meter: CpuMeter, system: str, limit: float) -> None:
@@ -340,7 +348,7 @@ async def drive(
                 f"[round {rnd + 1} {system}] c={level:<3} {n} requests in {wall:5.1f} s: "
                 f"TTFT p50 {res.ttft_p50_ms:6.1f} ms p99 {res.ttft_p99_ms:6.1f} ms, "
                 f"{res.tokens_per_s:6.0f} tok/s; other CPU {res.cpu_cores['other']:.2f} "
-                f"cores{note}"
+                f"cores, steal {res.cpu_cores['steal']:.2f}{note}"
             )
     return results
 
@@ -569,9 +577,9 @@ def print_single(system: str, results: list[dict[str, Any]]) -> None:
 
 
 def cpu_per_token_us(result: dict[str, Any]) -> dict[str, float]:
-    """CPU microseconds per generated token, per component (not `other`)."""
+    """CPU microseconds per generated token, per component (not `other` nor `steal`)."""
     tps = result["tokens_per_s"] or float("nan")
-    return {k: v / tps * 1e6 for k, v in result["cpu_cores"].items() if k != "other"}
+    return {k: v / tps * 1e6 for k, v in result["cpu_cores"].items() if k not in ("other", "steal")}
 
 
 def print_cpu(per_system: dict[str, list[dict[str, Any]]]) -> None:
@@ -591,11 +599,15 @@ def print_cpu(per_system: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def noisy_levels(raw: list[LevelResult]) -> list[str]:
-    return [
-        f"round {r.round + 1} {r.system} c={r.concurrency}: {r.cpu_cores['other']:.2f} cores"
-        for r in raw
-        if r.cpu_cores.get("other", 0.0) > NOISY_OTHER_CORES
-    ]
+    """Levels during which other processes, or other guests of the hypervisor (steal),
+    took more than NOISY_OTHER_CORES."""
+    noisy = []
+    for r in raw:
+        taken = {k: r.cpu_cores.get(k, 0.0) for k in ("other", "steal")}
+        if any(v > NOISY_OTHER_CORES for v in taken.values()):
+            where = f"round {r.round + 1} {r.system} c={r.concurrency}"
+            noisy.append(f"{where}: other {taken['other']:.2f}, steal {taken['steal']:.2f} cores")
+    return noisy
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -776,7 +788,9 @@ def run(args: argparse.Namespace) -> int:
         print_cpu(per_system)
     if noisy:
         progress(
-            "warning: other processes used the CPU during: " + "; ".join(noisy) + " "
+            "warning: other processes or the hypervisor (steal) took CPU during: "
+            + "; ".join(noisy)
+            + " "
             "(figures from a busy machine are not comparable; rerun when it is idle)"
         )
     return 1 if any(r.errors for r in raw) else 0
