@@ -4,9 +4,9 @@ One pub/sub connection per gateway process (`gateway.pubsub`), multiplexed over 
 requests: it subscribes once to the pattern of this gateway's channels
 (`corral:chan:<gateway id>:*`), so every request's channel is subscribed before its task
 is enqueued, without a SUBSCRIBE per request. Each message is routed to the request's
-`Subscription` as soon as it is read. The same
-connection hears `keys.KEYS_CHANGED`: each note (and each reconnection, when notes may
-have been missed) starts a new `keys_epoch`, which invalidates cached key lookups.
+`Subscription` as soon as it is read. The same connection hears `keys.KEYS_CHANGED`: each
+note (and each reconnection, when notes may have been missed) starts a new `keys_epoch`,
+which invalidates cached key lookups.
 
 A subscription turns silence into errors, so no client ever hangs: a frame out of
 sequence ends the stream (`StreamBroken`); a worker whose heartbeat key expired ends it
@@ -32,8 +32,8 @@ from gateway.pubsub import PubSubConnection
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 1.0
-_KEYS_CHANGED = keys.KEYS_CHANGED.encode()  # silence after which the worker's heartbeat is checked
+WATCH_INTERVAL_S = 1.0  # silence after which the worker's heartbeat is checked
+_KEYS_CHANGED = keys.KEYS_CHANGED.encode()
 
 
 class Subscription:
