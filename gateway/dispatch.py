@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
 from celery import Celery
+from redis.exceptions import RedisError
 
 from common import keys
 from common.celery_config import celery_config
@@ -89,7 +90,10 @@ class Dispatcher:
             )
         event = self._messages.sent_event(message)  # for Flower; the worker has the task
         if event is not None:
-            await self._redis.publish(event.channel, event.payload)
+            try:
+                await self._redis.publish(event.channel, event.payload)
+            except RedisError as exc:  # the task is queued: a lost event must not fail it
+                log.warning("job=%s task-sent event not sent: %r", job.request_id, exc)
         log.info(
             "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
             job.request_id, job.model, job.priority.value, job.kind.value, job.stream,

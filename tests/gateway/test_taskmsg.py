@@ -23,6 +23,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common import keys
 from common.celery_config import celery_config
@@ -244,3 +245,22 @@ def test_task_sent_channel_follows_the_broker_db(url: str, channel: str) -> None
     finally:
         app.close()
     assert event is not None and event.channel == channel
+
+
+def test_a_lost_task_sent_event_does_not_fail_the_request(db: redis.Redis,
+                                                          redis_server: EmbeddedRedis,
+                                                          model: str) -> None:  # fmt: skip
+    """The event goes out after the task is queued; if its PUBLISH fails, the request
+    (already queued, soon running) must not be answered with an error."""
+    job = make_job(model)
+
+    async def work(d: Dispatcher) -> None:
+        async def broken(*_: Any) -> int:
+            raise RedisConnectionError("gone")
+
+        d._redis.publish = broken  # type: ignore[method-assign]
+        await d.submit(job)
+
+    with_dispatcher(redis_server.url, work)
+    queued = db.lrange(keys.queue_name(model, Priority.NORMAL), 0, -1)
+    assert [decoded(e)["headers"]["id"] for e in queued] == [job.request_id]
