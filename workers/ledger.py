@@ -74,11 +74,18 @@ class PendingClaim:
             self._release(broken=True)
             raise
         self._claim: Claim | None = None
+        self._failed: BaseException | None = None  # why the reply could not be read
 
     def result(self) -> Claim:
-        """The verdict (read once; later calls return it again)."""
+        """The verdict (read once; later calls return it, or raise what reading it did)."""
+        if self._failed is not None:
+            raise self._failed
         if self._claim is None:
-            self._claim = self._verdict(self._reply())
+            try:
+                self._claim = self._verdict(self._reply())
+            except Exception as exc:
+                self._failed = exc
+                raise
         return self._claim
 
     def _reply(self) -> Any:

@@ -110,3 +110,15 @@ def test_a_decoding_client_reads_the_same_outcomes(redis_server: EmbeddedRedis) 
         assert claim(client, job, "w2", 60) is Claim.LOST
     finally:
         client.close()
+
+
+def test_a_claim_whose_reply_was_lost_raises_again_when_asked_again(r: redis.Redis) -> None:
+    """The task reads the claim right after sending its request and, if that call failed
+    first, once more after it: both must report the lost reply, not trip on the state."""
+    pending = ledger.PendingClaim(r, _job(stream=True), "w-lost", 60)
+    assert pending._conn is not None
+    pending._conn.disconnect()  # the reply is gone with the connection
+    with pytest.raises(redis.ConnectionError):
+        pending.result()
+    with pytest.raises(redis.ConnectionError):
+        pending.result()
