@@ -149,6 +149,7 @@ class QoS(kombu_redis.QoS):
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.disconnect()
+            self.channel.pool.release(conn)  # taken with `get_connection`: give it back
 
 
 class Channel(kombu_redis.Channel):
