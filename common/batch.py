@@ -41,6 +41,9 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: str = "processed"
+    # The id of the API key that made it (`gateway.tenancy`); kept beside the object, never
+    # sent to clients.
+    owner: str | None = Field(default=None, exclude=True)
 
 
 class BatchState(StrEnum):
@@ -98,6 +101,9 @@ class Batch(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
+    # The id of the API key that made it (`gateway.tenancy`); its items and result files
+    # belong to that key too. Kept in the batch's record, never sent to clients.
+    owner: str | None = Field(default=None, exclude=True)
 
 
 class BatchLine(BaseModel):

@@ -133,10 +133,11 @@ EJECTED = f"{PREFIX}:ejected"
 
 # The OpenAI Files and Batch APIs (`common.batch`).
 FILES = f"{PREFIX}:files"  # sorted set of file ids by creation time
+FILE_OWNERS = f"{PREFIX}:files:owners"  # hash: file id -> the id of the key that made it
 
 
 def file_key(file_id: str) -> str:
-    """Hash: a file's metadata (`FileObject`)."""
+    """String: a file's metadata (`FileObject` JSON)."""
     return f"{PREFIX}:file:{file_id}"
 
 

@@ -47,6 +47,7 @@ class RequestRecord(BaseModel):
     worker: str | None = None
     error: str | None = None
     promoted_at: float | None = None  # moved from low to normal after `low_max_wait`
+    owner: str | None = None  # the API key that sent it: only that key may read or cancel it
     position: int | None = None  # 1 = next to start; only while queued
 
     @classmethod

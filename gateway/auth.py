@@ -2,10 +2,10 @@
 body is read, then the key's rate limits (`gateway.ratelimit`).
 
 - The admin key (`CORRAL_ADMIN_KEY`) may do everything, management routes included.
-- A user key (`corral keys create`) may use the OpenAI routes and look up or cancel a
-  request by its id (an unguessable id it was given); every other route answers it 403.
-  Routes are told apart by their tags, so a route added later without the `openai` or
-  `requests` tag is admin-only: closed unless opened on purpose.
+- A user key (`corral keys create`) may use the OpenAI, batch and request routes, on what
+  it made itself (`gateway.tenancy`); every other route answers it 403. Routes are told
+  apart by their tags, so a route added later without one of `USER_TAGS` is admin-only:
+  closed unless opened on purpose.
 - No key configured at all (no admin key, no user key in Redis): the gateway is open, but
   only on a loopback address or with `--insecure`; bound elsewhere it refuses to start
   (`check_exposure`), and if every key is revoked later it answers 401, never opens.

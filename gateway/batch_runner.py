@@ -38,6 +38,7 @@ from gateway.batches import KINDS, WINDOWS, BatchStore, failed_batch, item_id, i
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
 from gateway.leader import LeaderLock
+from gateway.tenancy import EVERYONE, Caller
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +76,28 @@ class BatchRunner:
     # -- creation -----------------------------------------------------------------
     async def create(self, input_file_id: str, endpoint: str, window: str,
                      metadata: dict[str, str] | None,
-                     allows_model: Callable[[str], bool] | None = None) -> Batch:  # fmt: skip
+                     caller: Caller = EVERYONE) -> Batch:  # fmt: skip
+        """The input file must be the caller's, and its models ones the caller may use;
+        the batch, its items and its result files are the caller's."""
         if endpoint not in KINDS:
             raise InvalidRequest(f"Unsupported endpoint {endpoint!r}: use {', '.join(KINDS)}.",
                                  param="endpoint")  # fmt: skip
         if window not in WINDOWS:
             raise InvalidRequest("completion_window must be '24h'.", param="completion_window")
         meta = await self.store.files.get(input_file_id)
-        if meta is None:
+        if meta is None or not caller.sees(meta.owner):
             raise FileNotFound(f"No file {input_file_id!r}.", param="input_file_id")
         if meta.purpose != "batch":
             raise InvalidRequest(f"File {input_file_id!r} has purpose {meta.purpose!r}, "
                                  "not 'batch'.", param="input_file_id")  # fmt: skip
         lines, errors = await self._parse(input_file_id, endpoint)
         models = {str(ln.body["model"]) for ln in lines}
-        refused = sorted(m for m in models if allows_model is not None and not allows_model(m))
+        refused = sorted(m for m in models if not caller.allows_model(m))
         if refused:
             raise PermissionDenied(f"This API key may not use the model(s) {', '.join(refused)}.",
                                    param="input_file_id", code="model_not_allowed")  # fmt: skip
         if errors:
-            batch = failed_batch(input_file_id, endpoint, window, errors, metadata)
+            batch = failed_batch(input_file_id, endpoint, window, errors, metadata, caller.owner)
             await self.store.save_new(batch)
             return batch
         await self._ensure_placed(models)
@@ -103,6 +106,7 @@ class BatchRunner:
             endpoint=endpoint, input_file_id=input_file_id, completion_window=window,
             status=BatchState.IN_PROGRESS, in_progress_at=now, expires_at=now + WINDOWS[window],
             request_counts=RequestCounts(total=len(lines)), metadata=metadata,
+            owner=caller.owner,
         )  # fmt: skip
         await self.store.save_new(batch)
         self._lines[batch.id] = lines
@@ -293,7 +297,7 @@ class BatchRunner:
     async def _write(self, batch: Batch, lines: list[str]) -> FileObject:
         content = "\n".join(lines) + "\n"
         meta = FileObject(bytes=len(content.encode()), filename=f"{batch.id}_output.jsonl",
-                          purpose="batch_output")  # fmt: skip
+                          purpose="batch_output", owner=batch.owner)  # fmt: skip
         return await self.store.files.put(meta, content)
 
 

@@ -59,6 +59,7 @@ def item_job(batch: Batch, index: int, line: BatchLine) -> Job:
         deadline=float(batch.expires_at or time.time() + WINDOWS["24h"]),
         batch_id=batch.id,
         custom_id=line.custom_id,
+        owner=batch.owner,
     )
 
 
@@ -75,7 +76,7 @@ class BatchStore:
             "total": batch.request_counts.total,
             "completed": 0, "failed": 0, "skipped": 0, "enqueued": 0,
         }  # fmt: skip
-        for name in ("in_progress_at", "failed_at"):
+        for name in ("in_progress_at", "failed_at", "owner"):
             if getattr(batch, name) is not None:
                 fields[name] = getattr(batch, name)
         pipe = self._redis.pipeline(transaction=True)
@@ -109,9 +110,17 @@ class BatchStore:
         await self.update(batch_id, status=status, **fields)
         log.info("batch=%s status=%s", batch_id, status.value)
 
-    async def list(self, after: str | None, limit: int) -> tuple[list[Batch], bool]:
-        """Newest first, OpenAI's cursor paging; returns (page, has_more)."""
+    async def list(
+        self, after: str | None, limit: int, viewer: str | None = None
+    ) -> tuple[list[Batch], bool]:
+        """Newest first, OpenAI's cursor paging; returns (page, has_more). `viewer` limits
+        it to the batches of one owner (`gateway.tenancy`)."""
         ids = [str(i) for i in await self._redis.zrevrange(keys.BATCHES, 0, -1)]
+        if viewer is not None:
+            pipe = self._redis.pipeline(transaction=False)
+            for i in ids:
+                pipe.hget(keys.batch_key(i), "owner")
+            ids = [i for i, owner in zip(ids, await pipe.execute(), strict=True) if owner == viewer]
         if after is not None:
             if after not in ids:
                 raise InvalidRequest(f"Unknown cursor {after!r}.", param="after")
@@ -146,17 +155,17 @@ def from_hash(raw: dict[str, str]) -> Batch:
                  "cancelling_at", "cancelled_at"):  # fmt: skip
         if raw.get(name):
             data[name] = int(float(raw[name]))
-    for name in ("output_file_id", "error_file_id"):
+    for name in ("output_file_id", "error_file_id", "owner"):
         if raw.get(name):
             data[name] = raw[name]
     return Batch.model_validate(data)
 
 
 def failed_batch(input_file_id: str, endpoint: str, window: str, errors: list[LineError],
-                 metadata: dict[str, str] | None) -> Batch:  # fmt: skip
+                 metadata: dict[str, str] | None, owner: str | None) -> Batch:  # fmt: skip
     now = int(time.time())
     return Batch(
         endpoint=endpoint, input_file_id=input_file_id, completion_window=window,
         status=BatchState.FAILED, errors=BatchErrors(data=errors), failed_at=now,
-        metadata=metadata,
+        metadata=metadata, owner=owner,
     )  # fmt: skip

@@ -23,6 +23,7 @@ from gateway.aio import cancel_and_wait
 from gateway.sse import SSEResponse, wait_disconnect
 from gateway.state import GatewayState
 from gateway.stream import Subscription
+from gateway.tenancy import caller_of
 
 Abandon = Callable[[], Awaitable[None]]
 
@@ -53,6 +54,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         priority=priority,
         channel=state.hub.channel(request_id),
         deadline=time.time() + timeout,
+        owner=caller_of(request).owner,
     )
     sub = state.hub.open(request_id, job.deadline)
     request.state.subscription = sub  # its final usage: rate limits and metrics

@@ -13,18 +13,22 @@ from common.batch import FileObject
 
 
 class FileStore(Protocol):
+    """Files with their owner (`FileObject.owner`, the key that made them), which the API
+    never shows. `viewer` limits a listing to one owner's files; None lists everyone's."""
+
     async def put(self, meta: FileObject, content: str) -> FileObject: ...
     async def get(self, file_id: str) -> FileObject | None: ...
     async def content(self, file_id: str) -> str | None: ...
     async def delete(self, file_id: str) -> bool: ...
     async def list(
-        self, purpose: str | None, limit: int, after: str | None
+        self, purpose: str | None, limit: int, after: str | None, viewer: str | None = None
     ) -> list[FileObject]: ...
 
 
 class RedisFileStore:
-    """Files as Redis strings (metadata JSON + content), indexed by creation time. The
-    broker runs with `noeviction`, so a stored file is never dropped to make room."""
+    """Files as Redis strings (metadata JSON + content), indexed by creation time; owners in
+    one hash beside them. The broker runs with `noeviction`, so a stored file is never
+    dropped to make room."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
@@ -33,13 +37,22 @@ class RedisFileStore:
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(keys.file_content_key(meta.id), content)
         pipe.set(keys.file_key(meta.id), meta.model_dump_json())
+        if meta.owner is not None:
+            pipe.hset(keys.FILE_OWNERS, meta.id, meta.owner)
         pipe.zadd(keys.FILES, {meta.id: meta.created_at})
         await pipe.execute()
         return meta
 
     async def get(self, file_id: str) -> FileObject | None:
-        raw = await self._redis.get(keys.file_key(file_id))
-        return FileObject.model_validate_json(raw) if raw else None
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(keys.file_key(file_id))
+        pipe.hget(keys.FILE_OWNERS, file_id)
+        raw, owner = await pipe.execute()
+        if not raw:
+            return None
+        meta = FileObject.model_validate_json(raw)
+        meta.owner = None if owner is None else str(owner)
+        return meta
 
     async def content(self, file_id: str) -> str | None:
         raw = await self._redis.get(keys.file_content_key(file_id))
@@ -48,11 +61,14 @@ class RedisFileStore:
     async def delete(self, file_id: str) -> bool:
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(keys.file_key(file_id), keys.file_content_key(file_id))
+        pipe.hdel(keys.FILE_OWNERS, file_id)
         pipe.zrem(keys.FILES, file_id)
-        deleted, _ = await pipe.execute()
+        deleted, *_ = await pipe.execute()
         return bool(deleted)
 
-    async def list(self, purpose: str | None, limit: int, after: str | None) -> list[FileObject]:
+    async def list(
+        self, purpose: str | None, limit: int, after: str | None, viewer: str | None = None
+    ) -> list[FileObject]:
         """Newest first; `after` is the id of the last file of the previous page."""
         ids = [str(i) for i in await self._redis.zrevrange(keys.FILES, 0, -1)]
         if after in ids:
@@ -60,8 +76,11 @@ class RedisFileStore:
         out: list[FileObject] = []
         for file_id in ids:
             meta = await self.get(file_id)
-            if meta is not None and (purpose is None or meta.purpose == purpose):
-                out.append(meta)
-                if len(out) >= limit:
-                    break
+            if meta is None or (purpose is not None and meta.purpose != purpose):
+                continue
+            if viewer is not None and meta.owner != viewer:
+                continue
+            out.append(meta)
+            if len(out) >= limit:
+                break
         return out

@@ -36,6 +36,7 @@ def new_record(job: Job) -> RequestRecord:
         channel=job.channel,
         enqueued_at=job.enqueued_at,
         deadline=job.deadline,
+        owner=job.owner,
     )
 
 

@@ -1,15 +1,17 @@
-"""The OpenAI Batch API: create, get, list (cursor paging), cancel."""
+"""The OpenAI Batch API: create, get, list (cursor paging), cancel. A user key sees only
+its own batches (`gateway.tenancy`)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from common.batch import Batch
-from gateway.auth import principal_of
+from gateway.batches import BatchNotFound
 from gateway.deps import State
+from gateway.tenancy import Caller, CallerDep
 
 router = APIRouter(tags=["batch"])
 
@@ -22,23 +24,21 @@ class CreateBatch(BaseModel):
 
 
 @router.post("/v1/batches")
-async def create_batch(body: CreateBatch, state: State, request: Request) -> Batch:
+async def create_batch(body: CreateBatch, state: State, caller: CallerDep) -> Batch:
     """Items run at batch priority whatever the key's cap; the key's model list applies."""
-    principal = principal_of(request)
-    key = principal.key if principal else None
     return await state.batches.create(
-        body.input_file_id, body.endpoint, body.completion_window, body.metadata,
-        allows_model=key.allows_model if key is not None else None,
-    )  # fmt: skip
+        body.input_file_id, body.endpoint, body.completion_window, body.metadata, caller
+    )
 
 
 @router.get("/v1/batches")
 async def list_batches(
     state: State,
+    caller: CallerDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    page, more = await state.batches.store.list(after, limit)
+    page, more = await state.batches.store.list(after, limit, caller.viewer)
     return {
         "object": "list",
         "data": [b.model_dump(mode="json") for b in page],
@@ -49,10 +49,18 @@ async def list_batches(
 
 
 @router.get("/v1/batches/{batch_id}")
-async def get_batch(batch_id: str, state: State) -> Batch:
-    return await state.batches.store.load(batch_id)
+async def get_batch(batch_id: str, state: State, caller: CallerDep) -> Batch:
+    return await _visible(state, batch_id, caller)
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, state: State) -> Batch:
+async def cancel_batch(batch_id: str, state: State, caller: CallerDep) -> Batch:
+    await _visible(state, batch_id, caller)
     return await state.batches.store.cancel(batch_id)
+
+
+async def _visible(state: State, batch_id: str, caller: Caller) -> Batch:
+    batch = await state.batches.store.load(batch_id)  # 404 if unknown
+    if not caller.sees(batch.owner):
+        raise BatchNotFound(f"No batch {batch_id!r}.", param="batch_id")
+    return batch

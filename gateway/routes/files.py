@@ -1,5 +1,6 @@
 """The OpenAI Files API, for batch input and output: `POST /v1/files` (multipart,
-`purpose=batch`, JSONL checked line by line), list, get, content, delete."""
+`purpose=batch`, JSONL checked line by line), list, get, content, delete. A user key sees
+only the files it uploaded and the results of its own batches (`gateway.tenancy`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from common.batch import FileObject, parse_input
 from common.errors import InvalidRequest, PayloadTooLarge
 from gateway.batch_runner import FileNotFound
 from gateway.deps import State
+from gateway.tenancy import Caller, CallerDep
 
 router = APIRouter(tags=["batch"])
 
@@ -21,6 +23,7 @@ MAX_REPORTED = 20  # line errors listed in a refusal
 @router.post("/v1/files")
 async def upload(
     state: State,
+    caller: CallerDep,
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> FileObject:
@@ -40,42 +43,43 @@ async def upload(
         raise InvalidRequest(f"Invalid batch file: {listed}{more}.", param="file",
                              code="invalid_batch_file")  # fmt: skip
     meta = FileObject(bytes=len(content), filename=file.filename or "batch.jsonl",
-                      purpose=purpose)  # fmt: skip
+                      purpose=purpose, owner=caller.owner)  # fmt: skip
     return await state.batches.store.files.put(meta, content.decode())
 
 
 @router.get("/v1/files")
 async def list_files(
     state: State,
+    caller: CallerDep,
     purpose: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     after: str | None = None,
 ) -> dict[str, Any]:
-    files = await state.batches.store.files.list(purpose, limit, after)
+    files = await state.batches.store.files.list(purpose, limit, after, caller.viewer)
     return {"object": "list", "data": [f.model_dump() for f in files]}
 
 
-async def _meta(state: State, file_id: str) -> FileObject:
+async def _meta(state: State, file_id: str, caller: Caller) -> FileObject:
     meta = await state.batches.store.files.get(file_id)
-    if meta is None:
+    if meta is None or not caller.sees(meta.owner):
         raise FileNotFound(f"No file {file_id!r}.", param="file_id")
     return meta
 
 
 @router.get("/v1/files/{file_id}")
-async def get_file(file_id: str, state: State) -> FileObject:
-    return await _meta(state, file_id)
+async def get_file(file_id: str, state: State, caller: CallerDep) -> FileObject:
+    return await _meta(state, file_id, caller)
 
 
 @router.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, state: State) -> Response:
-    await _meta(state, file_id)
+async def file_content(file_id: str, state: State, caller: CallerDep) -> Response:
+    await _meta(state, file_id, caller)
     content = await state.batches.store.files.content(file_id)
     return Response(content or "", media_type="application/octet-stream")
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(file_id: str, state: State) -> dict[str, Any]:
-    await _meta(state, file_id)
+async def delete_file(file_id: str, state: State, caller: CallerDep) -> dict[str, Any]:
+    await _meta(state, file_id, caller)
     await state.batches.store.files.delete(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -1,6 +1,6 @@
 """`GET /v1/requests/{id}` (state, queue position, worker) and
 `POST /v1/requests/{id}/cancel` — for the id in any reply's `X-Request-ID`, from any
-gateway of the cluster."""
+gateway of the cluster, by the key that sent the request (or the admin key)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from common.errors import CorralError, InvalidRequest
 from common.tracking import RequestRecord, RequestState
 from gateway.deps import State
+from gateway.tenancy import Caller, CallerDep
 
 router = APIRouter(tags=["requests"])
 
@@ -19,23 +20,23 @@ class RequestNotFound(CorralError):
     default_code = "request_not_found"
 
 
-async def _record(state: State, request_id: str) -> RequestRecord:
+async def _record(state: State, request_id: str, caller: Caller) -> RequestRecord:
     record = await state.dispatcher.tracker.get(request_id)
-    if record is None:
+    if record is None or not caller.sees(record.owner):
         raise RequestNotFound(f"No request {request_id!r} (unknown, or finished over an hour ago).")
     return record
 
 
 @router.get("/v1/requests/{request_id}")
-async def get_request(request_id: str, state: State) -> RequestRecord:
-    return await _record(state, request_id)
+async def get_request(request_id: str, state: State, caller: CallerDep) -> RequestRecord:
+    return await _record(state, request_id, caller)
 
 
 @router.post("/v1/requests/{request_id}/cancel")
-async def cancel_request(request_id: str, state: State) -> RequestRecord:
+async def cancel_request(request_id: str, state: State, caller: CallerDep) -> RequestRecord:
     """Queued: it never runs. Running: its worker closes the llama-server stream. Either
     way its client gets a `cancelled` error at once."""
-    record = await _record(state, request_id)
+    record = await _record(state, request_id, caller)
     if record.state.final:
         raise InvalidRequest(
             f"Request {request_id!r} already ended ({record.state.value}).",
@@ -47,4 +48,4 @@ async def cancel_request(request_id: str, state: State) -> RequestRecord:
         await state.dispatcher.notify(
             record.channel, CorralError("The request was cancelled.", code="cancelled", status=499)
         )
-    return await _record(state, request_id)
+    return await _record(state, request_id, caller)

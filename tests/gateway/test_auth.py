@@ -6,7 +6,6 @@ cluster, on its Valkey and workers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,6 @@ import redis.asyncio as aioredis
 from common import keys
 from common.errors import AuthenticationFailed
 from common.settings import Settings
-from corral.redis_server import EmbeddedRedis
 from gateway.auth import Authenticator, Role, check_exposure
 from tests.conftest import CHAT, EMBED, Cluster
 from tests.gateway.edge import (
@@ -28,7 +26,6 @@ from tests.gateway.edge import (
     bearer,
     client,
     corral,
-    drop_keys,
     full_logs,
     start_gateway,
 )
@@ -36,20 +33,7 @@ from workers.ports import free_port
 
 HI = [{"role": "user", "content": "Hello there"}]
 SECRETS: list[str] = [ADMIN_KEY]  # every secret used here: none may reach a log
-
-
-@pytest.fixture(scope="module")
-def gw(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    running = start_gateway(cluster.redis_url, tmp_path_factory.mktemp("auth-gw"),
-                            CORRAL_ADMIN_KEY=ADMIN_KEY)  # fmt: skip
-    yield running
-    running.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_keys_left(redis_server: EmbeddedRedis) -> Iterator[None]:
-    yield
-    drop_keys(redis_server.url)
+pytestmark = pytest.mark.usefixtures("no_keys_left")
 
 
 def user_key(gw: Cluster, name: str, **limits: object) -> str:

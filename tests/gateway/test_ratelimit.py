@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,13 +21,12 @@ from tests.gateway.edge import (
     add_key,
     assert_envelope,
     bearer,
-    drop_keys,
     samples,
-    start_gateway,
     value,
 )
 
 HI = [{"role": "user", "content": "Hello there"}]
+pytestmark = pytest.mark.usefixtures("no_keys_left")
 
 
 @pytest.mark.parametrize(
@@ -103,20 +101,6 @@ def test_token_debt_holds_requests_back_until_repaid(redis_server: EmbeddedRedis
         and held.headers["x-ratelimit-remaining-tokens"] == "0"
     )
     assert free.allowed
-
-
-@pytest.fixture(scope="module")
-def gw(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    running = start_gateway(cluster.redis_url, tmp_path_factory.mktemp("ratelimit-gw"),
-                            CORRAL_ADMIN_KEY=ADMIN_KEY)  # fmt: skip
-    yield running
-    running.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_keys_left(redis_server: EmbeddedRedis) -> Iterator[None]:
-    yield
-    drop_keys(redis_server.url)
 
 
 def test_request_limit_reached_then_reset(gw: Cluster) -> None:
