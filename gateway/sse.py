@@ -69,11 +69,14 @@ class SSEResponse(Response):
             watch.cancel()
             await cancel_and_wait(pump)
             self._sub.close()
+        # Read even when it is not raised: a send that failed as the pump was cancelled (the
+        # client gone) would otherwise be logged as "Task exception was never retrieved".
+        failure = None if pump.cancelled() else pump.exception()
         if not self._sub.finished:  # no final frame came: the client left, or we gave up
             log.info("job=%s abandoned before its worker finished", self._sub.request_id)
             await self._on_abandon()
-        elif pump.done() and not pump.cancelled() and pump.exception() is not None:
-            raise pump.exception()  # type: ignore[misc]
+        elif failure is not None:
+            raise failure
 
     async def _start(self, send: Send, status: int = 200, ctype: str = "text/event-stream") -> None:
         headers = [(b"content-type", ctype.encode()), (b"cache-control", b"no-cache")]

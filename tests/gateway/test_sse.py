@@ -5,6 +5,7 @@ before the first token, and an error before that is a proper error reply."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any
 
@@ -68,3 +69,42 @@ def test_an_error_before_accepted_is_an_error_reply() -> None:
     ]))  # fmt: skip
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
     assert b"the prompt is too long" in sent[1]["body"]
+
+
+def test_a_send_failing_as_the_client_leaves_is_not_left_unretrieved() -> None:
+    """The client disconnects while a send is blocked; cancelled, the send fails (a closed
+    transport): the request is abandoned, and that failure is not logged later as a task
+    exception nobody retrieved."""
+
+    async def scenario() -> tuple[list[str], list[dict[str, Any]]]:
+        sub = Subscription(Hub(), "req_1", time.time() + 10)  # type: ignore[arg-type]
+        abandoned: list[str] = []
+        unretrieved: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx))
+        sending = asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                sending.set()
+                try:
+                    await asyncio.sleep(3600)  # a client that stopped reading
+                except asyncio.CancelledError:
+                    raise OSError("the transport is closed") from None
+
+        async def receive() -> dict[str, Any]:
+            await sending.wait()
+            return {"type": "http.disconnect"}
+
+        async def abandon() -> None:
+            abandoned.append(sub.request_id)
+
+        for frame in (Frame(seq=0, type=FrameType.START, worker="w1"),
+                      Frame(seq=1, type=FrameType.CHUNKS, chunks=['{"a":1}'])):  # fmt: skip
+            sub.deliver(frame)
+        await asyncio.wait_for(SSEResponse(sub, abandon, {})({}, receive, send), 5)
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        return abandoned, unretrieved
+
+    abandoned, unretrieved = asyncio.run(scenario())
+    assert abandoned == ["req_1"]
+    assert unretrieved == []
