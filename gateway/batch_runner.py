@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -26,13 +25,13 @@ from common.batch import (
     Batch,
     BatchLine,
     BatchState,
-    FileObject,
     LineError,
     RequestCounts,
     parse_input,
 )
 from common.errors import CorralError, InvalidRequest, PermissionDenied
 from common.tracking import split_running_member
+from gateway import batch_output
 from gateway.aio import cancel_and_wait
 from gateway.batches import KINDS, WINDOWS, BatchStore, failed_batch, item_id, item_job
 from gateway.catalog import Catalog
@@ -234,7 +233,9 @@ class BatchRunner:
         for i, line in missing:
             tries = await self._redis.hincrby(keys.batch_attempts_key(batch.id), line.custom_id)
             if tries > MAX_RESENDS:
-                await record_lost(self._redis, batch.id, item_id(batch.id, i), line.custom_id)
+                await batch_output.record_lost(
+                    self._redis, batch.id, item_id(batch.id, i), line.custom_id, MAX_RESENDS
+                )
             else:
                 resend.append(item_job(batch, i, line))
         log.warning("batch=%s stalled: %d item(s) lost, %d queued again", batch.id,
@@ -273,60 +274,8 @@ class BatchRunner:
     async def finalize(self, batch: Batch, final: BatchState) -> None:
         """Write the output and error files in input order, then end the batch."""
         await self.store.set_status(batch.id, BatchState.FINALIZING)
-        raw = await self._redis.hgetall(keys.batch_results_key(batch.id))
-        results = {str(k): json.loads(v) for k, v in raw.items()}
-        output: list[str] = []
-        errors: list[str] = []
-        for i, line in enumerate(await self.lines(batch)):
-            result = results.get(line.custom_id)
-            if result is None and final is BatchState.EXPIRED:
-                result = _expired_line(item_id(batch.id, i), line.custom_id)
-            if result is None or result.get("skipped"):
-                continue
-            ok = (result.get("response") or {}).get("status_code") == 200
-            (output if ok else errors).append(json.dumps(result))
-        fields = {}
-        if output:
-            fields["output_file_id"] = (await self._write(batch, output)).id
-        if errors:
-            fields["error_file_id"] = (await self._write(batch, errors)).id
-        await self.store.set_status(batch.id, final, **fields)
+        files = await batch_output.write_files(self._redis, self.store.files, batch, final,
+                                               await self.lines(batch))  # fmt: skip
+        await self.store.set_status(batch.id, final, **files)
         await self._redis.srem(keys.BATCHES_ACTIVE, batch.id)
         self._lines.pop(batch.id, None)
-
-    async def _write(self, batch: Batch, lines: list[str]) -> FileObject:
-        content = "\n".join(lines) + "\n"
-        meta = FileObject(bytes=len(content.encode()), filename=f"{batch.id}_output.jsonl",
-                          purpose="batch_output", owner=batch.owner)  # fmt: skip
-        return await self.store.files.put(meta, content)
-
-
-def _expired_line(request_id: str, custom_id: str) -> dict[str, object]:
-    return {
-        "id": f"batch_req_{request_id}", "custom_id": custom_id, "response": None,
-        "error": {"code": "batch_expired",
-                  "message": "This request could not be executed before the batch expired."},
-    }  # fmt: skip
-
-
-_RECORD_LOST = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  return redis.call('HINCRBY', KEYS[2], 'failed', 1)
-end
-return -1
-"""
-
-
-async def record_lost(client: aioredis.Redis, batch_id: str, request_id: str,
-                      custom_id: str) -> None:  # fmt: skip
-    """The same once-only write as a worker's (`workers.batch_sink`), for an item that
-    kept being lost with its workers."""
-    line = {
-        "id": f"batch_req_{request_id}", "custom_id": custom_id,
-        "response": None,
-        "error": {"code": "worker_lost",
-                  "message": f"The workers running this request were lost {MAX_RESENDS} times."},
-    }  # fmt: skip
-    script = client.register_script(_RECORD_LOST)
-    await script(keys=[keys.batch_results_key(batch_id), keys.batch_key(batch_id)],
-                 args=[custom_id, json.dumps(line)])  # fmt: skip
