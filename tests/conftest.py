@@ -43,8 +43,10 @@ class Cluster:
     log_dir: Path
     children: list[Child] = field(default_factory=list)
 
-    def client(self, **kw: object) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, **kw)
+    def client(self, timeout: float | openai.NotGiven = openai.NOT_GIVEN) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=timeout
+        )
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{tail(p)}" for p in sorted(self.log_dir.glob("*.log")))

@@ -75,7 +75,7 @@ def workers(redis_url: str, model: str | None = None) -> list[WorkerInfo]:
     try:
         out = []
         for wid in client.smembers(keys.WORKERS):
-            raw = client.get(keys.worker_key(wid.decode()))
+            raw = client.get(keys.worker_key(keys.text(wid)))
             if raw is not None:
                 info = WorkerInfo.model_validate_json(raw)
                 if model is None or info.model == model:

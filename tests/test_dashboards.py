@@ -25,7 +25,7 @@ _METRIC = re.compile(r"\bcorral_[a-z0-9_]+\b")
 def exported(registry: Any) -> set[str]:
     """The series names a scrape shows (a counter only as `_total`, a histogram only as
     its `_bucket`, `_count` and `_sum`)."""
-    names = set()
+    names: set[str] = set()
     for family in registry.collect():
         names.update(family.name + s for s in _SUFFIXES.get(family.type, [""]))
     return names

@@ -188,6 +188,7 @@ def test_worker_serves_a_configured_model_from_the_models_volume(
     settings = load_settings(d.config)
     alias, model = resolve_worker_model(settings, d.args)
     assert alias == d.args.model, "--model names an alias of the mounted config"
+    assert model is not None
     assert "/models" in bind_mounts(d.service), "a models volume at /models"
     model_path = PurePosixPath(str(settings.resolve_model_path(model)))
     assert model_path.is_relative_to("/models"), model_path

@@ -27,6 +27,7 @@ import psutil
 import pytest
 import redis
 import yaml
+from openai.types.chat import ChatCompletionMessageParam
 
 from common import keys
 from common.memory import MemoryRecord
@@ -38,7 +39,7 @@ from tests.support import wait_for, workers
 from workers.estimate import estimate_file
 
 BUDGET = "110MiB"
-HI = [{"role": "user", "content": "Hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 ESTIMATE_TOLERANCE = 1.3  # measured RSS <= estimate <= 1.3 x measured (compute buffers)
 
 

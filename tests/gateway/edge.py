@@ -23,7 +23,8 @@ ADMIN_KEY = "sk-admin-" + "t3st" * 8
 
 def start_gateway(redis_url: str, log_dir: Path, **env: str) -> Cluster:
     """One more gateway (no workers of its own) on `redis_url`."""
-    return start_cluster(redis_url, log_dir, [], **env)
+    # worker_states given by position: no key of `env` can then be taken for it
+    return start_cluster(redis_url, log_dir, [], ("ready",), **env)
 
 
 def corral(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

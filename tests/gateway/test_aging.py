@@ -78,7 +78,9 @@ def test_aged_lows_move_to_normal_by_age(
     n_old = enqueue(celery_app, r, Priority.NORMAL, waited=40)
     n_young = enqueue(celery_app, r, Priority.NORMAL, waited=5)
     l_30, l_20, l_new = (enqueue(celery_app, r, Priority.LOW, w) for w in (30, 20, 0.1))
-    since = enqueued_at(r.lindex(LOW, -1))  # l_30's
+    last = r.lindex(LOW, -1)  # l_30's
+    assert isinstance(last, str)  # `r` decodes replies
+    since = enqueued_at(last)
 
     assert promote(own_redis.url, max_wait=10) == 2
     assert ids(r, LOW) == [l_new]  # not old enough: stays
@@ -122,6 +124,7 @@ def test_script_moves_a_message_only_while_it_is_last(
     oldest, other = (enqueue(celery_app, r, Priority.LOW, w) for w in (30, 20))
     script = r.register_script(PROMOTE_LUA)
     last, not_last = r.lindex(LOW, -1), r.lindex(LOW, 0)
+    assert last is not None and not_last is not None
     record = keys.request_key(other)
     # a message that is not (or no longer) the last one: nothing moves
     assert script(keys=[LOW, NORMAL, record], args=[not_last, "moved", "", "normal", 1]) == 0

@@ -13,6 +13,8 @@ import openai
 import pytest
 import redis
 import redis.asyncio as aioredis
+from openai.types.chat import ChatCompletionMessageParam
+from pydantic import SecretStr
 
 from common import keys
 from common.errors import AuthenticationFailed
@@ -31,7 +33,7 @@ from tests.gateway.edge import (
 )
 from workers.ports import free_port
 
-HI = [{"role": "user", "content": "Hello there"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
 SECRETS: list[str] = [ADMIN_KEY]  # every secret used here: none may reach a log
 pytestmark = pytest.mark.usefixtures("no_keys_left")
 
@@ -185,7 +187,9 @@ def test_keyless_gateway_is_open_only_on_loopback(cluster: Cluster, tmp_path: Pa
         assert check_exposure(exposed, r) is not None
         assert check_exposure(exposed.model_copy(update={"insecure": True}), r) is None
         assert check_exposure(Settings(redis_url=cluster.redis_url, host="::1"), r) is None
-        keyed = Settings(redis_url=cluster.redis_url, host="0.0.0.0", admin_key=ADMIN_KEY)
+        keyed = Settings(
+            redis_url=cluster.redis_url, host="0.0.0.0", admin_key=SecretStr(ADMIN_KEY)
+        )
         assert check_exposure(keyed, r) is None
     finally:
         r.close()

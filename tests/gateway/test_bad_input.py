@@ -46,7 +46,10 @@ def post(gw: Cluster, body: bytes | dict[str, object], path: str = "/v1/chat/com
 
 
 def test_body_over_the_limit_is_413(gw: Cluster) -> None:
-    big = {"model": CHAT, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
+    big: dict[str, object] = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "x" * MAX_BODY}],
+    }
     assert_envelope(post(gw, big), 413, "invalid_request_error", "payload_too_large")
 
 

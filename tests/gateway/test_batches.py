@@ -67,6 +67,13 @@ def wait_final(client: openai.OpenAI, batch_id: str, timeout: float = 90) -> Any
     return client.batches.retrieve(batch_id)
 
 
+def completed(client: openai.OpenAI, batch_id: str) -> int:
+    """How many of the batch's items have completed so far."""
+    counts = client.batches.retrieve(batch_id).request_counts
+    assert counts is not None
+    return counts.completed
+
+
 def lines_of(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     if file_id is None:
         return []
@@ -133,7 +140,7 @@ def test_failed_items_land_in_the_error_file(bcluster: Cluster) -> None:
 def test_cancel_midway_stops_items_not_started(bcluster: Cluster) -> None:
     client = bcluster.client()
     batch = submit(client, jsonl(150, max_tokens=64))
-    assert wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 4, 60)
+    assert wait_for(lambda: completed(client, batch.id) >= 4, 60)
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
     done = wait_final(client, batch.id)
@@ -147,7 +154,7 @@ def test_cancel_midway_stops_items_not_started(bcluster: Cluster) -> None:
 def test_interactive_stream_goes_ahead_of_batch_items(bcluster: Cluster) -> None:
     client = bcluster.client()
     batch = submit(client, jsonl(200, max_tokens=32))
-    assert wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 2, 60)
+    assert wait_for(lambda: completed(client, batch.id) >= 2, 60)
     t0 = time.monotonic()
     stream = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "now"}], max_tokens=4, stream=True
@@ -155,7 +162,7 @@ def test_interactive_stream_goes_ahead_of_batch_items(bcluster: Cluster) -> None
     first = next(iter(stream))
     waited = time.monotonic() - t0
     list(stream)
-    remaining = 200 - client.batches.retrieve(batch.id).request_counts.completed
+    remaining = 200 - completed(client, batch.id)
     assert first.choices is not None
     assert remaining > 100, "the batch finished before the interactive request was served"
     assert waited < 3.0, f"interactive request waited {waited:.2f}s behind batch items"
@@ -176,8 +183,7 @@ def test_worker_killed_midway_loses_and_duplicates_nothing(
         client = cluster.client()
         content = jsonl(200, max_tokens=48).replace(MODEL.encode(), b"b-kill")
         batch = submit(client, content)
-        assert wait_for(lambda: client.batches.retrieve(batch.id).request_counts.completed
-                        >= 30, 60)  # fmt: skip
+        assert wait_for(lambda: completed(client, batch.id) >= 30, 60)
         victim = cluster.children[1]
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import CHAT, EMBED, Cluster
 from tests.gateway.edge import samples, value
 from tests.support import corral_child, wait_for, workers
 
-HI = [{"role": "user", "content": "Hello there"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -9,11 +9,12 @@ import time
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import CHAT, EMBED, Cluster
 from tests.support import busy_slots, wait_for, workers
 
-HI = [{"role": "user", "content": "Hello there"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:
@@ -161,7 +162,8 @@ def test_upstream_error_before_first_token_is_a_status(cluster: Cluster) -> None
 def test_disconnect_mid_stream_frees_the_slot(cluster: Cluster) -> None:
     """Client leaves mid-stream → the worker closes its llama-server stream → slot idle."""
     (worker,) = workers(cluster.redis_url, CHAT)
-    assert worker.upstream is not None
+    upstream = worker.upstream
+    assert upstream is not None
     body = {
         "model": CHAT,
         "messages": HI,
@@ -177,7 +179,7 @@ def test_disconnect_mid_stream_frees_the_slot(cluster: Cluster) -> None:
         lines = resp.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert busy_slots(worker.upstream) >= 1
+        assert busy_slots(upstream) >= 1
     left = time.monotonic()
-    assert wait_for(lambda: busy_slots(worker.upstream) == 0, timeout=1.0), cluster.logs()
+    assert wait_for(lambda: busy_slots(upstream) == 0, timeout=1.0), cluster.logs()
     print(f"slot freed {1000 * (time.monotonic() - left):.0f} ms after the client left")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from corral.redis_server import EmbeddedRedis
 from gateway import pubsub
 from gateway.pubsub import PubSubConnection
 
-Run = Callable[[Callable[[], Awaitable[Any]]], Any]
+Run = Callable[[Callable[[], Coroutine[Any, Any, Any]]], Any]
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

@@ -11,7 +11,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,10 @@ def qcluster(
 def _depth(cluster: Cluster, priority: str) -> int:
     stats = httpx.get(f"{cluster.base_url}/v1/queue/stats").json()
     return int(stats["models"][MODEL]["priorities"][priority]["depth"])
+
+
+def _at_depth(cluster: Cluster, priority: str, n: int) -> Callable[[], bool]:
+    return lambda: _depth(cluster, priority) == n
 
 
 def _record(cluster: Cluster, request_id: str) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def test_strict_priority_high_then_normal_then_low(
         futures = {}
         for priority, n in (("low", 50), ("normal", 10), ("high", 5)):
             futures[priority] = background.send(n, priority)
-            assert wait_for(lambda p=priority, n=n: _depth(qcluster, p) == n, 20, 0.05)
+            assert wait_for(_at_depth(qcluster, priority, n), 20, 0.05)
         blocker.cancel()
         replies = {p: [f.result(60) for f in fs] for p, fs in futures.items()}
     started = []
@@ -207,12 +211,13 @@ def _queued_request_id(cluster: Cluster) -> str:
 
 def test_cancel_running_by_id_frees_the_slot(qcluster: Cluster) -> None:
     (worker,) = workers(qcluster.redis_url, MODEL)
-    assert worker.upstream
+    upstream = worker.upstream
+    assert upstream
     with Blocker(qcluster.base_url, MODEL) as blocker:
-        assert busy_slots(worker.upstream) == 1
+        assert busy_slots(upstream) == 1
         assert _record(qcluster, blocker.request_id)["state"] == "running"
         blocker.cancel()
-        assert wait_for(lambda: busy_slots(worker.upstream) == 0, 1.0)
+        assert wait_for(lambda: busy_slots(upstream) == 0, 1.0)
         assert wait_for(lambda: _record(qcluster, blocker.request_id)["state"] == "cancelled", 5)
     r = httpx.post(f"{qcluster.base_url}/v1/requests/{blocker.request_id}/cancel")
     assert r.status_code == 409
@@ -246,7 +251,7 @@ def test_queued_request_reports_its_position(qcluster: Cluster, background: Back
     assert all(f.result(60).status_code == 200 for f in lows + high)
 
 
-def _task_id(message: str) -> str:
+def _task_id(message: bytes | str) -> str:
     return str(json.loads(message)["headers"]["id"])
 
 

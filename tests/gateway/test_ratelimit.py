@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -14,7 +16,7 @@ import redis.asyncio as aioredis
 from common import keys
 from common.apikeys import issue
 from corral.redis_server import EmbeddedRedis
-from gateway.ratelimit import RateLimiter, decide, go_duration
+from gateway.ratelimit import Decision, RateLimiter, decide, go_duration
 from tests.conftest import CHAT, Cluster
 from tests.gateway.edge import (
     ADMIN_KEY,
@@ -51,11 +53,14 @@ def test_headers_name_both_dimensions() -> None:
     assert refused.headers["Retry-After"] == "3"
 
 
-def _limiter(url: str, body: object) -> object:
-    async def run() -> object:
+T = TypeVar("T")
+
+
+def _limiter(url: str, body: Callable[[RateLimiter], Awaitable[T]]) -> T:
+    async def run() -> T:
         client = aioredis.Redis.from_url(url, decode_responses=True)
         try:
-            return await body(RateLimiter(client))  # type: ignore[operator]
+            return await body(RateLimiter(client))
         finally:
             await client.aclose()
 
@@ -65,13 +70,13 @@ def _limiter(url: str, body: object) -> object:
 def test_requests_bucket_bursts_then_refills(redis_server: EmbeddedRedis) -> None:
     key, _ = issue("burst", rpm=3)
 
-    async def body(rl: RateLimiter) -> list[object]:
+    async def body(rl: RateLimiter) -> list[Decision]:
         t0 = 1_000_000.0
         got = [await rl.admit(key, now=t0) for _ in range(4)]
         later = await rl.admit(key, now=t0 + 20)  # 3 per minute: one back every 20 s
         return [*got, later]
 
-    a, b, c, refused, later = _limiter(redis_server.url, body)  # type: ignore[misc]
+    a, b, c, refused, later = _limiter(redis_server.url, body)
     assert [d.allowed for d in (a, b, c)] == [True] * 3
     assert [d.headers["x-ratelimit-remaining-requests"] for d in (a, b, c)] == ["2", "1", "0"]
     assert not refused.allowed and refused.limited_by == "requests"
@@ -85,7 +90,7 @@ def test_requests_bucket_bursts_then_refills(redis_server: EmbeddedRedis) -> Non
 def test_token_debt_holds_requests_back_until_repaid(redis_server: EmbeddedRedis) -> None:
     key, _ = issue("debt", tpm=60)  # one token back per second
 
-    async def body(rl: RateLimiter) -> list[object]:
+    async def body(rl: RateLimiter) -> list[Decision]:
         t0 = 2_000_000.0
         first = await rl.admit(key, now=t0)
         await rl.charge(key, 90, now=t0)  # 30 tokens into debt
@@ -93,7 +98,7 @@ def test_token_debt_holds_requests_back_until_repaid(redis_server: EmbeddedRedis
         free = await rl.admit(key, now=t0 + 31)
         return [first, held, free]
 
-    first, held, free = _limiter(redis_server.url, body)  # type: ignore[misc]
+    first, held, free = _limiter(redis_server.url, body)
     assert first.allowed and first.headers["x-ratelimit-remaining-tokens"] == "60"
     assert not held.allowed and held.limited_by == "tokens"
     assert (

@@ -9,6 +9,8 @@ import gc
 import time
 from typing import Any
 
+from starlette.types import Message
+
 from common.errors import ErrorBody
 from common.frames import Frame, FrameType
 from gateway.sse import SSEResponse
@@ -22,12 +24,12 @@ class Hub:
         pass
 
 
-async def relay(frames: list[Frame]) -> list[dict[str, Any]]:
+async def relay(frames: list[Frame]) -> list[Message]:
     sub = Subscription(Hub(), "req_1", time.time() + 10)  # type: ignore[arg-type]
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
     seen_start = asyncio.Event()
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
         if message["type"] == "http.response.start":
             seen_start.set()
@@ -83,7 +85,7 @@ def test_a_send_failing_as_the_client_leaves_is_not_left_unretrieved() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx))
         sending = asyncio.Event()
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             if message["type"] == "http.response.body":
                 sending.set()
                 try:

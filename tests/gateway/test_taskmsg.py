@@ -255,7 +255,7 @@ def test_a_lost_task_sent_event_does_not_fail_the_request(db: redis.Redis,
     job = make_job(model)
 
     async def work(d: Dispatcher) -> None:
-        async def broken(*_: Any) -> int:
+        async def broken(*_: Any, **__: Any) -> int:
             raise RedisConnectionError("gone")
 
         d._redis.publish = broken  # type: ignore[method-assign]

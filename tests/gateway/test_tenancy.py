@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import CHAT, EMBED, Cluster
 from tests.gateway.edge import (
@@ -23,7 +25,7 @@ from tests.gateway.edge import (
     client,
 )
 
-HI = [{"role": "user", "content": "Hello there"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello there"}]
 pytestmark = pytest.mark.usefixtures("no_keys_left")
 
 
@@ -44,6 +46,7 @@ def test_files_and_batches_belong_to_the_key_that_made_them(gw: Cluster) -> None
     assert upload.id not in {f.id for f in bob.files.list()}
     assert upload.id in {f.id for f in admin.files.list()}
     assert admin.files.retrieve(upload.id).id == upload.id
+    peek: Callable[[str], object]
     for peek in (bob.files.retrieve, bob.files.content, bob.files.delete):
         with pytest.raises(openai.NotFoundError):
             peek(upload.id)
@@ -67,7 +70,8 @@ def test_files_and_batches_belong_to_the_key_that_made_them(gw: Cluster) -> None
         assert batch.status in ("validating", "in_progress", "finalizing"), batch
         assert time.monotonic() < deadline, batch
         time.sleep(0.2)
-    assert batch.output_file_id is not None and batch.request_counts.completed == 2
+    assert batch.output_file_id is not None and batch.request_counts is not None
+    assert batch.request_counts.completed == 2
     results = alice.files.content(batch.output_file_id).text.splitlines()
     assert sorted(json.loads(line)["custom_id"] for line in results) == ["t-0", "t-1"]
     with pytest.raises(openai.NotFoundError):  # the results are alice's too

@@ -11,7 +11,7 @@ from common.settings import Settings
 from workers.runtime import Runtime, Serving
 
 
-def _child(serving: Serving, out: multiprocessing.queues.Queue) -> None:  # type: ignore[type-arg]
+def _child(serving: Serving, out: multiprocessing.queues.Queue[str | None]) -> None:
     out.put(serving.get())
 
 
