@@ -161,6 +161,9 @@ class Channel(kombu_redis.Channel):
         if isinstance(self._qos, QoS):
             self._qos.collect()
         super().close()
+        # kombu disconnects its pools and only then restores what is still unacked, which
+        # opens new connections in a new pool that nobody closes: close that one too.
+        self._disconnect_pools()
 
 
 class Transport(kombu_redis.Transport):
