@@ -13,11 +13,17 @@ import pytest
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from tests.support import corral_child, tail, wait_healthy, wait_ready
+from tests.support import close_clients, corral_child, openai_client, tail, wait_healthy, wait_ready
 from workers.ports import free_port
 
 CHAT = "tiny-chat"
 EMBED = "tiny-embed"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_openai_clients() -> Iterator[None]:
+    yield
+    close_clients()
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +50,7 @@ class Cluster:
     children: list[Child] = field(default_factory=list)
 
     def client(self, timeout: float | openai.NotGiven = openai.NOT_GIVEN) -> openai.OpenAI:
-        return openai.OpenAI(
-            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=timeout
-        )
+        return openai_client(f"{self.base_url}/v1", timeout=timeout)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{tail(p)}" for p in sorted(self.log_dir.glob("*.log")))

@@ -11,12 +11,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import openai
 import psutil
 import redis
 
 from common import keys
 from common.registry import WorkerInfo
 from corral.procs import Child
+
+_CLIENTS: list[openai.OpenAI] = []  # closed at the end of the session (conftest)
+
+
+def openai_client(
+    base_url: str, api_key: str = "unused", timeout: float | openai.NotGiven = openai.NOT_GIVEN
+) -> openai.OpenAI:
+    """The official client on `base_url` (no retries: a test sees the first answer). Kept
+    until the session ends and closed then: a client collected with a keep-alive socket
+    still open is a ResourceWarning, which this suite turns into an error at exit."""
+    made = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout)
+    _CLIENTS.append(made)
+    return made
+
+
+def close_clients() -> None:
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def alive(pid: int) -> bool:

@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import openai
 import psutil
 
-from tests.support import alive, descendants, env_without_corral, wait_for
+from tests.support import alive, descendants, env_without_corral, openai_client, wait_for
 from workers.ports import free_port
 
 
@@ -30,7 +29,7 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         assert "random-weight DEMO models" in text
         assert "curl " in text
 
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        client = openai_client(f"http://127.0.0.1:{port}/v1")
         assert {m.id for m in client.models.list()} == {"corral-demo", "corral-demo-embed"}
         reply = client.chat.completions.create(
             model="corral-demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=8

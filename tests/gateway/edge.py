@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common import keys
 from common.apikeys import issue
 from tests.conftest import Cluster, start_cluster
-from tests.support import env_without_corral
+from tests.support import env_without_corral, openai_client
 
 ADMIN_KEY = "sk-admin-" + "t3st" * 8
 
@@ -64,7 +64,7 @@ def full_logs(cluster: Cluster) -> str:
 
 
 def client(base_url: str, secret: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=secret, max_retries=0)
+    return openai_client(f"{base_url}/v1", secret)
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ import pytest
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
-from tests.support import corral_child, wait_for, wait_healthy, workers
+from tests.support import corral_child, openai_client, wait_for, wait_healthy, workers
 from workers.ports import free_port
 
 MODEL = "b-chat"
@@ -207,7 +207,7 @@ def test_gateway_restarted_midway_batch_completes(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, 0)
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        client = openai_client(f"{base}/v1")
         batch = submit(client, jsonl(60, max_tokens=32))
         assert gw.pid is not None
         os.kill(gw.pid, signal.SIGKILL)
