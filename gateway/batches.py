@@ -125,7 +125,11 @@ class BatchStore:
             if after not in ids:
                 raise InvalidRequest(f"Unknown cursor {after!r}.", param="after")
             ids = ids[ids.index(after) + 1 :]
-        page = [await self.load(i) for i in ids[:limit]]
+        pipe = self._redis.pipeline(transaction=False)
+        for i in ids[:limit]:
+            pipe.hgetall(keys.batch_key(i))
+        page = [from_hash({str(k): str(v) for k, v in raw.items()})
+                for raw in await pipe.execute() if raw]  # fmt: skip
         return page, len(ids) > limit
 
     async def cancel(self, batch_id: str) -> Batch:

@@ -1,16 +1,19 @@
-"""The Redis file store (`gateway.storage`) on a bare Valkey: a listing is newest first,
-pages with `after`, filters by purpose and by owner, and reads more files than fit in one
-of its own pages."""
+"""The Redis stores behind the Files and Batch APIs (`gateway.storage`, `gateway.batches`)
+on a bare Valkey: a listing is newest first, pages with `after`, filters by owner (and
+files by purpose), and the file store reads more files than fit in one of its own pages."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
-from common.batch import FileObject
+from common.batch import Batch, BatchState, FileObject
+from common.errors import InvalidRequest
 from corral.redis_server import EmbeddedRedis
+from gateway.batches import BatchStore
 from gateway.storage import _PAGE, RedisFileStore
 
 
@@ -43,6 +46,36 @@ def test_listing_filters_by_owner_and_purpose_across_pages(
             assert await store.list(None, 10, None, viewer="key_nobody") == []
             await store.delete(made[-1].id)
             assert (await store.list(None, 1, None))[0].id == made[-2].id
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_batches_list_newest_first_by_owner_with_a_cursor(
+    r: redis.Redis, own_redis: EmbeddedRedis
+) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        store = BatchStore(client, RedisFileStore(client))
+        try:
+            made = []
+            for i in range(7):  # owners alternate: key_a, None, key_a, ...
+                batch = Batch(endpoint="/v1/chat/completions", input_file_id=f"file-{i}",
+                              created_at=1000 + i, status=BatchState.COMPLETED,
+                              owner=None if i % 2 else "key_a")  # fmt: skip
+                await store.save_new(batch)
+                made.append(batch)
+            page, more = await store.list(None, 3)
+            assert [b.id for b in page] == [b.id for b in made[::-1][:3]] and more
+            assert page[0].input_file_id == "file-6" and page[0].owner == "key_a"
+            mine = [b.id for b in made[::-1] if b.owner == "key_a"]  # 6, 4, 2, 0
+            first, more = await store.list(None, 2, viewer="key_a")
+            assert [b.id for b in first] == mine[:2] and more
+            rest, more = await store.list(first[-1].id, 2, viewer="key_a")
+            assert [b.id for b in rest] == mine[2:] and not more
+            with pytest.raises(InvalidRequest):  # another owner's id is no cursor for key_a
+                await store.list(made[1].id, 2, viewer="key_a")
         finally:
             await client.aclose()
 
