@@ -49,12 +49,7 @@ class RedisFileStore:
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(keys.file_key(file_id))
         pipe.hget(keys.FILE_OWNERS, file_id)
-        raw, owner = await pipe.execute()
-        if not raw:
-            return None
-        meta = FileObject.model_validate_json(raw)
-        meta.owner = None if owner is None else str(owner)
-        return meta
+        return _loaded(*await pipe.execute())
 
     async def content(self, file_id: str) -> str | None:
         raw = await self._redis.get(keys.file_content_key(file_id))
@@ -85,12 +80,18 @@ class RedisFileStore:
                 continue
             raws = await self._redis.mget([keys.file_key(i) for i, _ in mine])
             for (_, owner), raw in zip(mine, raws, strict=True):
-                if raw is None:
-                    continue  # deleted meanwhile
-                meta = FileObject.model_validate_json(raw)
-                if purpose is None or meta.purpose == purpose:
-                    meta.owner = None if owner is None else str(owner)
+                meta = _loaded(raw, owner)  # None: deleted meanwhile
+                if meta is not None and purpose in (None, meta.purpose):
                     out.append(meta)
                     if len(out) >= limit:
                         return out
         return out
+
+
+def _loaded(raw: bytes | str | None, owner: bytes | str | None) -> FileObject | None:
+    """A file's metadata as stored, with its owner from the owners hash."""
+    if not raw:
+        return None
+    meta = FileObject.model_validate_json(raw)
+    meta.owner = None if owner is None else keys.text(owner)
+    return meta
