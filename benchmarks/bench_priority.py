@@ -4,12 +4,14 @@
    (default 1,000) are queued behind it, then H high requests (default 20) arrive one at a
    time. Each high request's queue wait (started - enqueued, from `GET /v1/requests/{id}`)
    is compared with the mean service time of a request: the target is p99 <= 1.5x one
-   service time, however many low requests wait.
+   service time, however many low requests wait. Requests are 128 tokens by default, the
+   size `bench_stream.py` uses; the high ones are spaced by twice a measured service time
+   (at least 0.15 s) so that they never queue behind each other.
 2. Disconnect to free slot. A long streaming generation; the client drops the connection;
    the time until llama-server's `/slots` shows the slot idle (target <= 50 ms).
 
-Run:  python benchmarks/bench_priority.py [--low 1000] [--high 20] [--cancels 10] [--threads N]
-      [--json]
+Run:  python benchmarks/bench_priority.py [--low 1000] [--high 20] [--tokens 128] [--threads N]
+      [--cancels 10] [--json]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from workers.ports import free_port
 MODEL = "prio"
 TARGET_WAIT_RATIO = 1.5
 TARGET_FREE_MS = 50.0
+MIN_SPACING_S = 0.15  # between two high requests
 
 
 def pct(values: list[float], q: float) -> float:
@@ -79,6 +82,12 @@ async def priority_run(base: str, n_low: int, n_high: int, tokens: int) -> dict[
             r.raise_for_status()
             return r.headers["x-request-id"]
 
+        # One request alone sets the spacing of the high ones: two service times apart, a
+        # high request never waits behind another, only behind the low one in the slot.
+        probe = await record(http, base, await send("normal"))
+        took = (probe.get("finished_at") or 0) - (probe.get("started_at") or 0)
+        spacing = max(MIN_SPACING_S, 2 * took)
+
         # A long generation holds the only slot while the low requests queue up behind it.
         blocker_body = {**body, "max_tokens": 60000, "stream": True}
         blocker = await http.send(
@@ -99,11 +108,12 @@ async def priority_run(base: str, n_low: int, n_high: int, tokens: int) -> dict[
             await asyncio.sleep(0.2)
         await http.post(f"{base}/v1/requests/{blocker.headers['x-request-id']}/cancel")
         await blocker.aclose()
-        progress(f"  {await depth(http, base, 'low')} low requests queued; sending {n_high} high")
+        progress(f"  {await depth(http, base, 'low')} low requests queued; "
+                 f"sending {n_high} high, {spacing * 1000:.0f} ms apart")  # fmt: skip
         highs = []
         for _ in range(n_high):
             highs.append(asyncio.create_task(send("high")))
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(spacing)
         high_ids = await asyncio.gather(*highs)
         low_done = [t.result() for t in lows if t.done() and not t.exception()]
         for t in lows:
@@ -176,9 +186,10 @@ def main() -> int:
     parser.add_argument("--low", type=int, default=1000, help="low requests queued (1000)")
     parser.add_argument("--high", type=int, default=20, help="high requests sent (20)")
     parser.add_argument("--cancels", type=int, default=10, help="disconnects measured (10)")
-    parser.add_argument("--tokens", type=int, default=16,
-                        help="tokens per low/high request (16): the service time; the fixed "
-                             "hand-off between two tasks weighs more on short ones")  # fmt: skip
+    parser.add_argument("--tokens", type=int, default=128,
+                        help="tokens per low/high request (128, as bench_stream.py): the "
+                             "service time; the fixed hand-off between two tasks (~3 ms "
+                             "here) weighs more on short ones")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="llama-server threads (LLAMA_ARG_THREADS; default: llama.cpp's). "
                              "One thread serves this tiny model ~2.5x faster on 2 busy "
