@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--ctx-size", type=int, help="with a path: context size (default 4096)")
     wk.add_argument("--slots", type=int, help="parallel slots (default: the model's `parallel`)")
     wk.add_argument("--gpu", type=int, help="pin to this GPU index (NVML); default: CPU")
+    wk.add_argument(
+        "--no-banner",
+        action="store_true",
+        help="skip Celery's startup banner (`corral up` prints its own summary)",
+    )
 
     mk = sub.add_parser("make-model", help="write a tiny random-weight GGUF (demo and tests)")
     mk.add_argument("path", type=Path)
@@ -187,7 +192,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, "worker", settings.log_format)
     alias, model = resolve_worker_model(settings, args)
     run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu,
-               vram_budget=args.vram_budget, ram_budget=args.ram_budget)  # fmt: skip
+               vram_budget=args.vram_budget, ram_budget=args.ram_budget,
+               banner=not args.no_banner)  # fmt: skip
     return 0
 
 

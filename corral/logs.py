@@ -56,6 +56,7 @@ def setup_logging(level: str = "INFO", name: str = "corral", fmt: str = "text") 
     handler.setFormatter(JsonFormatter(name) if fmt == "json" else TextFormatter(name))
     handler.addFilter(ContextFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    # Per-request HTTP lines from the clients we use are noise at INFO.
-    for noisy in ("httpx", "httpcore"):
+    # Per-request HTTP lines from the clients we use, and the gguf writer's lines about the
+    # demo models' temporary files, are noise at INFO.
+    for noisy in ("httpx", "httpcore", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -108,7 +108,7 @@ class Cluster:
             env["CORRAL_ADMIN_KEY"] = self.settings.admin_key.get_secret_value()
         self.children.append(Child("gateway", [*exe, "gateway", "--config", str(config)], env))
         for alias in self.models:
-            argv = [*exe, "worker", "--config", str(config), "--model", alias]
+            argv = [*exe, "worker", "--config", str(config), "--model", alias, "--no-banner"]
             self.children.append(Child(f"worker {alias}", argv, env))
         for child in self.children:
             child.start()

@@ -52,6 +52,7 @@ def run_worker(
     vram_budget: str | None = None,
     ram_budget: str | None = None,
     worker_id: str | None = None,
+    banner: bool = True,
 ) -> None:
     """Register, preload `alias` if given, then consume until told to stop."""
     redis_url = settings.require_redis_url()
@@ -103,7 +104,7 @@ def run_worker(
     try:
         manager.start((alias, model) if alias is not None and model is not None else None)
         manager.wait_preloaded()
-        _consume(settings, redis_url, initial, slots, worker_id)
+        _consume(settings, redis_url, initial, slots, worker_id, banner)
     finally:
         manager.stop()
         hb.stop()
@@ -112,10 +113,16 @@ def run_worker(
 
 
 def _consume(
-    settings: Settings, redis_url: str, queues: list[str], slots: int, worker_id: str
+    settings: Settings,
+    redis_url: str,
+    queues: list[str],
+    slots: int,
+    worker_id: str,
+    banner: bool = True,
 ) -> None:
     app = configure_app(settings, redis_url)
     argv = [
+        *(() if banner else ("--quiet",)),  # celery's own option: no startup banner
         "worker",
         "--queues", ",".join(queues),
         "--concurrency", str(slots),
@@ -125,5 +132,5 @@ def _consume(
         "--without-gossip",
         "--without-mingle",
     ]  # fmt: skip
-    log.info("worker=%s consuming queues=%s slots=%d", worker_id, argv[2], slots)
+    log.info("worker=%s consuming queues=%s slots=%d", worker_id, ",".join(queues), slots)
     app.worker_main(argv)
