@@ -134,6 +134,19 @@ EJECTED = f"{PREFIX}:ejected"
 # The OpenAI Files and Batch APIs (`common.batch`).
 FILES = f"{PREFIX}:files"  # sorted set of file ids by creation time
 FILE_OWNERS = f"{PREFIX}:files:owners"  # hash: file id -> the id of the key that made it
+# Set once the per-owner indexes hold what was made before they existed (`gateway.state`).
+OWNER_INDEXES = f"{PREFIX}:owner-indexes:v1"
+
+
+def files_of(owner: str) -> str:
+    """Sorted set: the ids of one API key's files by creation time, so that a user's
+    listing reads its own page, not every tenant's ids (`FILES` is the admin's)."""
+    return f"{PREFIX}:files:owner:{owner}"
+
+
+def batches_of(owner: str) -> str:
+    """Sorted set: the ids of one API key's batches by creation time (see `files_of`)."""
+    return f"{PREFIX}:batches:owner:{owner}"
 
 
 def file_key(file_id: str) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from common.settings import Settings
+from gateway import owner_index
 from gateway.aging import Promoter
 from gateway.aio import cancel_and_wait
 from gateway.batch_runner import BatchRunner
@@ -50,7 +51,9 @@ class GatewayState:
         await hub.start()
         dispatcher = Dispatcher(settings, url, client)
         catalog = Catalog(settings, client)
-        store = BatchStore(client, RedisFileStore(client))
+        files = RedisFileStore(client)
+        store = BatchStore(client, files)
+        await owner_index.backfill_once(client, [files, store])
         placer = Placer(settings, client, catalog)
         batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
         state = cls(settings, client, hub, dispatcher, catalog, batches, placer, StatusFeed(client))

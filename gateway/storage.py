@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from common import keys
 from common.batch import FileObject
+from gateway import owner_index
 
 _PAGE = 200  # file ids read per round trip when listing
 
@@ -41,6 +42,7 @@ class RedisFileStore:
         pipe.set(keys.file_key(meta.id), meta.model_dump_json())
         if meta.owner is not None:
             pipe.hset(keys.FILE_OWNERS, meta.id, meta.owner)
+            pipe.zadd(keys.files_of(meta.owner), {meta.id: meta.created_at})
         pipe.zadd(keys.FILES, {meta.id: meta.created_at})
         await pipe.execute()
         return meta
@@ -56,36 +58,51 @@ class RedisFileStore:
         return None if raw is None else str(raw)
 
     async def delete(self, file_id: str) -> bool:
+        owner = await self._redis.hget(keys.FILE_OWNERS, file_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(keys.file_key(file_id), keys.file_content_key(file_id))
         pipe.hdel(keys.FILE_OWNERS, file_id)
         pipe.zrem(keys.FILES, file_id)
+        if owner is not None:
+            pipe.zrem(keys.files_of(keys.text(owner)), file_id)
         deleted, *_ = await pipe.execute()
         return bool(deleted)
 
     async def list(
         self, purpose: str | None, limit: int, after: str | None, viewer: str | None = None
     ) -> list[FileObject]:
-        """Newest first; `after` is the id of the last file of the previous page. Read a
-        page of ids at a time (two round trips), not a round trip per file."""
-        ids = [str(i) for i in await self._redis.zrevrange(keys.FILES, 0, -1)]
-        if after in ids:
-            ids = ids[ids.index(after) + 1 :]
+        """Newest first; `after` is the id of the last file of the previous page (one not
+        in the listing starts it from the newest). A user's listing reads its own index
+        (`gateway.owner_index`); each chunk of ids costs two more round trips."""
+        index = keys.FILES if viewer is None else keys.files_of(viewer)
+        start = 0
+        if after is not None:
+            start = await owner_index.start_after(self._redis, index, after) or 0
+        chunk = limit if purpose is None else _PAGE  # a purpose filter may skip many
         out: list[FileObject] = []
-        for first in range(0, len(ids), _PAGE):
-            page = ids[first : first + _PAGE]
-            owners = await self._redis.hmget(keys.FILE_OWNERS, page)
-            mine = [(i, o) for i, o in zip(page, owners, strict=True) if viewer in (None, o)]
-            if not mine:
-                continue
-            raws = await self._redis.mget([keys.file_key(i) for i, _ in mine])
-            for (_, owner), raw in zip(mine, raws, strict=True):
+        while ids := await owner_index.page(self._redis, index, start, chunk):
+            start += len(ids)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hmget(keys.FILE_OWNERS, ids)
+            pipe.mget([keys.file_key(i) for i in ids])
+            owners, raws = await pipe.execute()
+            for owner, raw in zip(owners, raws, strict=True):
                 meta = _loaded(raw, owner)  # None: deleted meanwhile
-                if meta is not None and purpose in (None, meta.purpose):
+                if meta is None or viewer not in (None, meta.owner):
+                    continue
+                if purpose in (None, meta.purpose):
                     out.append(meta)
                     if len(out) >= limit:
                         return out
         return out
+
+    async def index_owners(self) -> int:
+        """Files made before the per-owner indexes, into them (`owner_index.backfill`)."""
+
+        async def owners(ids: list[str]) -> list[bytes | str | None]:
+            return await self._redis.hmget(keys.FILE_OWNERS, ids)
+
+        return await owner_index.backfill(self._redis, keys.FILES, owners, keys.files_of)
 
 
 def _loaded(raw: bytes | str | None, owner: bytes | str | None) -> FileObject | None:

@@ -1,6 +1,8 @@
 """The Redis stores behind the Files and Batch APIs (`gateway.storage`, `gateway.batches`)
 on a bare Valkey: a listing is newest first, pages with `after`, filters by owner (and
-files by purpose), and the file store reads more files than fit in one of its own pages."""
+files by purpose), and the file store reads more files than fit in one of its own pages.
+A user's listing reads its own index (`gateway.owner_index`), which the gateway fills once
+with what was made before those indexes existed."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from common import keys
 from common.batch import Batch, BatchState, FileObject
 from common.errors import InvalidRequest
 from corral.redis_server import EmbeddedRedis
+from gateway import owner_index
 from gateway.batches import BatchStore
 from gateway.storage import _PAGE, RedisFileStore
 
@@ -76,6 +80,80 @@ def test_batches_list_newest_first_by_owner_with_a_cursor(
             assert [b.id for b in rest] == mine[2:] and not more
             with pytest.raises(InvalidRequest):  # another owner's id is no cursor for key_a
                 await store.list(made[1].id, 2, viewer="key_a")
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def _batch(i: int, owner: str | None) -> Batch:
+    return Batch(endpoint="/v1/chat/completions", input_file_id=f"file-{i}",
+                 created_at=1000 + i, status=BatchState.COMPLETED, owner=owner)  # fmt: skip
+
+
+def test_a_users_listing_reads_only_its_own_index(r: redis.Redis, own_redis: EmbeddedRedis) -> None:
+    async def run() -> None:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        files = RedisFileStore(client)
+        batches = BatchStore(client, files)
+        try:
+            mine = [await files.put(FileObject(bytes=1, filename=f"m{i}", created_at=2000 + i,
+                                               purpose="batch", owner="key_a"), "x\n")
+                    for i in range(3)]  # fmt: skip
+            for i in range(3):
+                await batches.save_new(_batch(i, "key_a"))
+            # Thousands of ids in the global indexes, none with anything behind them: a
+            # listing that walked them would have to step over all of them.
+            r.zadd(keys.FILES, {f"file-other-{i}": 5000 + i for i in range(3000)})
+            r.zadd(keys.BATCHES, {f"batch_other_{i}": 5000 + i for i in range(3000)})
+            assert [m.id for m in await files.list(None, 2, None, viewer="key_a")] == [
+                mine[2].id, mine[1].id]  # fmt: skip
+            page, more = await batches.list(None, 2, viewer="key_a")
+            assert [b.input_file_id for b in page] == ["file-2", "file-1"] and more
+            r.delete(keys.FILES, keys.BATCHES)  # the admin's indexes: not read for key_a
+            assert len(await files.list(None, 10, None, viewer="key_a")) == 3
+            assert len((await batches.list(None, 10, viewer="key_a"))[0]) == 3
+            await files.delete(mine[0].id)
+            assert r.zscore(keys.files_of("key_a"), mine[0].id) is None
+            assert len(await files.list(None, 10, None, viewer="key_a")) == 2
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_backfill_indexes_older_objects_by_owner_once(
+    r: redis.Redis, own_redis: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(owner_index, "CHUNK", 3)  # several chunks from a few objects
+
+    async def run() -> None:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        files = RedisFileStore(client)
+        batches = BatchStore(client, files)
+        try:
+            for i in range(8):  # owners alternate: key_a, None, key_a, ...
+                owner = None if i % 2 else "key_a"
+                await files.put(FileObject(bytes=1, filename=f"f{i}", created_at=1000 + i,
+                                           purpose="batch", owner=owner), "x\n")  # fmt: skip
+                await batches.save_new(_batch(i, owner))
+            expect_files = [m.id for m in await files.list(None, 10, None, viewer="key_a")]
+            expect_batches = [b.id for b in (await batches.list(None, 10, viewer="key_a"))[0]]
+            assert len(expect_files) == len(expect_batches) == 4
+            # As the previous release left them: owners recorded, no per-owner index.
+            r.delete(keys.files_of("key_a"), keys.batches_of("key_a"))
+            assert await files.list(None, 10, None, viewer="key_a") == []
+
+            await owner_index.backfill_once(client, [files, batches])
+            assert [m.id for m in await files.list(None, 10, None, viewer="key_a")] == (
+                expect_files)  # fmt: skip
+            page, _ = await batches.list(None, 10, viewer="key_a")
+            assert [b.id for b in page] == expect_batches  # newest first: the scores kept
+            assert r.exists(keys.OWNER_INDEXES)
+
+            r.delete(keys.files_of("key_a"))
+            await owner_index.backfill_once(client, [files, batches])  # done once: no-op
+            assert not r.exists(keys.files_of("key_a"))
         finally:
             await client.aclose()
 
