@@ -78,7 +78,7 @@ class RedisFileStore:
         start = 0
         if after is not None:
             start = await owner_index.start_after(self._redis, index, after) or 0
-        chunk = limit if purpose is None else _PAGE  # a purpose filter may skip many
+        chunk = min(limit, _PAGE) if purpose is None else _PAGE  # a filter may skip many
         out: list[FileObject] = []
         while ids := await owner_index.page(self._redis, index, start, chunk):
             start += len(ids)
