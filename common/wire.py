@@ -9,9 +9,9 @@ they come; only the model list is built here.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class WireModel(BaseModel):
@@ -28,6 +28,17 @@ class ChatMessage(WireModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+def _one_choice(n: int | None) -> int | None:
+    """More than one choice per request is refused: llama-server would run each in a slot
+    of its own while the task holds one worker slot, so the extra choices would wait
+    inside llama-server, outside the priority queues."""
+    if n is not None and n > 1:
+        raise ValueError(
+            "Corral serves one choice per request (n=1); send n requests for n choices"
+        )
+    return n
+
+
 class _Generation(WireModel):
     model: str = Field(min_length=1)
     stream: bool = False
@@ -35,7 +46,9 @@ class _Generation(WireModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=1)
+    n: Annotated[int | None, AfterValidator(_one_choice)] = Field(
+        default=None, ge=1, json_schema_extra={"maximum": 1}
+    )
     service_tier: str | None = None
     user: str | None = None
 

@@ -27,7 +27,7 @@ def describe_validation(exc: RequestValidationError) -> InvalidRequest:
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
     param = ".".join(loc) or None
-    msg = first.get("msg", "Invalid request body.")
+    msg = str(first.get("msg", "Invalid request body.")).removeprefix("Value error, ")
     where = f" at '{param}'" if param else ""
     return InvalidRequest(f"Invalid request body{where}: {msg}.", param=param)
 

@@ -34,6 +34,17 @@ def test_bad_chat_bodies_are_refused(body: dict[str, object]) -> None:
         ChatCompletionRequest.model_validate(body)
 
 
+def test_one_choice_per_request_and_the_schema_says_so() -> None:
+    hi = [{"role": "user", "content": "x"}]
+    assert ChatCompletionRequest.model_validate({"model": "m", "messages": hi, "n": 1}).n == 1
+    with pytest.raises(ValidationError, match="one choice per request"):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": hi, "n": 2})
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "n": 0})
+    schema = ChatCompletionRequest.model_json_schema()["properties"]["n"]
+    assert schema["maximum"] == 1
+
+
 def test_prompt_and_input_shapes() -> None:
     for prompt in ("a", ["a", "b"], [1, 2], [[1], [2]]):
         CompletionRequest(model="m", prompt=prompt)
