@@ -134,7 +134,8 @@ EJECTED = f"{PREFIX}:ejected"
 # The OpenAI Files and Batch APIs (`common.batch`).
 FILES = f"{PREFIX}:files"  # sorted set of file ids by creation time
 FILE_OWNERS = f"{PREFIX}:files:owners"  # hash: file id -> the id of the key that made it
-# Set once the per-owner indexes hold what was made before they existed (`gateway.state`).
+# Set once the per-owner indexes hold what was made before they existed
+# (`gateway.owner_index.backfill_once`).
 OWNER_INDEXES = f"{PREFIX}:owner-indexes:v1"
 
 

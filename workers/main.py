@@ -118,7 +118,7 @@ def _consume(
     queues: list[str],
     slots: int,
     worker_id: str,
-    banner: bool = True,
+    banner: bool,
 ) -> None:
     app = configure_app(settings, redis_url)
     argv = [
