@@ -200,7 +200,7 @@ class LlamaServer:
         if self._state is ServerState.READY:
             return
         if proc is not None and self._state is ServerState.FAILED:
-            raise self._error(f"failed (rc={proc.poll()})")
+            raise self._error(f"failed ({exit_reason(proc.poll())})")
         if proc is None or self._state is not ServerState.STARTING:
             raise LlamaServerError(f"llama-server is {self._state.value}, not starting")
         deadline = time.monotonic() + timeout
@@ -211,7 +211,9 @@ class LlamaServer:
                 if proc.poll() is not None:
                     self._join_reader(2.0)
                     self._set_failed()
-                    raise self._error(f"exited with rc={proc.returncode} before it was ready")
+                    raise self._error(
+                        f"exited with {exit_reason(proc.returncode)} before it was ready"
+                    )
                 try:
                     if client.get(f"{self.base_url}/health").status_code == 200:
                         break
@@ -273,7 +275,7 @@ class LlamaServer:
         proc.stdout.close()
         rc = proc.wait()
         if self._set_failed():
-            logger.warning("llama-server exited unexpectedly %s rc=%s", self._tag(), rc)
+            logger.warning("llama-server exited unexpectedly %s %s", self._tag(), exit_reason(rc))
 
     def _set_failed(self) -> bool:
         """Mark an unexpected exit; False if it was expected (stopping) or already marked."""
@@ -298,3 +300,20 @@ class LlamaServer:
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.killpg(pgid, sig)
+
+
+def exit_reason(rc: int | None) -> str:
+    """The child's exit status in words. A SIGILL is a build for another CPU (llama.cpp
+    built for AVX-512 on a CPU without it, say), not a Corral bug: say what to do."""
+    if rc is None or rc >= 0:
+        return f"rc={rc}"
+    try:
+        sig = signal.Signals(-rc)
+    except ValueError:
+        return f"rc={rc}"
+    if sig is signal.SIGILL:
+        return (
+            f"rc={rc} (SIGILL: this llama-server build uses instructions this CPU lacks;"
+            " set CORRAL_LLAMA_SERVER to a llama-server built for this CPU)"
+        )
+    return f"rc={rc} ({sig.name})"

@@ -24,6 +24,7 @@ from workers.llama_server import (
     LlamaServer,
     LlamaServerError,
     ServerState,
+    exit_reason,
     resolve_binary,
 )
 
@@ -177,6 +178,21 @@ def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
     assert srv.state is ServerState.FAILED and srv.returncode not in (None, 0)
     srv.stop()
     assert srv.state is ServerState.STOPPED
+
+
+def test_illegal_instruction_names_the_cause(tmp_path: Path) -> None:
+    """A build for another CPU dies of SIGILL while loading: the error says what to do."""
+    fake = tmp_path / "avx512-server"
+    fake.write_text("#!/bin/sh\necho 'loading model'\nkill -ILL $$\n")
+    fake.chmod(0o755)
+    srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=fake))
+    srv.start()
+    with pytest.raises(LlamaServerError, match="SIGILL") as err:
+        srv.ensure_ready(30)
+    assert "CORRAL_LLAMA_SERVER" in str(err.value) and "loading model" in str(err.value)
+    assert srv.returncode == -signal.SIGILL
+    srv.stop()
+    assert exit_reason(0) == "rc=0" and exit_reason(-signal.SIGSEGV) == "rc=-11 (SIGSEGV)"
 
 
 def test_llama_server_stop_during_start(models: dict[str, Path]) -> None:
