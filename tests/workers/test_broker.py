@@ -139,3 +139,31 @@ def test_what_a_dead_worker_left_unacked_is_delivered_again(url: str, r: redis.R
         assert _unacked(r) == ({}, [])
         message, _ = _deliver(c, {"n": 7})  # the restored one comes first (BRPOP)
         assert message.payload == {"n": 6} and message.delivery_info["redelivered"]
+
+
+def test_fanout_publishes_share_one_client_until_the_pool_is_replaced(
+    conn: Connection, r: redis.Redis
+) -> None:
+    """Task events go out as fanout PUBLISHes; each one built a new redis client in stock
+    kombu. They still arrive, through one client, and a reconnect's new pool gets a new one."""
+    events = Exchange("broker-test-ev", type="fanout")
+    channel = conn.default_channel
+    assert isinstance(channel, broker.Channel)
+    listener = r.pubsub()
+    listener.psubscribe("*broker-test-ev*")
+    listener.get_message(timeout=5)  # the subscription's confirmation
+    producer = Producer(channel, exchange=events)
+    producer.publish({"n": 1}, declare=[events])
+    first = channel._sync_client
+    producer.publish({"n": 2})
+    assert first is not None and channel._sync_client is first
+    channel._disconnect_pools()  # what kombu does when the connection is lost
+    producer.publish({"n": 3})
+    assert channel._sync_client is not first
+    assert channel._sync_client.connection_pool is channel.pool
+    got: list[Any] = []
+    while len(got) < 3 and (msg := listener.get_message(timeout=5)) is not None:
+        if msg["type"] == "pmessage":
+            got.append(json.loads(base64.b64decode(json.loads(msg["data"])["body"])))
+    listener.close()
+    assert got == [{"n": 1}, {"n": 2}, {"n": 3}]
