@@ -186,14 +186,19 @@ def resolve_worker_model(
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.llama_server import LlamaServerError
     from workers.main import run_worker
 
     settings = _settings(args, redis_url=args.redis_url)
     setup_logging(settings.log_level, "worker", settings.log_format)
     alias, model = resolve_worker_model(settings, args)
-    run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu,
-               vram_budget=args.vram_budget, ram_budget=args.ram_budget,
-               banner=not args.no_banner)  # fmt: skip
+    try:
+        run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu,
+                   vram_budget=args.vram_budget, ram_budget=args.ram_budget,
+                   banner=not args.no_banner)  # fmt: skip
+    except LlamaServerError as exc:  # its message says why (and the child's last lines)
+        print(f"corral worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
