@@ -55,6 +55,20 @@ def test_first_claim_writes_the_running_record_like_started(r: redis.Redis) -> N
     assert score == pytest.approx(float(record["started_at"]))
 
 
+def test_a_pending_claim_is_sent_once_its_call_is_on_the_wire(r: redis.Redis) -> None:
+    """Built before the llama-server call, it writes nothing until the task sends it (the
+    call's request is out) or asks for the verdict; the verdict is read once."""
+    job = _job(stream=True)
+    pending = ledger.PendingClaim(r, job, "w1", 60)
+    assert r.get(keys.claim_key(job.request_id)) is None and _record(r, job) == {}
+    pending.send()
+    pending.send()  # once only
+    assert pending.result() is Claim.FIRST and pending.result() is Claim.FIRST
+    assert r.get(keys.claim_key(job.request_id)) == b"w1" and _record(r, job)["worker"] == "w1"
+    unsent = ledger.PendingClaim(r, _job(stream=True), "w2", 60)
+    assert unsent.result() is Claim.FIRST  # a call that failed before its request went out
+
+
 def test_cancelled_while_queued_is_neither_claimed_nor_recorded(r: redis.Redis) -> None:
     job = _job(stream=True)
     r.set(keys.cancel_key(job.request_id), "1", ex=60)
@@ -116,6 +130,7 @@ def test_a_claim_whose_reply_was_lost_raises_again_when_asked_again(r: redis.Red
     """The task reads the claim right after sending its request and, if that call failed
     first, once more after it: both must report the lost reply, not trip on the state."""
     pending = ledger.PendingClaim(r, _job(stream=True), "w-lost", 60)
+    pending.send()
     assert pending._conn is not None
     pending._conn.disconnect()  # the reply is gone with the connection
     with pytest.raises(redis.ConnectionError):
