@@ -191,9 +191,8 @@ def main() -> int:
                              "service time; the fixed hand-off between two tasks (~3 ms "
                              "here) weighs more on short ones")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="llama-server threads (LLAMA_ARG_THREADS; default: llama.cpp's). "
-                             "One thread serves this tiny model ~2.5x faster on 2 busy "
-                             "cores: the fixed hand-off is then more of the wait")  # fmt: skip
+                        help="llama-server threads (LLAMA_ARG_THREADS; default: a Corral "
+                             "CPU worker's: workers.llama_server.cpu_threads)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 

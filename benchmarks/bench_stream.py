@@ -49,7 +49,7 @@ import psutil
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from workers.llama_server import LaunchSpec, LlamaServer, resolve_binary
+from workers.llama_server import LaunchSpec, LlamaServer, cpu_threads, resolve_binary
 from workers.ports import free_port
 
 ALIAS = "bench"  # the model file is bench.gguf, so a worker given its path uses this alias
@@ -372,6 +372,7 @@ def direct_server(model: Path, args: argparse.Namespace, workdir: Path) -> Itera
         binary=resolve_binary(),
         env=llama_env(args),
         log_name="bench-direct",
+        cpu_threads=cpu_threads(),  # what a Corral CPU worker gives its llama-server
     )
     server = LlamaServer(spec)
     try:
@@ -682,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="llama-server threads for both (LLAMA_ARG_THREADS; default: llama.cpp's)",
+        help="llama-server threads for both (LLAMA_ARG_THREADS; default: a Corral CPU "
+        "worker's: workers.llama_server.cpu_threads)",
     )
     add("--n-embd", type=int, default=64, help="generated model width (default: 64)")
     add("--n-layer", type=int, default=2, help="generated model layers (default: 2)")

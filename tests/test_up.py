@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import psutil
 
 from tests.support import alive, descendants, env_without_corral, openai_client, wait_for
+from workers.llama_server import cpu_threads
 from workers.ports import free_port
 
 
@@ -42,6 +44,11 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         names = {psutil.Process(p).name() for p in family if alive(p)}
         assert any("llama-server" in n for n in names), names
         assert any("valkey" in n for n in names), names
+        if "LLAMA_ARG_THREADS" not in os.environ:  # CPU workers leave one core to Corral
+            for pid in family:
+                argv = psutil.Process(pid).cmdline() if alive(pid) else []
+                if argv and "llama-server" in Path(argv[0]).name:
+                    assert argv[argv.index("--threads") + 1] == str(cpu_threads()), argv
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=40) == 0, log.read_text()[-3000:]

@@ -31,7 +31,7 @@ from common.settings import ModelConfig, Settings
 from workers import memory
 from workers.consumer import QueueControl, QueueError
 from workers.estimate import estimate_file
-from workers.llama_server import LaunchSpec, LlamaServer, LlamaServerError, ServerState
+from workers.llama_server import LaunchSpec, LlamaServer, LlamaServerError, ServerState, cpu_threads
 from workers.reporter import Reporter
 from workers.restarts import CrashHistory
 from workers.runtime import Serving
@@ -271,6 +271,7 @@ class ModelHost:
             ctx_size=config.ctx_size, parallel=self.spec.slots, embedding=config.embedding,
             flags=tuple(config.flags), port=self.spec.port, binary=self.spec.binary,
             env=self.spec.env, log_name=f"worker={self.spec.worker_id}",
+            cpu_threads=cpu_threads() if self.spec.gpu is None else None,
         )  # fmt: skip
 
     def _estimate(self, alias: str, config: ModelConfig) -> int | None:

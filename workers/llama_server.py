@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import httpx
+import psutil
 
 from workers.ports import free_port
 
@@ -61,6 +62,20 @@ class LaunchSpec:
     binary: Path | None = None  # None: resolve_binary()
     env: Mapping[str, str] | None = None  # extra env, e.g. CUDA_VISIBLE_DEVICES
     log_name: str = ""  # prefix for the child's log lines, e.g. "worker=w1 model=m"
+    cpu_threads: int | None = None  # --threads, unless LLAMA_ARG_THREADS is set (flags win)
+
+
+def cpu_threads() -> int:
+    """llama.cpp's threads on a CPU worker: its own default (a thread per physical core),
+    but never every CPU this process may use: one is left to Corral.
+
+    llama.cpp's threads spin while they wait for each other, and with one on every CPU the
+    gateway, worker and pool children wait behind them. Measured on 2 vCPUs: c=8 throughput
+    0.46x direct with llama.cpp's default, 0.95x with one CPU left; a client's disconnect
+    freed its slot in up to 93 ms, against 22 ms."""
+    usable = len(os.sched_getaffinity(0))
+    physical = psutil.cpu_count(logical=False) or usable
+    return max(1, min(physical, usable - 1))
 
 
 def resolve_binary(override: str | None = None) -> Path:
@@ -157,6 +172,8 @@ class LlamaServer:
         argv += ["--port", str(self._port), "--ctx-size", str(s.ctx_size)]
         argv += ["--parallel", str(s.parallel), "--alias", s.alias]
         argv += ["--metrics", "--slots", "--no-webui"]
+        if s.cpu_threads and "LLAMA_ARG_THREADS" not in {**os.environ, **(s.env or {})}:
+            argv += ["--threads", str(s.cpu_threads)]
         if s.embedding:
             argv += ["--embeddings", "--pooling", "mean"]
         return argv + list(s.flags)

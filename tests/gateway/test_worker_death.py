@@ -26,9 +26,10 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
-    # Wider and deeper than the default tiny model, so it decodes a few hundred tokens/s:
-    # the long requests must still be running on A when B has started and A is killed.
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=128, n_layer=4, n_ff=256)
+    # Wider and deeper than the default tiny model, so it decodes a few hundred tokens/s
+    # (~340 alone on one thread of a 2-vCPU VM): the long requests must still be running on
+    # A when B has started and A is killed.
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512)
     cluster = start_cluster(
         redis_server.url,
         tmp_path / "logs",

@@ -24,6 +24,7 @@ from workers.llama_server import (
     LlamaServer,
     LlamaServerError,
     ServerState,
+    cpu_threads,
     exit_reason,
     resolve_binary,
 )
@@ -165,6 +166,28 @@ def test_embeddings(embed_server: LlamaServer) -> None:
     data = r.json()["data"]
     assert len(data) == 2
     assert all(len(d["embedding"]) == N_EMBD for d in data)
+
+
+def test_cpu_threads_unless_the_user_chose(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU worker's llama-server gets at most the CPUs but one; LLAMA_ARG_THREADS (the worker's
+    environment or the spec's) is the user's choice and stands, and so do the model's
+    flags, which come last."""
+    monkeypatch.delenv("LLAMA_ARG_THREADS", raising=False)
+    usable, physical = len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False)
+    assert 1 <= cpu_threads() == max(1, min(physical or usable, usable - 1))
+    argv = LlamaServer(_spec(models["chat"], cpu_threads=3, flags=("-t", "5"))).command()
+    assert argv[argv.index("--threads") + 1] == "3" and argv[-2:] == ["-t", "5"]
+    assert "--threads" not in LlamaServer(_spec(models["chat"])).command()  # a GPU worker
+    chosen = _spec(models["chat"], cpu_threads=3, env={"LLAMA_ARG_THREADS": "2"})
+    assert "--threads" not in LlamaServer(chosen).command()
+    monkeypatch.setenv("LLAMA_ARG_THREADS", "2")
+    assert "--threads" not in LlamaServer(_spec(models["chat"], cpu_threads=3)).command()
+    monkeypatch.delenv("LLAMA_ARG_THREADS")
+    with LlamaServer(_spec(models["chat"], cpu_threads=1)) as srv:  # llama-server takes it
+        srv.ensure_ready(30)
+        assert srv.pid is not None and "--threads" in psutil.Process(srv.pid).cmdline()
 
 
 def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
