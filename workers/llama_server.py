@@ -73,7 +73,8 @@ def cpu_threads() -> int:
     gateway, worker and pool children wait behind them. Measured on 2 vCPUs: c=8 throughput
     0.46x direct with llama.cpp's default, 0.95x with one CPU left; a client's disconnect
     freed its slot in up to 93 ms, against 22 ms."""
-    usable = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU
+    usable = len(affinity(0)) if affinity else (os.cpu_count() or 1)
     physical = psutil.cpu_count(logical=False) or usable
     return max(1, min(physical, usable - 1))
 

@@ -190,6 +190,12 @@ def test_cpu_threads_unless_the_user_chose(
         assert srv.pid is not None and "--threads" in psutil.Process(srv.pid).cmdline()
 
 
+def test_cpu_threads_where_affinity_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(os, "sched_getaffinity")  # not on every OS: every CPU counts
+    cpus, physical = os.cpu_count() or 1, psutil.cpu_count(logical=False)
+    assert cpu_threads() == max(1, min(physical or cpus, cpus - 1))
+
+
 def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
     srv = LlamaServer(_spec(tmp_path / "nope.gguf"))
     srv.start()
