@@ -192,7 +192,7 @@ def main() -> int:
                              "here) weighs more on short ones")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="llama-server threads (LLAMA_ARG_THREADS; default: a Corral "
-                             "CPU worker's: workers.llama_server.cpu_threads)")  # fmt: skip
+                             "CPU worker's: workers.llama_binary.cpu_threads)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 

@@ -49,7 +49,8 @@ import psutil
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from workers.llama_server import LaunchSpec, LlamaServer, cpu_threads, resolve_binary
+from workers.llama_binary import cpu_threads, resolve_binary
+from workers.llama_server import LaunchSpec, LlamaServer
 from workers.ports import free_port
 
 ALIAS = "bench"  # the model file is bench.gguf, so a worker given its path uses this alias
@@ -684,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="llama-server threads for both (LLAMA_ARG_THREADS; default: a Corral CPU "
-        "worker's: workers.llama_server.cpu_threads)",
+        "worker's: workers.llama_binary.cpu_threads)",
     )
     add("--n-embd", type=int, default=64, help="generated model width (default: 64)")
     add("--n-layer", type=int, default=2, help="generated model layers (default: 2)")

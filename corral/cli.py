@@ -186,7 +186,7 @@ def resolve_worker_model(
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.llama_server import LlamaServerError
+    from workers.llama_binary import LlamaServerError
     from workers.main import run_worker
 
     settings = _settings(args, redis_url=args.redis_url)

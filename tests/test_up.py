@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 
 from tests.support import alive, descendants, env_without_corral, openai_client, wait_for
-from workers.llama_server import cpu_threads
+from workers.llama_binary import cpu_threads
 from workers.ports import free_port
 
 

@@ -31,7 +31,8 @@ from common.settings import ModelConfig, Settings
 from workers import memory
 from workers.consumer import QueueControl, QueueError
 from workers.estimate import estimate_file
-from workers.llama_server import LaunchSpec, LlamaServer, LlamaServerError, ServerState, cpu_threads
+from workers.llama_binary import LlamaServerError, cpu_threads
+from workers.llama_server import LaunchSpec, LlamaServer, ServerState
 from workers.reporter import Reporter
 from workers.restarts import CrashHistory
 from workers.runtime import Serving

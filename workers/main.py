@@ -27,7 +27,7 @@ from workers.budget import resolve_budget
 from workers.celery_app import configure_app
 from workers.consumer import QueueControl
 from workers.heartbeat import Heartbeat
-from workers.llama_server import resolve_binary
+from workers.llama_binary import resolve_binary
 from workers.manager import Manager, WorkerSpec
 from workers.metrics import WorkerMetrics
 from workers.ports import free_port

@@ -27,7 +27,8 @@ from common.registry import WorkerState
 from common.settings import ModelConfig, Settings
 from workers.consumer import QueueControl
 from workers.host import ModelHost, WorkerSpec
-from workers.llama_server import LlamaServerError, ServerState
+from workers.llama_binary import LlamaServerError
+from workers.llama_server import ServerState
 from workers.reporter import Reporter
 from workers.runtime import Serving
 

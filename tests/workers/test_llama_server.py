@@ -19,15 +19,8 @@ import psutil
 import pytest
 
 from corral.tinymodel import make_model
-from workers.llama_server import (
-    LaunchSpec,
-    LlamaServer,
-    LlamaServerError,
-    ServerState,
-    cpu_threads,
-    exit_reason,
-    resolve_binary,
-)
+from workers.llama_binary import LlamaServerError, cpu_threads, exit_reason, resolve_binary
+from workers.llama_server import LaunchSpec, LlamaServer, ServerState
 
 N_EMBD = 64
 
