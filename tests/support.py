@@ -133,7 +133,12 @@ def env_without_corral() -> dict[str, str]:
 
 
 class Blocker:
-    """A long streaming generation holding the model's only slot until cancelled."""
+    """A long streaming generation holding the model's only slot until cancelled.
+
+    llama-server caps a slot's context at the model's training context: with the tiny
+    model's default (2048) the 8000 tokens asked for end after ~2000, in about 2 s on one
+    CPU thread, sometimes before the test is done with the slot. Serve a model made with
+    `ctx=16384` (and `--ctx-size 16384`): 8000 tokens then take tens of seconds."""
 
     def __init__(self, base_url: str, model: str) -> None:
         self.base_url = base_url

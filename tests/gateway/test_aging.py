@@ -175,7 +175,7 @@ def acluster(
 ) -> Iterator[Cluster]:
     """One worker with one slot; its gateway does not age (an aging one is added per test)."""
     root = tmp_path_factory.mktemp("aging")
-    model = make_model(root / f"{MODEL}.gguf")
+    model = make_model(root / f"{MODEL}.gguf", ctx=16384)  # a Blocker lasts (see it)
     worker = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
     running = start_cluster(redis_server.url, root / "logs", [worker])
     yield running

@@ -33,7 +33,7 @@ def qcluster(
     redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("queueing")
-    model = make_model(root / f"{MODEL}.gguf")
+    model = make_model(root / f"{MODEL}.gguf", ctx=16384)  # a Blocker lasts (see it)
     running = start_cluster(
         redis_server.url,
         root / "logs",
