@@ -139,9 +139,17 @@ def test_slots_endpoint(chat_server: LlamaServer) -> None:
     assert {s["n_ctx"] for s in slots} == {2048}  # ctx_size is split over the slots
 
 
+def _tokens_predicted(server: LlamaServer) -> float:
+    """llama-server's count of generated tokens of the requests that ran to their end."""
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    (line,) = [x for x in metrics.splitlines() if x.startswith("llamacpp:tokens_predicted_total")]
+    return float(line.split()[1])
+
+
 def test_client_disconnect_stops_generation(chat_server: LlamaServer) -> None:
     body = {"prompt": "hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     url = f"{chat_server.base_url}/v1/completions"
+    before = _tokens_predicted(chat_server)
     with httpx.stream("POST", url, json=body, timeout=30) as resp:
         for n, _ in enumerate(resp.iter_lines()):
             if n > 10:
@@ -150,6 +158,8 @@ def test_client_disconnect_stops_generation(chat_server: LlamaServer) -> None:
     while any(s["is_processing"] for s in httpx.get(f"{chat_server.base_url}/slots").json()):
         assert time.monotonic() - closed < 1.0, "llama-server kept generating after close"
         time.sleep(0.005)
+    # Cut short, not finished: a fast CPU makes 1500 tokens within the second waited above.
+    assert _tokens_predicted(chat_server) - before < 1500
 
 
 def test_embeddings(embed_server: LlamaServer) -> None:
