@@ -128,6 +128,13 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
+def shell_script(path: Path, body: str) -> Path:
+    """An executable /bin/sh script at `path`: a stand-in llama-server that misbehaves."""
+    path.write_text(f"#!/bin/sh\n{body}")
+    path.chmod(0o755)
+    return path
+
+
 def env_without_corral() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import CHAT
-from tests.support import env_without_corral
+from tests.support import env_without_corral, shell_script
 
 
 def _corral(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -35,9 +35,7 @@ def test_worker_whose_llama_server_cannot_run_here_says_why(
 ) -> None:
     """A llama-server built for another CPU (AVX-512 on a CPU without it) dies of SIGILL as
     it loads the model: the worker exits with the reason and what to do, not a traceback."""
-    fake = tmp_path / "llama-server"
-    fake.write_text("#!/bin/sh\necho 'load_model: loading model'\nkill -ILL $$\n")
-    fake.chmod(0o755)
+    fake = shell_script(tmp_path / "llama-server", "echo 'loading model'\nkill -ILL $$\n")
     out = _corral("worker", "--redis-url", redis_server.url, "--model",
                   str(model_dir / f"{CHAT}.gguf"), "--no-banner",
                   CORRAL_LLAMA_SERVER=str(fake))  # fmt: skip

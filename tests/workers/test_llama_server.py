@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from corral.tinymodel import make_model
+from tests.support import shell_script
 from workers.llama_binary import LlamaServerError, cpu_threads, exit_reason, resolve_binary
 from workers.llama_server import LaunchSpec, LlamaServer, ServerState
 
@@ -214,9 +215,7 @@ def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
 
 def test_illegal_instruction_names_the_cause(tmp_path: Path) -> None:
     """A build for another CPU dies of SIGILL while loading: the error says what to do."""
-    fake = tmp_path / "avx512-server"
-    fake.write_text("#!/bin/sh\necho 'loading model'\nkill -ILL $$\n")
-    fake.chmod(0o755)
+    fake = shell_script(tmp_path / "avx512-server", "echo 'loading model'\nkill -ILL $$\n")
     srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=fake))
     srv.start()
     with pytest.raises(LlamaServerError, match="SIGILL") as err:
@@ -262,9 +261,9 @@ def test_stop_kills_whole_group(models: dict[str, Path]) -> None:
 
 
 def test_llama_server_ignores_sigterm_then_killed(tmp_path: Path) -> None:
-    fake = tmp_path / "stubborn-server"
-    fake.write_text("#!/bin/sh\ntrap '' TERM\nsleep 300 &\necho grandchild=$!\nwait\n")
-    fake.chmod(0o755)
+    fake = shell_script(
+        tmp_path / "stubborn-server", "trap '' TERM\nsleep 300 &\necho grandchild=$!\nwait\n"
+    )
     srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=fake))
     srv.start()
     deadline = time.monotonic() + 5
