@@ -62,14 +62,16 @@ class PendingClaim:
         self._keys: list[str] = []
         self._args: list[Any] = []
         self._conn: Connection | None = None
+        self._sent = False
         self._claim: Claim | None = None
         self._failed: BaseException | None = None  # why the reply could not be read
 
     def send(self) -> None:
         """Send the claim script (once); `result` reads its reply."""
         global _begin
-        if self._keys:
+        if self._sent:
             return
+        self._sent = True
         if _begin is None:
             _begin = self._r.register_script(_BEGIN_LUA)
         job, worker_id, now = self._job, self._worker_id, time.time()
