@@ -11,6 +11,8 @@ from pathlib import Path
 
 import psutil
 
+from workers.cpus import usable_cpus
+
 
 class LlamaServerError(RuntimeError):
     """llama-server could not be found, failed to start, or died before it was ready."""
@@ -23,9 +25,9 @@ def cpu_threads() -> int:
     llama.cpp's threads spin while they wait for each other, and with one on every CPU the
     gateway, worker and pool children wait behind them. Measured on 2 vCPUs: c=8 throughput
     0.46x direct with llama.cpp's default, 0.95x with one CPU left; a client's disconnect
-    freed its slot in up to 93 ms, against 22 ms."""
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU
-    usable = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    freed its slot in up to 93 ms, against 22 ms. "Usable" counts a container's CPU quota
+    (`workers.cpus`), not only the CPUs it may be scheduled on."""
+    usable = usable_cpus()
     physical = psutil.cpu_count(logical=False) or usable
     return max(1, min(physical, usable - 1))
 

@@ -20,6 +20,7 @@ import pytest
 
 from corral.tinymodel import make_model
 from tests.support import shell_script
+from workers.cpus import usable_cpus
 from workers.llama_binary import LlamaServerError, cpu_threads, exit_reason, resolve_binary
 from workers.llama_server import LaunchSpec, LlamaServer, ServerState
 
@@ -179,7 +180,7 @@ def test_cpu_threads_unless_the_user_chose(
     environment or the spec's) is the user's choice and stands, and so do the model's
     flags, which come last."""
     monkeypatch.delenv("LLAMA_ARG_THREADS", raising=False)
-    usable, physical = len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False)
+    usable, physical = usable_cpus(), psutil.cpu_count(logical=False)
     assert 1 <= cpu_threads() == max(1, min(physical or usable, usable - 1))
     argv = LlamaServer(_spec(models["chat"], cpu_threads=3, flags=("-t", "5"))).command()
     assert argv[argv.index("--threads") + 1] == "3" and argv[-2:] == ["-t", "5"]
@@ -192,12 +193,6 @@ def test_cpu_threads_unless_the_user_chose(
     with LlamaServer(_spec(models["chat"], cpu_threads=1)) as srv:  # llama-server takes it
         srv.ensure_ready(30)
         assert srv.pid is not None and "--threads" in psutil.Process(srv.pid).cmdline()
-
-
-def test_cpu_threads_where_affinity_is_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(os, "sched_getaffinity")  # not on every OS: every CPU counts
-    cpus, physical = os.cpu_count() or 1, psutil.cpu_count(logical=False)
-    assert cpu_threads() == max(1, min(physical or cpus, cpus - 1))
 
 
 def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
