@@ -55,6 +55,8 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         quiet = log.read_text()  # corral up prints its own summary: no Celery banner, and
         assert "[tasks]" not in quiet and "(prefork)" not in quiet  # no gguf writer notes
         assert "Writing the following files" not in quiet
+        assert "SecurityWarning" not in quiet  # Celery's seven lines, as root: one of ours
+        assert ("runs as root" in quiet) == (os.geteuid() == 0)
         assert wait_for(lambda: not any(alive(p) for p in family), 10), [
             (p, psutil.Process(p).cmdline()) for p in family if alive(p)
         ]

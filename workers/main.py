@@ -15,8 +15,10 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 
 import redis
+from celery.exceptions import SecurityWarning
 
 from common import keys
 from common.registry import WorkerInfo, WorkerState
@@ -133,4 +135,19 @@ def _consume(
         "--without-mingle",
     ]  # fmt: skip
     log.info("worker=%s consuming queues=%s slots=%d", worker_id, ",".join(queues), slots)
+    _one_line_if_root(worker_id)
     app.worker_main(argv)
+
+
+def _one_line_if_root(worker_id: str) -> None:
+    """Celery prints a seven-line `SecurityWarning` in each worker run as root (`corral up`
+    as root in a VM or container, say), after Corral's own summary; one log line with the
+    same advice is enough."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    log.warning(
+        "worker=%s runs as root: run workers as an unprivileged user where you can "
+        "(the Docker images use uid 10001)",
+        worker_id,
+    )
