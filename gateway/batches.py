@@ -35,6 +35,17 @@ STATIC = ("id", "endpoint", "input_file_id", "completion_window", "created_at", 
           "metadata", "errors")  # fmt: skip
 WINDOWS = {"24h": 24 * 3600}
 
+# Check and set in one step: a cancel read "in_progress" while the supervisor wrote
+# "finalizing" and then the final status would otherwise overwrite it, and a batch already
+# out of the active set would stay "cancelling" for good. Returns the status before.
+CANCEL_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'cancelling_at', ARGV[3])
+end
+return status
+"""
+
 
 class BatchNotFound(CorralError):
     status = 404
@@ -68,6 +79,7 @@ class BatchStore:
     def __init__(self, client: aioredis.Redis, files: FileStore) -> None:
         self._redis = client
         self.files = files
+        self._cancel = client.register_script(CANCEL_LUA)
 
     async def save_new(self, batch: Batch) -> None:
         static = batch.model_dump(mode="json", include=set(STATIC))
@@ -146,18 +158,25 @@ class BatchStore:
         return await owner_index.backfill(self._redis, keys.BATCHES, owners, keys.batches_of)
 
     async def cancel(self, batch_id: str) -> Batch:
-        """Items not started are skipped; running ones finish and are reported."""
-        batch = await self.load(batch_id)
-        if batch.status in (BatchState.VALIDATING, BatchState.IN_PROGRESS):
-            await self.set_status(batch_id, BatchState.CANCELLING)
-            return await self.load(batch_id)
-        if batch.status in (BatchState.CANCELLING, BatchState.CANCELLED):
-            return batch
-        raise InvalidRequest(
-            f"Batch {batch_id!r} is {batch.status.value}; it can no longer be cancelled.",
-            code="batch_not_cancellable",
-            status=409,
+        """Items not started are skipped; running ones finish and are reported. Only a
+        batch in progress starts cancelling (batches are stored in progress, never
+        validating); cancelling one that is already cancelling or cancelled is a no-op."""
+        was = await self._cancel(
+            keys=[keys.batch_key(batch_id)],
+            args=[BatchState.IN_PROGRESS.value, BatchState.CANCELLING.value, int(time.time())],
         )
+        if was is None:
+            raise BatchNotFound(f"No batch {batch_id!r}.", param="batch_id")
+        status = BatchState(was.decode() if isinstance(was, bytes) else was)
+        if status is BatchState.IN_PROGRESS:
+            log.info("batch=%s status=%s", batch_id, BatchState.CANCELLING.value)
+        elif status not in (BatchState.CANCELLING, BatchState.CANCELLED):
+            raise InvalidRequest(
+                f"Batch {batch_id!r} is {status.value}; it can no longer be cancelled.",
+                code="batch_not_cancellable",
+                status=409,
+            )
+        return await self.load(batch_id)
 
 
 def from_hash(raw: dict[str, str]) -> Batch:
