@@ -132,11 +132,15 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from corral.up import Cluster, collect_models
+    from corral.up import Cluster, address_problem, collect_models
 
     settings = _settings(args, host=args.host, port=args.port, data_dir=args.data_dir,
                          insecure=args.insecure)  # fmt: skip
     setup_logging(settings.log_level, "up", settings.log_format)
+    problem = address_problem(settings.host, settings.port)
+    if problem:  # before anything starts: the gateway would fail last, its reason buried
+        print(f"corral up: {problem}", file=sys.stderr)
+        return 1
     models = collect_models(settings, args.model, args.embedding_model, args.slots)
     return Cluster(settings, models).run()
 

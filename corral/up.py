@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ import yaml
 from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
+from gateway.auth import exposure_problem
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,24 @@ def collect_models(
         found = {a: m.model_copy(update={"parallel": slots}) for a, m in found.items()}
     return {a: m.model_copy(update={"model_path": settings.resolve_model_path(m)})
             for a, m in found.items()}  # fmt: skip
+
+
+def address_problem(host: str, port: int) -> str | None:
+    """Why the gateway could not listen on `host:port` (taken by another `corral up`, say),
+    or None. Bound the way uvicorn binds (SO_REUSEADDR), so a port in TIME_WAIT is free."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror}"
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror} (pick another with --port)"
+    return None
 
 
 def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: str) -> Path:
@@ -101,6 +121,9 @@ class Cluster:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
             url = self.redis.url
             log.info("embedded valkey at %s", url)
+        problem = exposure_problem(self.settings.model_copy(update={"redis_url": url}))
+        if problem:  # API keys live in Redis: checked once it runs, before the workers
+            raise SystemExit(f"corral up: {problem}")
         config = write_run_config(self.settings, self.models, url)
         exe = [sys.executable, "-m", "corral"]
         env = {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}

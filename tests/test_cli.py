@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import CHAT
 from tests.support import env_without_corral, shell_script
+from workers.ports import free_port
 
 
 def _corral(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -42,3 +44,24 @@ def test_worker_whose_llama_server_cannot_run_here_says_why(
     assert out.returncode == 1, out.stderr[-2000:]
     assert "corral worker:" in out.stderr and "SIGILL" in out.stderr
     assert "CORRAL_LLAMA_SERVER" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_up_on_a_taken_port_says_so_before_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _corral("up", "--port", str(port), "--data-dir", str(tmp_path))
+    assert done.returncode == 1
+    assert f"corral up: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "pick another with --port" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "redis").exists() and not (tmp_path / "models").exists()
+
+
+def test_up_on_a_public_address_without_keys_refuses_before_the_workers(tmp_path: Path) -> None:
+    port = free_port()
+    done = _corral("up", "--host", "0.0.0.0", "--port", str(port), "--data-dir", str(tmp_path))
+    assert done.returncode == 1
+    assert "corral up: refusing to serve 0.0.0.0" in done.stderr
+    assert "CORRAL_ADMIN_KEY" in done.stderr and "Traceback" not in done.stderr
+    assert "workers.main" not in done.stderr  # no worker was started
