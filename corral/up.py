@@ -44,6 +44,9 @@ def collect_models(
         p = Path(path).expanduser().resolve()
         if not p.is_file():
             raise SystemExit(f"corral up: model file not found: {p}")
+        with p.open("rb") as f:
+            if (head := f.read(4)) != b"GGUF":
+                raise SystemExit(f"corral up: {p} is not a GGUF file (it starts with {head!r})")
         found[p.stem] = ModelConfig(model_path=p, embedding=embedding)
     if not found:
         from corral.tinymodel import ensure_demo_models

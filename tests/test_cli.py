@@ -65,3 +65,13 @@ def test_up_on_a_public_address_without_keys_refuses_before_the_workers(tmp_path
     assert "corral up: refusing to serve 0.0.0.0" in done.stderr
     assert "CORRAL_ADMIN_KEY" in done.stderr and "Traceback" not in done.stderr
     assert "workers.main" not in done.stderr  # no worker was started
+
+
+def test_up_with_a_file_that_is_not_gguf_says_so(tmp_path: Path) -> None:
+    model = tmp_path / "notes.gguf"
+    model.write_text("hello")
+    done = _corral("up", "--model", str(model), "--port", str(free_port()),
+                   "--data-dir", str(tmp_path / "data"))  # fmt: skip
+    assert done.returncode == 1
+    assert f"corral up: {model} is not a GGUF file (it starts with b'hell')" in done.stderr
+    assert not (tmp_path / "data" / "redis").exists()
