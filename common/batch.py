@@ -135,7 +135,10 @@ def parse_input(
         text = content.decode()
     except UnicodeDecodeError:
         return [], [LineError(code="invalid_file", message="The file is not valid UTF-8.")]
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: `str.splitlines` also splits at U+2028, U+0085 and others,
+    # which JSON allows raw inside strings.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         err = _check_line(raw, number, seen, known_models, endpoint)
