@@ -119,7 +119,7 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
         on_cancel=abort.fire,
     )
     on_sent = functools.partial(_confirm, job, claim, pub)
-    state, error, final, fields = _serve(job, rt.upstream, pub, abort, on_sent)
+    state, error, final, fields = _serve(job, claim, rt.upstream, pub, abort, on_sent)
     _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
     record = functools.partial(
         ledger.finish_into, job=job, worker_id=rt.worker_id, state=state, error=error
@@ -132,7 +132,12 @@ Outcome = tuple[RequestState, str | None, FrameType, dict[str, Any]]
 
 
 def _serve(
-    job: Job, upstream: Upstream, pub: Publisher, abort: Abort, on_sent: Callable[[], None]
+    job: Job,
+    claim: ledger.PendingClaim,
+    upstream: Upstream,
+    pub: Publisher,
+    abort: Abort,
+    on_sent: Callable[[], None],
 ) -> Outcome:
     body = dict(job.body, model=job.model)
     try:
@@ -160,7 +165,7 @@ def _serve(
         return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, _error(err)
     except CorralError as exc:
         if exc.code == UNREACHABLE:
-            exc = _lost_llama_server(job)
+            exc = _lost_llama_server(job, claim)
         return RequestState.FAILED, exc.message, FrameType.ERROR, _error(exc)
     except Exception:  # a bug, or a reply nobody foresaw: still exactly one final frame
         log.exception("job=%s failed unexpectedly", job.request_id)
@@ -172,12 +177,18 @@ def _error(err: CorralError) -> dict[str, Any]:
     return {"error": err.body(), "status": err.status}
 
 
-def _lost_llama_server(job: Job) -> CorralError:
+def _lost_llama_server(job: Job, claim: ledger.PendingClaim) -> CorralError:
     """llama-server went away mid-request (it crashed, or this worker was killed and took
     it down while a pool child still ran): that is a lost worker, not a bad request. The
     claim is released so the gateway's one resubmission of a non-streaming request can
-    run, on another replica or on the restarted child."""
+    run, on another replica or on the restarted child.
+
+    Released only once this task holds it: a call that failed before its request was sent
+    has not taken the claim yet, and taking it after the release would leave it naming
+    this worker (the resubmission, dropped as a duplicate, would leave its client waiting
+    until its deadline). A copy that is not ours (`NotOurs`) releases nothing."""
     if not job.stream:
+        _ours(claim)
         runtime.current().redis.delete(keys.claim_key(job.request_id))
     return WorkerLost("The llama-server serving this request went away mid-request.")
 

@@ -126,3 +126,33 @@ def test_a_call_that_failed_before_sending_reads_the_claim_too(
     with pytest.raises(tasks.NotOurs):
         tasks._run(job, _claim(rt, job))
     assert frames() == []
+
+
+def test_a_lost_llama_server_releases_the_claim_it_took(
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]]
+) -> None:
+    """A non-streaming call that failed before it was sent (llama-server gone: nothing
+    listens on port 9) takes the claim, then releases it, so the gateway's resubmission
+    runs (it used to find the claim naming this live worker and be dropped as a
+    duplicate, its client left waiting until the deadline)."""
+    job = job.model_copy(update={"stream": False})
+    state, _ = tasks._run(job, _claim(rt, job))
+    assert state is RequestState.FAILED
+    last = frames()[-1]
+    assert last.type is FrameType.ERROR and last.error is not None
+    assert last.error.code == "worker_lost"
+    assert rt.redis.get(keys.claim_key(job.request_id)) is None
+    assert ledger.claim(rt.redis, job, "w-other", 60) is Claim.FIRST  # the resubmission
+
+
+def test_a_duplicate_whose_llama_server_is_gone_leaves_the_owners_claim(
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]]
+) -> None:
+    job = job.model_copy(update={"stream": False})
+    rt.redis.set(keys.claim_key(job.request_id), "w-owner")
+    rt.redis.set(keys.worker_key("w-owner"), "{}")  # alive, and still running it
+    with pytest.raises(tasks.NotOurs) as caught:
+        tasks._run(job, _claim(rt, job))
+    assert caught.value.claim is Claim.DUPLICATE
+    assert rt.redis.get(keys.claim_key(job.request_id)) == b"w-owner"
+    assert frames() == []
