@@ -206,6 +206,21 @@ def finish_into(
     pipe.zrem(keys.running_key(job.model), running_member(worker_id, job.request_id))
 
 
+def given_back(r: redis.Redis, job: Job, worker_id: str, why: str) -> None:
+    """A batch item given up without an outcome (its llama-server went away): out of the
+    model's running set, so the batch supervisor sees nothing running and sends it again;
+    its record says it waits for that."""
+    pipe = r.pipeline(transaction=False)
+    pipe.hset(keys.request_key(job.request_id),
+              mapping={"state": RequestState.QUEUED.value, "error": why[:500]})  # fmt: skip
+    pipe.expire(keys.request_key(job.request_id), RECORD_TTL_S)
+    pipe.zrem(keys.running_key(job.model), running_member(worker_id, job.request_id))
+    try:
+        pipe.execute()
+    except redis.RedisError as exc:  # the supervisor's requeue of lost workers is the net
+        log.warning("job=%s could not give the item back: %r", job.request_id, exc)
+
+
 def dropped(r: redis.Redis, job: Job, state: RequestState, why: str) -> None:
     """A task that never ran: say why in its record."""
     pipe = r.pipeline(transaction=False)

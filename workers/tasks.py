@@ -220,11 +220,17 @@ def _run_batch_item(job: Job) -> None:
     except CorralError as exc:
         if exc.code == UNREACHABLE or os.getppid() != parent:
             # llama-server or this worker went away: not the request's fault. Leave no
-            # result, so the supervisor sends the item to a live worker.
+            # result and nothing running, so the supervisor sends the item again.
             log.warning("job=%s batch=%s lost: %s", job.request_id, job.batch_id, exc.message)
+            ledger.given_back(r, job, rt.worker_id, exc.message)
             return
         batch_sink.failed(r, job, exc)
         state, error = RequestState.FAILED, exc.message
+    except Exception:  # a bug, or a reply nobody foresaw: a failed item, not a stuck one
+        log.exception("job=%s batch=%s failed unexpectedly", job.request_id, job.batch_id)
+        err = CorralError("The worker failed while serving this request.")
+        batch_sink.failed(r, job, err)
+        state, error = RequestState.FAILED, err.message
     ledger.finished(r, job, rt.worker_id, state, error)
     log.info("job=%s batch=%s custom_id=%s %s", job.request_id, job.batch_id, job.custom_id,
              state.value)  # fmt: skip

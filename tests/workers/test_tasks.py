@@ -156,3 +156,18 @@ def test_a_duplicate_whose_llama_server_is_gone_leaves_the_owners_claim(
     assert caught.value.claim is Claim.DUPLICATE
     assert rt.redis.get(keys.claim_key(job.request_id)) == b"w-owner"
     assert frames() == []
+
+
+def test_a_batch_item_that_lost_llama_server_is_given_back(rt: runtime.Runtime) -> None:
+    """Nothing listens on port 9: the item leaves no result and nothing in the running set,
+    so the batch supervisor sends it again (it used to stay "running" and hold the batch
+    until it expired)."""
+    job = Job(kind=JobKind.CHAT, model="m-batch", body={"messages": []}, stream=False,
+              priority=Priority.LOW, channel="", deadline=time.time() + 60,
+              batch_id="batch_unit", custom_id="c1", request_id="batch_unit-0")  # fmt: skip
+    tasks._run_batch_item(job)
+    assert rt.redis.zrange(keys.running_key("m-batch"), 0, -1) == []
+    assert not rt.redis.hexists(keys.batch_results_key("batch_unit"), "c1")
+    record = rt.redis.hgetall(keys.request_key(job.request_id))
+    assert record[b"state"] == RequestState.QUEUED.value.encode()
+    assert rt.redis.ttl(keys.request_key(job.request_id)) > 0
