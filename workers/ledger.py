@@ -145,9 +145,17 @@ def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
 def _redelivered(
     r: redis.Redis, job: Job, worker_id: str, ttl: int, owner: bytes | str | None
 ) -> Claim:
-    """Someone claimed this task before: rare, so plain commands, correctness first."""
+    """Someone claimed this task before: rare, so plain commands, correctness first.
+
+    A copy that comes back to the worker that claimed it finds that worker alive, but its
+    own run is over: its pool child died (killed for memory, say) and Celery queued the
+    task again, or kombu redelivered it after the visibility timeout, twice the time limit.
+    So only another live owner makes a duplicate; a stream that came back here is lost (its
+    client gets an error rather than silence until its deadline), a non-streaming task
+    runs once more."""
     key = keys.claim_key(job.request_id)
-    if owner is not None and r.exists(keys.worker_key(keys.text(owner))):
+    holder = keys.text(owner) if owner is not None else None
+    if holder is not None and holder != worker_id and r.exists(keys.worker_key(holder)):
         return Claim.DUPLICATE
     if job.stream:
         return Claim.LOST

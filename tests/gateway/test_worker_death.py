@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from corral.redis_server import EmbeddedRedis
@@ -131,8 +132,39 @@ def _depth(cluster: Cluster) -> int:
 
 
 def _llama_children(pid: int | None) -> list[int]:
-    import psutil
-
     assert pid is not None
     return [p.pid for p in psutil.Process(pid).children(recursive=True)
             if "llama-server" in p.name()]  # fmt: skip
+
+
+@pytest.fixture
+def one_slot(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512)
+    args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
+    cluster = start_cluster(redis_server.url, tmp_path / "logs", [args])
+    yield cluster
+    cluster.stop()
+
+
+def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
+    """The worker lives on but the pool child running a stream dies (the kernel's OOM
+    killer, say): Celery queues the task again, the worker's own copy is recognised as
+    lost (not as a duplicate of a live worker's run), and the client hears `worker_lost`
+    within seconds instead of waiting for its deadline; the next request is served."""
+    cluster = one_slot
+    (w,) = workers(cluster.redis_url, MODEL)
+    stream = Call(cluster.base_url, stream=True, max_tokens=8000)
+    assert wait_for(lambda: _running_on(cluster, w.id) == 1, 20)
+    worker_pid = cluster.children[1].pid
+    assert worker_pid is not None
+    (pool,) = [p for p in psutil.Process(worker_pid).children()
+               if "llama-server" not in p.name()]  # fmt: skip
+    os.kill(pool.pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    stream.join(30)
+    assert stream.ended_at and stream.ended_at - killed < 5.0, cluster.logs()
+    assert '"worker_lost"' in stream.lines[-2] and stream.lines[-1] == "data: [DONE]"
+    after = Call(cluster.base_url, stream=False, max_tokens=4)
+    after.join(30)
+    assert after.status == 200 and after.result["choices"], after.result

@@ -89,6 +89,18 @@ def test_first_claim_wins_and_a_live_owner_makes_copies_duplicates(r: redis.Redi
     assert claim(r, job_ns, "other", 60) is Claim.DUPLICATE  # alive: no rerun either
 
 
+def test_a_copy_back_at_its_own_live_worker_is_not_a_duplicate(r: redis.Redis) -> None:
+    """The worker is alive but its run of the task is over (a pool child killed, Celery
+    queued the task again): a stream is lost, a non-streaming task runs once more."""
+    r.set(keys.worker_key("same"), "{}", ex=30)
+    job, job_ns = _job(stream=True), _job(stream=False)
+    assert claim(r, job, "same", 60) is Claim.FIRST
+    assert claim(r, job, "same", 60) is Claim.LOST
+    assert claim(r, job_ns, "same", 60) is Claim.FIRST
+    assert claim(r, job_ns, "same", 60) is Claim.RERUN
+    assert claim(r, job_ns, "same", 60) is Claim.DUPLICATE  # never a third run
+
+
 def test_redelivered_stream_of_a_dead_worker_is_lost_not_rerun(r: redis.Redis) -> None:
     job = _job(stream=True)
     assert claim(r, job, "dead-worker", 60) is Claim.FIRST  # no heartbeat key: dead
