@@ -162,8 +162,8 @@ def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
     os.kill(pool.pid, signal.SIGKILL)
     killed = time.monotonic()
 
-    stream.join(30)
-    assert stream.ended_at and stream.ended_at - killed < 5.0, cluster.logs()
+    stream.join(30)  # Celery finds the dead child on its pool's 5 s maintenance timer
+    assert stream.ended_at and stream.ended_at - killed < 10.0, cluster.logs()
     assert '"worker_lost"' in stream.lines[-2] and stream.lines[-1] == "data: [DONE]"
     after = Call(cluster.base_url, stream=False, max_tokens=4)
     after.join(30)
