@@ -9,6 +9,9 @@ Every value here carries one of DESIGN.md's promises; change one only with its r
 - `visibility_timeout` >= 2 x `task_time_limit` in every process: kombu redelivers an
   unacked task after it, running or not.
 - no result backend: tokens travel over pub/sub.
+- a soft time limit below the hard one: the task cuts its stream and tells its client
+  (504) before the hard limit kills its pool child, which would leave the client waiting
+  in silence until its deadline.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[s
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": soft_time_limit(settings.task_time_limit),
         "task_create_missing_queues": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
@@ -43,3 +47,8 @@ def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[s
         "worker_hijack_root_logger": False,
         "worker_disable_rate_limits": True,
     }
+
+
+def soft_time_limit(hard: float) -> float:
+    """A task's soft time limit: 10 s (a tenth, for short limits) before the hard one."""
+    return hard - min(10.0, hard / 10)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from common import keys
 from common.errors import CorralError, Timeout, WorkerLost
@@ -163,6 +164,9 @@ def _serve(
     except Aborted:
         err = cancelled()
         return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, _error(err)
+    except SoftTimeLimitExceeded:  # the call's socket is closed: llama-server frees the slot
+        err = _over_time_limit()
+        return RequestState.FAILED, err.message, FrameType.ERROR, _error(err)
     except CorralError as exc:
         if exc.code == UNREACHABLE:
             exc = _lost_llama_server(job, claim)
@@ -171,6 +175,14 @@ def _serve(
         log.exception("job=%s failed unexpectedly", job.request_id)
         err = CorralError("The worker failed while serving this request.")
         return RequestState.FAILED, err.message, FrameType.ERROR, _error(err)
+
+
+def _over_time_limit() -> CorralError:
+    limit = runtime.current().settings.task_time_limit
+    return Timeout(
+        f"The request ran longer than the worker's task time limit ({limit:g} s).",
+        code="task_time_limit",
+    )
 
 
 def _error(err: CorralError) -> dict[str, Any]:
@@ -226,6 +238,10 @@ def _run_batch_item(job: Job) -> None:
             return
         batch_sink.failed(r, job, exc)
         state, error = RequestState.FAILED, exc.message
+    except SoftTimeLimitExceeded:
+        err = _over_time_limit()
+        batch_sink.failed(r, job, err)
+        state, error = RequestState.FAILED, err.message
     except Exception:  # a bug, or a reply nobody foresaw: a failed item, not a stuck one
         log.exception("job=%s batch=%s failed unexpectedly", job.request_id, job.batch_id)
         err = CorralError("The worker failed while serving this request.")
