@@ -25,7 +25,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import keys
-from common.errors import CorralError, StreamBroken, Timeout, WorkerLost, from_body
+from common.errors import (
+    CorralError,
+    NoCapacity,
+    StreamBroken,
+    Timeout,
+    WorkerLost,
+    from_body,
+)
 from common.frames import Frame, FrameType
 from gateway.aio import cancel_and_wait
 from gateway.pubsub import PubSubConnection
@@ -33,6 +40,8 @@ from gateway.pubsub import PubSubConnection
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 1.0  # silence after which the worker's heartbeat is checked
+READY_WAIT_S = 5.0  # how long a new request waits for a reconnecting pub/sub connection
+SUBSCRIBE_TIMEOUT_S = 10.0  # to connect and subscribe, before trying again
 _KEYS_CHANGED = keys.KEYS_CHANGED.encode()
 
 
@@ -141,7 +150,20 @@ class StreamHub:
             await cancel_and_wait(self._reader)
         self._fail_all(StreamBroken("The gateway is shutting down."))
 
-    def open(self, request_id: str, deadline: float) -> Subscription:
+    async def open(self, request_id: str, deadline: float) -> Subscription:
+        """A subscription for the request's frames, once the hub is subscribed: while it
+        reconnects, what a worker publishes reaches nobody (the worker then gives the task
+        up), so a request waits for it here, `READY_WAIT_S` at most, then gets a 503."""
+        if not self._ready.is_set():
+            try:
+                async with asyncio.timeout(READY_WAIT_S):
+                    await self._ready.wait()
+            except TimeoutError:
+                raise NoCapacity(
+                    "The gateway lost its connection to Redis and is reconnecting; retry.",
+                    code="redis_unavailable",
+                    retry_after=2,
+                ) from None
         sub = Subscription(self, request_id, deadline)
         self._subs[request_id] = sub
         return sub
@@ -166,7 +188,10 @@ class StreamHub:
                 await self._read_once()
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self._ready.is_set():  # it was up: a new incident, not a retry
+                    backoff = 0.1
+                self._ready.clear()  # new requests wait for the next subscribe
                 log.warning("gateway=%s pub/sub connection lost: %r", self.gateway_id, exc)
                 # Frames may have been lost while disconnected: end what was in flight.
                 self._fail_all(StreamBroken("Lost the connection to Redis mid-stream."))
@@ -174,15 +199,18 @@ class StreamHub:
                 backoff = min(backoff * 2, 5.0)
 
     async def _read_once(self) -> None:
-        conn = await PubSubConnection.open(self._url, self._on_message)
+        conn: PubSubConnection | None = None
         try:
-            await conn.psubscribe(keys.channel_pattern(self.gateway_id))
-            await conn.subscribe(keys.KEYS_CHANGED)
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):  # a dead peer never answers
+                conn = await PubSubConnection.open(self._url, self._on_message)
+                await conn.psubscribe(keys.channel_pattern(self.gateway_id))
+                await conn.subscribe(keys.KEYS_CHANGED)
             self.keys_epoch += 1  # notes may have been missed while disconnected
             self._ready.set()
             await conn.run()
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel == _KEYS_CHANGED:  # the only plain channel

@@ -1,0 +1,74 @@
+"""The gateway's stream hub (`gateway.stream.StreamHub`) on a real Valkey, across a lost
+pub/sub connection: a request that opens its subscription while the hub reconnects waits
+for the new subscription, so a worker's frames reach it (they used to reach nobody, and the
+request waited for its deadline); when Redis stays away, the request gets a 503."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from common.errors import NoCapacity
+from common.frames import Frame, FrameType
+from corral.redis_server import EmbeddedRedis
+from gateway import stream
+from gateway.stream import StreamHub
+
+
+def _frame(seq: int, kind: FrameType) -> str:
+    return Frame(seq=seq, type=kind, worker="w").model_dump_json(exclude_defaults=True)
+
+
+def test_a_request_opened_while_reconnecting_hears_its_worker(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
+    async def main() -> list[FrameType]:
+        client = aioredis.Redis.from_url(own_redis.url)
+        hub = StreamHub(client, "gw-hub", own_redis.url)
+        await hub.start()
+        try:
+            assert r.client_kill_filter(_type="pubsub") == 1  # Redis drops the connection
+            await asyncio.sleep(0.05)  # the hub has seen it and is reconnecting
+            sub = await hub.open("req-1", time.time() + 10)  # waits until subscribed
+            channel = hub.channel("req-1")
+            assert r.publish(channel, _frame(0, FrameType.START)) == 1
+            assert r.publish(channel, _frame(1, FrameType.DONE)) == 1
+            got = [(await sub.next()).type for _ in range(2)]
+            sub.close()
+            return got
+        finally:
+            await hub.stop()
+            await client.aclose()
+
+    assert asyncio.run(main()) == [FrameType.START, FrameType.DONE]
+
+
+def test_a_request_gets_a_503_while_redis_stays_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream, "READY_WAIT_S", 0.5)
+    server = EmbeddedRedis().start()
+
+    async def main() -> NoCapacity | None:
+        client = aioredis.Redis.from_url(server.url)
+        hub = StreamHub(client, "gw-hub", server.url)
+        await hub.start()
+        try:
+            server.stop()
+            await asyncio.sleep(0.2)
+            try:
+                await hub.open("req-2", time.time() + 10)
+            except NoCapacity as err:
+                return err
+            return None
+        finally:
+            await hub.stop()
+            await client.aclose()
+
+    err = asyncio.run(main())
+    assert err is not None and err.status == 503 and err.code == "redis_unavailable"
+    assert err.headers() == {"Retry-After": "2"}
