@@ -33,7 +33,15 @@ from common.errors import CorralError, InvalidRequest, PermissionDenied
 from common.tracking import split_running_member
 from gateway import batch_output
 from gateway.aio import cancel_and_wait
-from gateway.batches import KINDS, WINDOWS, BatchStore, failed_batch, item_id, item_job
+from gateway.batches import (
+    KINDS,
+    WINDOWS,
+    BatchNotFound,
+    BatchStore,
+    failed_batch,
+    item_id,
+    item_job,
+)
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
 from gateway.leader import LeaderLock
@@ -176,9 +184,26 @@ class BatchRunner:
         return await self._leader.hold()
 
     async def tick(self) -> None:
+        """One round over the active batches; one that fails does not hold up the rest."""
         await self._requeue_lost()
         for batch_id in sorted(map(str, await self._redis.smembers(keys.BATCHES_ACTIVE))):
-            await self._supervise(await self.store.load(batch_id))
+            try:
+                await self._supervise(await self.store.load(batch_id))
+            except BatchNotFound:  # its record is gone: nothing left to supervise
+                await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
+            except FileNotFound:
+                await self._input_lost(batch_id)
+            except Exception:
+                log.exception("batch=%s supervision failed; the next round tries again",
+                              batch_id)  # fmt: skip
+
+    async def _input_lost(self, batch_id: str) -> None:
+        """Its input file is gone (deleted before deletes checked for unfinished batches,
+        or by hand in Redis): it can be neither resumed nor written out in input order."""
+        log.error("batch=%s input file is gone: the batch ends failed", batch_id)
+        await self.store.set_status(batch_id, BatchState.FAILED)
+        await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
+        self._lines.pop(batch_id, None)
 
     async def _supervise(self, batch: Batch) -> None:
         raw = await self._redis.hmget(keys.batch_key(batch.id), ["enqueued", "skipped"])

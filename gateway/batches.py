@@ -157,6 +157,18 @@ class BatchStore:
 
         return await owner_index.backfill(self._redis, keys.BATCHES, owners, keys.batches_of)
 
+    async def active_using(self, file_id: str) -> str | None:
+        """An unfinished batch whose input is `file_id`, if any: it rereads its input to
+        resume an enqueue, resend lost items and write its output in input order."""
+        ids = sorted(map(str, await self._redis.smembers(keys.BATCHES_ACTIVE)))
+        pipe = self._redis.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hget(keys.batch_key(batch_id), "static")
+        for batch_id, static in zip(ids, await pipe.execute(), strict=True):
+            if static and json.loads(static).get("input_file_id") == file_id:
+                return batch_id
+        return None
+
     async def cancel(self, batch_id: str) -> Batch:
         """Items not started are skipped; running ones finish and are reported. Only a
         batch in progress starts cancelling (batches are stored in progress, never

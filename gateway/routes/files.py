@@ -81,5 +81,11 @@ async def file_content(file_id: str, state: State, caller: CallerDep) -> Respons
 @router.delete("/v1/files/{file_id}")
 async def delete_file(file_id: str, state: State, caller: CallerDep) -> dict[str, Any]:
     await _meta(state, file_id, caller)
+    if await state.batches.store.active_using(file_id):
+        raise InvalidRequest(
+            f"File {file_id!r} is the input of a batch that has not finished; delete it "
+            "once the batch has ended (or been cancelled).",
+            param="file_id", code="file_in_use", status=409,
+        )  # fmt: skip
     await state.batches.store.files.delete(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -141,6 +141,9 @@ def test_cancel_midway_stops_items_not_started(bcluster: Cluster) -> None:
     client = bcluster.client()
     batch = submit(client, jsonl(150, max_tokens=64))
     assert wait_for(lambda: completed(client, batch.id) >= 4, 60)
+    with pytest.raises(openai.ConflictError) as in_use:  # the batch still reads its input
+        client.files.delete(batch.input_file_id)
+    assert in_use.value.code == "file_in_use"
     cancelled = client.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled")
     done = wait_final(client, batch.id)
@@ -149,6 +152,7 @@ def test_cancel_midway_stops_items_not_started(bcluster: Cluster) -> None:
     assert 4 <= len(out) < 150
     assert len(out) == done.request_counts.completed
     assert len({x["custom_id"] for x in out}) == len(out)
+    assert client.files.delete(batch.input_file_id).deleted  # ended: it may go now
 
 
 def test_interactive_stream_goes_ahead_of_batch_items(bcluster: Cluster) -> None:

@@ -1,0 +1,64 @@
+"""The batch supervisor (`gateway.batch_runner.BatchRunner.tick`) on a bare Valkey: a batch
+whose input file is gone ends failed instead of failing every round, and the batches after
+it are still finalized."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+from common import keys
+from common.batch import Batch, BatchState, FileObject, RequestCounts
+from common.settings import ModelConfig, Settings
+from corral.redis_server import EmbeddedRedis
+from gateway.batch_runner import BatchRunner
+from gateway.batches import BatchStore
+from gateway.catalog import Catalog
+from gateway.dispatch import Dispatcher
+from gateway.storage import RedisFileStore
+
+LINE = {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}  # fmt: skip
+RESULT = {"id": "batch_req_1", "custom_id": "c1",
+          "response": {"status_code": 200, "body": {}}, "error": None}  # fmt: skip
+
+
+def test_a_batch_without_its_input_fails_and_holds_up_no_other(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
+    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
+
+    async def main() -> tuple[Batch, Batch]:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        store = BatchStore(client, RedisFileStore(client))
+        dispatcher = Dispatcher(settings, own_redis.url, client)
+        runner = BatchRunner(client, store, dispatcher, Catalog(settings, client), "gw-unit")
+        try:
+            meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
+            await store.files.put(meta, json.dumps(LINE) + "\n")
+            done = RequestCounts(total=1, completed=1)
+            lost = Batch(id="batch_0lost", endpoint="/v1/chat/completions",
+                         input_file_id="file-gone", status=BatchState.IN_PROGRESS,
+                         request_counts=done)  # fmt: skip
+            fine = Batch(id="batch_1fine", endpoint="/v1/chat/completions",
+                         input_file_id=meta.id, status=BatchState.IN_PROGRESS,
+                         request_counts=done)  # fmt: skip
+            for batch in (lost, fine):  # every item has its result: both are due to finish
+                await store.save_new(batch)
+                await client.hset(keys.batch_key(batch.id),
+                                  mapping={"enqueued": 1, "completed": 1})  # fmt: skip
+                await client.hset(keys.batch_results_key(batch.id), "c1", json.dumps(RESULT))
+            await runner.tick()
+            return await store.load(lost.id), await store.load(fine.id)
+        finally:
+            dispatcher.close()
+            await client.aclose()
+
+    lost, fine = asyncio.run(main())
+    assert lost.status is BatchState.FAILED
+    assert fine.status is BatchState.COMPLETED and fine.output_file_id
+    assert r.smembers(keys.BATCHES_ACTIVE) == set()
