@@ -55,6 +55,7 @@ CHUNK = 100  # items per enqueue round (and per progress record)
 LEASE_S = 5  # refreshed every chunk; a dead gateway's enqueue resumes within this
 MAX_RESENDS = 3  # an item lost this many times is reported failed
 STALL_S = 3.0  # nothing queued or running for this long, yet results missing: resend
+PLACE_EVERY_S = 5.0  # how often a batch with items left asks for its models to be placed
 CANCEL_GRACE_S = 30  # a cancelling batch whose queued items nobody takes ends after this
 
 
@@ -78,6 +79,7 @@ class BatchRunner:
         self._lines: dict[str, list[BatchLine]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stalled: dict[str, float] = {}  # batch id -> when it was first seen stalled
+        self._placed_at: dict[str, float] = {}  # batch id -> when its models were last placed
         self._leader = LeaderLock(client, keys.BATCH_LEADER, gateway_id, ttl=5)
 
     # -- creation -----------------------------------------------------------------
@@ -204,6 +206,7 @@ class BatchRunner:
         await self.store.set_status(batch_id, BatchState.FAILED)
         await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
         self._lines.pop(batch_id, None)
+        self._placed_at.pop(batch_id, None)
 
     async def _supervise(self, batch: Batch) -> None:
         raw = await self._redis.hmget(keys.batch_key(batch.id), ["enqueued", "skipped"])
@@ -216,6 +219,8 @@ class BatchRunner:
             self._spawn(self._enqueue(batch, await self.lines(batch), enqueued))
         if batch.status is BatchState.CANCELLING and not enqueuing:
             done += counts.total - enqueued  # never enqueued: nothing to wait for
+        if batch.status is BatchState.IN_PROGRESS and done < counts.total:
+            await self._keep_placed(batch)
         if batch.status is BatchState.IN_PROGRESS and enqueued >= counts.total > done:
             await self._sweep(batch)
         if done >= counts.total:
@@ -230,6 +235,18 @@ class BatchRunner:
             and (now - batch.cancelling_at > CANCEL_GRACE_S)
         ):
             await self.finalize(batch, BatchState.CANCELLED)
+
+    async def _keep_placed(self, batch: Batch) -> None:
+        """Every `PLACE_EVERY_S`, ask for the batch's models to be placed, as a request
+        would: the placement at creation may have had to wait (another model within its
+        residency, no worker up yet), and only requests with a waiting client are planned
+        again by the placer; queued items would wait for a copy until the batch expired."""
+        now = time.monotonic()
+        if now - self._placed_at.get(batch.id, -PLACE_EVERY_S) < PLACE_EVERY_S:
+            return
+        self._placed_at[batch.id] = now
+        with contextlib.suppress(CorralError):  # cannot fit now: asked again next time
+            await self._ensure_placed({str(line.body["model"]) for line in await self.lines(batch)})
 
     async def _sweep(self, batch: Batch) -> None:
         """Items can be lost where no record shows them: a task a worker had fetched but
@@ -304,3 +321,4 @@ class BatchRunner:
         await self.store.set_status(batch.id, final, **files)
         await self._redis.srem(keys.BATCHES_ACTIVE, batch.id)
         self._lines.pop(batch.id, None)
+        self._placed_at.pop(batch.id, None)

@@ -1,13 +1,16 @@
 """The batch supervisor (`gateway.batch_runner.BatchRunner.tick`) on a bare Valkey: a batch
 whose input file is gone ends failed instead of failing every round, and the batches after
-it are still finalized."""
+it are still finalized; a batch whose items wait in its queue asks again, now and then,
+for its model to be placed (the placer is a stand-in that counts)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -15,6 +18,7 @@ from common import keys
 from common.batch import Batch, BatchState, FileObject, RequestCounts
 from common.settings import ModelConfig, Settings
 from corral.redis_server import EmbeddedRedis
+from gateway import batch_runner
 from gateway.batch_runner import BatchRunner
 from gateway.batches import BatchStore
 from gateway.catalog import Catalog
@@ -62,3 +66,42 @@ def test_a_batch_without_its_input_fails_and_holds_up_no_other(
     assert lost.status is BatchState.FAILED
     assert fine.status is BatchState.COMPLETED and fine.output_file_id
     assert r.smembers(keys.BATCHES_ACTIVE) == set()
+
+
+def test_queued_items_ask_again_for_their_model_to_be_placed(
+    own_redis: EmbeddedRedis, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The placement at creation had to wait (say, another model was within its residency):
+    the supervisor asks again every `PLACE_EVERY_S`, while items are left."""
+    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
+    asked: list[str] = []
+
+    async def place(model: str) -> None:
+        asked.append(model)
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        store = BatchStore(client, RedisFileStore(client))
+        dispatcher = Dispatcher(settings, own_redis.url, client)
+        runner = BatchRunner(client, store, dispatcher, Catalog(settings, client), "gw-unit",
+                             place=place)  # fmt: skip
+        try:
+            meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
+            await store.files.put(meta, json.dumps(LINE) + "\n")
+            batch = Batch(endpoint="/v1/chat/completions", input_file_id=meta.id,
+                          status=BatchState.IN_PROGRESS, request_counts=RequestCounts(total=1),
+                          expires_at=int(time.time()) + 3600)  # fmt: skip
+            await store.save_new(batch)
+            await client.hset(keys.batch_key(batch.id), "enqueued", 1)
+            await client.lpush(keys.batch_queue("m"), "an item nobody takes")
+            await runner.tick()
+            await runner.tick()  # within PLACE_EVERY_S: not again
+            assert asked == ["m"]
+            monkeypatch.setattr(batch_runner, "PLACE_EVERY_S", 0.0)
+            await runner.tick()
+            assert asked == ["m", "m"]
+        finally:
+            dispatcher.close()
+            await client.aclose()
+
+    asyncio.run(main())
