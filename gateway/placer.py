@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import keys
-from common.commands import COMMAND_TTL_S, RELEASE_LOCK, CommandOp, WorkerCommand
+from common.commands import RELEASE_LOCK, CommandOp, WorkerCommand, command_ttl
 from common.errors import CorralError
 from common.registry import ModelState, WorkerState
 from common.settings import ModelConfig, Settings
@@ -215,7 +215,7 @@ class Placer:
         key = keys.worker_commands(worker_id)
         pipe = self._redis.pipeline(transaction=False)
         pipe.rpush(key, cmd.model_dump_json())
-        pipe.expire(key, COMMAND_TTL_S)
+        pipe.expire(key, command_ttl(self.settings.load_timeout))
         await pipe.execute()
 
     # -- the watcher ---------------------------------------------------------------------

@@ -141,3 +141,5 @@ def test_eject_and_reset_command_the_holders(own_redis: EmbeddedRedis, r: redis.
     assert [c.op.value for c in commands(r, "w1")] == ["unload"]
     assert [c.op.value for c in commands(r, "w2")] == ["reset"]
     assert r.sismember(keys.EJECTED, "m")
+    # still there for a manager busy with a load as long as `load_timeout` (it was 60 s)
+    assert r.ttl(keys.worker_commands("w1")) > 2 * Settings().load_timeout
