@@ -23,6 +23,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_received, worker_ready
 from celery.worker import state as worker_state
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +86,37 @@ class QueueControl:
         if not self._ready.wait(60):
             raise QueueError("the Celery consumer did not start within 60 s")
         want = (self.queues | set(add)) - set(remove)
-        control = self._app.control
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
-            active = self._active()
-            for q in sorted(want - active):
-                control.add_consumer(q, destination=[self._hostname], reply=True, timeout=2,
-                                     limit=1)  # fmt: skip
-            for q in sorted(active & set(remove)):
-                control.cancel_consumer(q, destination=[self._hostname], reply=True, timeout=2,
-                                        limit=1)  # fmt: skip
-            got = self._active()
-            if all(q in got for q in add) and not any(q in got for q in remove):
-                self.queues = want
-                log.info("worker=%s queues=%s", self._hostname, ",".join(sorted(got)))
-                return
-            log.warning("worker=%s queue change not seen yet (attempt %d): want +%s -%s, have %s",
-                        self._hostname, attempt, add, remove, sorted(got))  # fmt: skip
+            try:
+                got = self._apply(want, remove)
+            except (OperationalError, RedisError, OSError) as exc:  # the broker, a moment
+                log.warning("worker=%s queue change failed (attempt %d): %r",
+                            self._hostname, attempt, exc)  # fmt: skip
+            else:
+                if all(q in got for q in add) and not any(q in got for q in remove):
+                    self.queues = want
+                    log.info("worker=%s queues=%s", self._hostname, ",".join(sorted(got)))
+                    return
+                log.warning(
+                    "worker=%s queue change not seen yet (attempt %d): want +%s -%s, have %s",
+                    self._hostname, attempt, add, remove, sorted(got),
+                )  # fmt: skip
             time.sleep(0.2 * attempt)
+        # Always a QueueError, whatever failed: the callers unload or retry on it, and any
+        # other error left the worker LOADING with nobody consuming its model's queues.
         raise QueueError(f"could not change the consumed queues (+{add} -{remove})")
+
+    def _apply(self, want: set[str], remove: list[str]) -> set[str]:
+        """Ask for the changes the consumer lacks; the queues it consumes afterwards."""
+        control = self._app.control
+        active = self._active()
+        for q in sorted(want - active):
+            control.add_consumer(q, destination=[self._hostname], reply=True, timeout=2,
+                                 limit=1)  # fmt: skip
+        for q in sorted(active & set(remove)):
+            control.cancel_consumer(q, destination=[self._hostname], reply=True, timeout=2,
+                                    limit=1)  # fmt: skip
+        return self._active()
 
     def _active(self) -> set[str]:
         reply: dict[str, Any] | None = self._app.control.inspect(
