@@ -108,6 +108,9 @@ def usage_of(scope: Scope) -> dict[str, Any] | None:
     return usage if isinstance(usage, dict) else None
 
 
+CLIENT_LEFT = 499  # nginx's "client closed request", as the non-streaming path replies
+
+
 class MetricsMiddleware:
     """Times and counts the generation endpoints (pure ASGI: nothing added per chunk but
     a clock read on the first one)."""
@@ -122,7 +125,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status = 0  # no reply started yet
         stream = False
         first: float | None = None
 
@@ -142,6 +145,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, watch)
         finally:
+            if not status:  # a stream whose client left before its headers, or a crash
+                status = CLIENT_LEFT if scope.get("state", {}).get("client_left") else 500
             self._observe(scope, endpoint, status, time.perf_counter() - start,
                           first - start if stream and first is not None else None)  # fmt: skip
 

@@ -74,6 +74,8 @@ class SSEResponse(Response):
         failure = None if pump.cancelled() else pump.exception()
         if not self._sub.finished:  # no final frame came: the client left, or we gave up
             log.info("job=%s abandoned before its worker finished", self._sub.request_id)
+            if not self._started:  # no status was sent: counted as the client's (499)
+                scope.setdefault("state", {})["client_left"] = True
             await self._on_abandon()
         elif failure is not None:
             raise failure

@@ -21,6 +21,7 @@ import pytest
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
+from tests.gateway.edge import samples, value
 from tests.support import Blocker, busy_slots, corral_child, wait_for, workers
 from workers.ports import free_port
 
@@ -174,6 +175,8 @@ def test_invalid_timeout_header_is_400(qcluster: Cluster) -> None:
 
 
 def test_disconnect_while_queued_never_runs(qcluster: Cluster) -> None:
+    """... and counts as the client's (499) in the gateway's metrics, not as a 500."""
+    before = samples(httpx.get(f"{qcluster.base_url}/metrics").text)
     with Blocker(qcluster.base_url, MODEL):
         body = {"model": MODEL, "messages": HI, "max_tokens": 1, "stream": True}
         sock = raw_post(qcluster.base_url, "/v1/chat/completions", body)
@@ -184,6 +187,14 @@ def test_disconnect_while_queued_never_runs(qcluster: Cluster) -> None:
     _drain(qcluster)
     rec = _record(qcluster, queued_id)
     assert rec["state"] == "cancelled" and rec["started_at"] is None
+    after = samples(httpx.get(f"{qcluster.base_url}/metrics").text)
+    for status, grew in (("499", 1), ("500", 0)):
+        labels = {"endpoint": "chat", "model": MODEL, "priority": "normal", "status": status}
+        assert (
+            value(after, "corral_requests_total", **labels)
+            - value(before, "corral_requests_total", **labels)
+            == grew
+        ), status
 
 
 def raw_post(base_url: str, path: str, body: dict[str, Any]) -> socket.socket:
