@@ -102,10 +102,18 @@ class GatewayMetrics:
 
 
 def usage_of(scope: Scope) -> dict[str, Any] | None:
-    """The `usage` of the request's final frame, once the relay has seen it."""
+    """The `usage` of the request's final frame, once the relay has seen it. A stream that
+    ended without one (its client left, its deadline passed) used the tokens it was sent:
+    llama-server streams one a chunk. Without this, a key's token limit never counted a
+    stream its client dropped before the end."""
     sub = scope.get("state", {}).get("subscription")
     usage = getattr(sub, "usage", None)
-    return usage if isinstance(usage, dict) else None
+    if isinstance(usage, dict):
+        return usage
+    relayed = getattr(sub, "relayed", 0)
+    if isinstance(relayed, int) and relayed > 0:
+        return {"completion_tokens": relayed, "total_tokens": relayed}
+    return None
 
 
 CLIENT_LEFT = 499  # nginx's "client closed request", as the non-streaming path replies

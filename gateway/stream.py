@@ -55,6 +55,7 @@ class Subscription:
         self.worker: str | None = None
         self.finished = False
         self.usage: dict[str, Any] | None = None  # the final frame's (rate limits, metrics)
+        self.relayed = 0  # chunks received (a token each): the usage of a stream cut short
         self._queue: asyncio.Queue[Frame | CorralError] = asyncio.Queue()
         self._next_seq = 0
 
@@ -82,6 +83,8 @@ class Subscription:
         self._next_seq += 1
         if frame.type is FrameType.START:
             self.worker = frame.worker
+        elif frame.type is FrameType.CHUNKS:
+            self.relayed += len(frame.chunks)
         if frame.final:
             self.finished = True
             self.usage = frame.usage

@@ -26,6 +26,7 @@ from tests.gateway.edge import (
     samples,
     value,
 )
+from tests.support import wait_for
 
 HI = [{"role": "user", "content": "Hello there"}]
 pytestmark = pytest.mark.usefixtures("no_keys_left")
@@ -143,3 +144,23 @@ def test_token_limit_counts_real_usage(gw: Cluster) -> None:
         scraped = samples(http.get("/metrics", headers=bearer(ADMIN_KEY)).text)
     rejected = value(scraped, "corral_ratelimit_rejections_total", key="tpm-test", limit="tokens")
     assert rejected == 1
+
+
+def test_a_stream_cut_short_is_charged_what_it_was_sent(gw: Cluster) -> None:
+    """A client that drops its stream before the end still used tokens: its key is charged
+    the chunks it was sent (it used to be charged nothing, so never-finished streams were
+    free of any token limit)."""
+    _, secret = add_key(gw.redis_url, "tpm-cut", tpm=600)  # refills 10 tokens a second
+    body = {"model": CHAT, "messages": HI, "max_tokens": 6000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.Client(base_url=gw.base_url, headers=bearer(secret), timeout=30) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            lines = (x for x in resp.iter_lines() if x.startswith("data: {"))
+            got = [next(lines) for _ in range(200)]
+        assert len(got) == 200
+
+        def remaining() -> int:
+            return int(http.get("/v1/models").headers["x-ratelimit-remaining-tokens"])
+
+        assert wait_for(lambda: remaining() <= 600 - 150, 5), remaining()
