@@ -2,7 +2,9 @@
 
 `HSETNX` on the item's `custom_id` and the matching counter increment run as one Lua
 script, so a redelivered item (kill -9 of a worker mid-batch) can never be written twice
-nor counted twice, and the counters always add up to the results present.
+nor counted twice, and the counters always add up to the results present; the same script
+refuses a result once the batch is being finalized (see `_RECORD`), so the counters also
+add up to the lines of its files.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from common.batch import BatchState, OutputLine
 from common.errors import CorralError
 from common.jobs import Job
 
-_RECORD = """
+# Only into a batch still running (in progress, or cancelling: running items finish and
+# are reported): once the supervisor has marked it finalizing it reads the results to write
+# the files, and a result recorded after that would be counted but in no file.
+_RECORD = f"""
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= '{BatchState.IN_PROGRESS.value}' and status ~= '{BatchState.CANCELLING.value}' then
+  return -2
+end
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   return redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 end
