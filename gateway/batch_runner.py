@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -147,24 +148,33 @@ class BatchRunner:
         task.add_done_callback(self._tasks.discard)
 
     async def _enqueue(self, batch: Batch, lines: list[BatchLine], start: int) -> None:
-        lease = keys.batch_enqueue_lease(batch.id)
-        if not await self._redis.set(lease, self._id, nx=True, ex=LEASE_S):
-            return  # another gateway is on it
+        """Enqueue the items from `start` on, a chunk at a time, under a lease of this call's
+        own (so a second call never runs beside it, even in this gateway). The lease is
+        checked and refreshed before each chunk: a call whose loop stalled past it stops,
+        and the one that took over starts from `enqueued` as read once it held the lease,
+        so no item is enqueued twice."""
+        lease = LeaderLock(self._redis, keys.batch_enqueue_lease(batch.id),
+                           f"{self._id}:{uuid.uuid4().hex}", ttl=LEASE_S)  # fmt: skip
+        if not await lease.hold():
+            return  # another enqueue is on it
         try:
-            for first in range(start, len(lines), CHUNK):
+            done = int(await self._redis.hget(keys.batch_key(batch.id), "enqueued") or 0)
+            for first in range(max(start, done), len(lines), CHUNK):
                 status = await self._redis.hget(keys.batch_key(batch.id), "status")
                 if status != BatchState.IN_PROGRESS.value:
                     break
+                if not await lease.hold():
+                    log.warning("batch=%s enqueue lease lost; another enqueue goes on", batch.id)
+                    return
                 chunk = lines[first : first + CHUNK]
                 jobs = [item_job(batch, first + i, line) for i, line in enumerate(chunk)]
                 await self._dispatcher.send_batch_items(jobs)
                 await self.store.update(batch.id, enqueued=first + len(chunk))
-                await self._redis.expire(lease, LEASE_S)
             log.info("batch=%s enqueued", batch.id)
         except Exception:
             log.exception("batch=%s enqueue interrupted; the supervisor resumes it", batch.id)
         finally:
-            await self._redis.delete(lease)
+            await lease.release()
 
     # -- supervision ----------------------------------------------------------------
     async def run(self) -> None:

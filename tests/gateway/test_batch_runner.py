@@ -105,3 +105,35 @@ def test_queued_items_ask_again_for_their_model_to_be_placed(
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_an_enqueue_goes_on_from_what_was_enqueued_before_it(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
+    """A second enqueue (the supervisor's, after the first one's lease ran out while its
+    gateway stalled) starts from `enqueued` as it reads it once it holds the lease, not
+    from the position it was given: no item goes out twice."""
+    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
+    lines = [dict(LINE, custom_id=f"c{i}") for i in range(3)]
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        store = BatchStore(client, RedisFileStore(client))
+        dispatcher = Dispatcher(settings, own_redis.url, client)
+        runner = BatchRunner(client, store, dispatcher, Catalog(settings, client), "gw-unit")
+        try:
+            meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
+            await store.files.put(meta, "".join(json.dumps(x) + "\n" for x in lines))
+            batch = Batch(endpoint="/v1/chat/completions", input_file_id=meta.id,
+                          status=BatchState.IN_PROGRESS,
+                          request_counts=RequestCounts(total=3))  # fmt: skip
+            await store.save_new(batch)
+            parsed = await runner.lines(batch)
+            await client.hset(keys.batch_key(batch.id), "enqueued", 2)  # the first one's
+            await runner._enqueue(batch, parsed, 0)  # given a stale start
+        finally:
+            dispatcher.close()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert r.llen(keys.batch_queue("m")) == 1  # only the third item
