@@ -199,6 +199,8 @@ class BatchRunner:
         """One round over the active batches; one that fails does not hold up the rest."""
         await self._requeue_lost()
         for batch_id in sorted(map(str, await self._redis.smembers(keys.BATCHES_ACTIVE))):
+            if not await self._lead():  # a long round outlived the lock: another leads now
+                return
             try:
                 await self._supervise(await self.store.load(batch_id))
             except BatchNotFound:  # its record is gone: nothing left to supervise
@@ -324,8 +326,10 @@ class BatchRunner:
         await self._dispatcher.send_batch_items([item_job(batch, int(index), line)])
 
     async def finalize(self, batch: Batch, final: BatchState) -> None:
-        """Write the output and error files in input order, then end the batch."""
-        await self.store.set_status(batch.id, BatchState.FINALIZING)
+        """Write the output and error files in input order, then end the batch; unless
+        another gateway is doing so already."""
+        if not await self.store.begin_finalizing(batch.id):
+            return
         files = await batch_output.write_files(self._redis, self.store.files, batch, final,
                                                await self.lines(batch))  # fmt: skip
         await self.store.set_status(batch.id, final, **files)

@@ -47,6 +47,23 @@ return status
 """
 
 
+# Check and set too: only one finalizer writes a batch's files, even when two gateways both
+# believed they led (a round longer than the leader lock's TTL). A finalizer that died
+# midway leaves "finalizing" behind: after STALE_FINALIZING_S another may start over.
+# KEYS: the batch. ARGV: in progress, cancelling, finalizing, now, stale age. 1: go.
+FINALIZE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local since = tonumber(redis.call('HGET', KEYS[1], 'finalizing_at') or '0')
+if status == ARGV[1] or status == ARGV[2]
+   or (status == ARGV[3] and tonumber(ARGV[4]) - since > tonumber(ARGV[5])) then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3], 'finalizing_at', ARGV[4])
+  return 1
+end
+return 0
+"""
+STALE_FINALIZING_S = 300
+
+
 class BatchNotFound(CorralError):
     status = 404
     type = "invalid_request_error"
@@ -80,6 +97,7 @@ class BatchStore:
         self._redis = client
         self.files = files
         self._cancel = client.register_script(CANCEL_LUA)
+        self._finalize = client.register_script(FINALIZE_LUA)
 
     async def save_new(self, batch: Batch) -> None:
         static = batch.model_dump(mode="json", include=set(STATIC))
@@ -156,6 +174,18 @@ class BatchStore:
             return await pipe.execute()
 
         return await owner_index.backfill(self._redis, keys.BATCHES, owners, keys.batches_of)
+
+    async def begin_finalizing(self, batch_id: str) -> bool:
+        """Mark the batch finalizing if it still runs (or its finalizer died): True if
+        this caller is the one to write its files and end it."""
+        started = await self._finalize(
+            keys=[keys.batch_key(batch_id)],
+            args=[BatchState.IN_PROGRESS.value, BatchState.CANCELLING.value,
+                  BatchState.FINALIZING.value, int(time.time()), STALE_FINALIZING_S],
+        )  # fmt: skip
+        if started:
+            log.info("batch=%s status=%s", batch_id, BatchState.FINALIZING.value)
+        return bool(started)
 
     async def active_using(self, file_id: str) -> str | None:
         """An unfinished batch whose input is `file_id`, if any: it rereads its input to

@@ -5,6 +5,7 @@ the supervisor's "finalizing" and final writes never overwrites them."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ from common import keys
 from common.batch import Batch, BatchState
 from common.errors import CorralError
 from corral.redis_server import EmbeddedRedis
-from gateway.batches import BatchNotFound, BatchStore
+from gateway.batches import STALE_FINALIZING_S, BatchNotFound, BatchStore
 from gateway.storage import RedisFileStore
 
 T = TypeVar("T")
@@ -114,3 +115,19 @@ def test_the_supervisors_write_during_a_cancel_stands(r: redis.Redis, url: str) 
 
     _with_store(url, cancel_meanwhile)
     assert r.hget(keys.batch_key(batch.id), "status") == BatchState.FINALIZING.value
+
+
+def test_one_finalizer_at_a_time(r: redis.Redis, url: str) -> None:
+    """Two gateways that both believed they led (a round longer than the leader lock) must
+    not both write a batch's files: the second finds it finalizing already. A finalizer
+    that died midway is replaced once its mark is stale."""
+    running = _stored(url, BatchState.IN_PROGRESS)
+    assert _with_store(url, lambda store: store.begin_finalizing(running.id))
+    assert not _with_store(url, lambda store: store.begin_finalizing(running.id))
+    assert r.hget(keys.batch_key(running.id), "status") == BatchState.FINALIZING.value
+    stale = time.time() - STALE_FINALIZING_S - 1
+    r.hset(keys.batch_key(running.id), "finalizing_at", int(stale))  # its finalizer died
+    assert _with_store(url, lambda store: store.begin_finalizing(running.id))
+    done = _stored(url, BatchState.COMPLETED)
+    assert not _with_store(url, lambda store: store.begin_finalizing(done.id))
+    assert r.hget(keys.batch_key(done.id), "status") == BatchState.COMPLETED.value
