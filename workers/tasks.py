@@ -10,6 +10,7 @@ publishes exactly one final frame; a task dropped publishes none.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from redis.exceptions import RedisError
 
 from common import keys
 from common.errors import CorralError, Timeout, WorkerLost
@@ -121,7 +123,15 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
     )
     on_sent = functools.partial(_confirm, job, claim, pub)
     state, error, final, fields = _serve(job, claim, rt.upstream, pub, abort, on_sent)
-    _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
+    try:
+        _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
+    except RedisError as exc:  # whose task this is stays unknown: nothing was published yet
+        log.error("job=%s could not read its claim: %r", job.request_id, exc)
+        with contextlib.suppress(RedisError):  # Redis gone: the gateway ends the stream
+            _publish_error(job, CorralError(
+                "The worker could not reach Redis to start this request; retry it.",
+                code="redis_unavailable", status=503))  # fmt: skip
+        return RequestState.FAILED, "claim unreadable"
     record = functools.partial(
         ledger.finish_into, job=job, worker_id=rt.worker_id, state=state, error=error
     )

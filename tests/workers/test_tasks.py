@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import pytest
+import redis
 
 from common import keys
 from common.frames import Frame, FrameType
@@ -171,3 +172,24 @@ def test_a_batch_item_that_lost_llama_server_is_given_back(rt: runtime.Runtime) 
     record = rt.redis.hgetall(keys.request_key(job.request_id))
     assert record[b"state"] == RequestState.QUEUED.value.encode()
     assert rt.redis.ttl(keys.request_key(job.request_id)) > 0
+
+
+def test_a_claim_that_cannot_be_read_still_ends_the_request(
+    rt: runtime.Runtime, job: Job, frames: Callable[[], list[Frame]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Redis fails while the claim's reply is read: whose task it is stays unknown, so
+    nothing was streamed; one out-of-band error frame ends the request (the task used to
+    end with no frame at all, and its client waited for its deadline)."""
+
+    def unreadable(self: ledger.PendingClaim) -> Claim:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(Upstream, "stream", _one_token)
+    monkeypatch.setattr(ledger.PendingClaim, "result", unreadable)
+    state, _ = tasks._run(job, _claim(rt, job))
+    assert state is RequestState.FAILED
+    got = frames()
+    assert [(f.seq, f.type) for f in got] == [(-1, FrameType.ERROR)]
+    assert got[0].status == 503 and got[0].error is not None
+    assert got[0].error.code == "redis_unavailable"
