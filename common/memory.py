@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import PurePath
 
 from pydantic import BaseModel, Field
 
@@ -23,10 +24,15 @@ def device_of(gpu: str | None) -> str:
 
 def profile(model: ModelConfig, slots: int, device: str) -> str:
     """The key of one memory figure: the same model needs more with a longer context, more
-    slots, another cache type... so each combination is measured on its own."""
+    slots, another cache type... so each combination is measured on its own. The model
+    file's name is part of it: an alias pointed at another file (a bigger model, another
+    quantization) starts from its estimate, not from what the old file measured (which no
+    `vram_mb` could override). The name, not the path: gateways and workers may keep the
+    same file in different directories."""
     flags = hashlib.sha1("\x00".join(model.flags).encode()).hexdigest()[:10]
+    name = hashlib.sha1(PurePath(model.model_path).name.encode()).hexdigest()[:8]
     emb = "emb" if model.embedding else "gen"
-    return f"{device}|ctx={model.ctx_size}|slots={slots}|{emb}|flags={flags}"
+    return f"{device}|ctx={model.ctx_size}|slots={slots}|{emb}|flags={flags}|file={name}"
 
 
 class MemoryRecord(BaseModel):
