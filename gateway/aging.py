@@ -29,7 +29,6 @@ sums all of a model's interactive queues, so a promotion leaves the depth unchan
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -41,7 +40,7 @@ from prometheus_client import Counter
 from common import keys
 from common.priority import Priority
 from gateway.catalog import Catalog
-from gateway.leader import LeaderLock
+from gateway.leader import LeaderLock, lead_forever
 from gateway.taskmsg import set_task_body, task_body
 from gateway.tracking import enqueued_at
 
@@ -112,15 +111,7 @@ class Promoter:
 
     async def run(self) -> None:
         """Every gateway runs this; only the lock's holder promotes."""
-        while True:
-            try:
-                if await self._leader.hold():
-                    await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("aging round failed")
-            await asyncio.sleep(self.interval)
+        await lead_forever(self._leader, self.tick, self.interval, "aging")
 
     async def stop(self) -> None:
         """Hand the duty over at once (call after cancelling `run`)."""

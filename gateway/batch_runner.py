@@ -1,18 +1,15 @@
-"""Runs accepted batches to the end, from whichever gateway is alive.
+"""Creates batches and enqueues their items.
 
-`create` checks the input file and enqueues every item (a task per line, on the model's
-batch queue: below every interactive priority). A supervisor loop runs in every gateway,
-but only the one holding the leader lock acts: it resumes an enqueue that a dead gateway
-left half done, re-queues items whose worker died mid-run (their claims let each run once
-more, and the results hash takes each `custom_id` once), expires overdue batches, and
-finalizes batches whose items are all accounted for into output and error files. So a
-gateway restart or a kill -9 of a worker never loses an item nor writes one twice.
+`create` checks the input file (the caller's, its models ones the caller may use) and
+enqueues every item, a task per line, on the model's batch queue: below every interactive
+priority. Enqueues go a chunk at a time under a lease, so the batch supervisor
+(`gateway.batch_supervisor`) can resume one a dead gateway left half done; it also reads
+the batch's lines from here (parsed once per gateway).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -31,16 +28,12 @@ from common.batch import (
     parse_input,
 )
 from common.errors import CorralError, InvalidRequest, PermissionDenied
-from common.tracking import split_running_member
-from gateway import batch_output
 from gateway.aio import cancel_and_wait
 from gateway.batches import (
     KINDS,
     WINDOWS,
-    BatchNotFound,
     BatchStore,
     failed_batch,
-    item_id,
     item_job,
 )
 from gateway.catalog import Catalog
@@ -54,10 +47,6 @@ Place = Callable[[str], Awaitable[None]]
 
 CHUNK = 100  # items per enqueue round (and per progress record)
 LEASE_S = 5  # refreshed every chunk; a dead gateway's enqueue resumes within this
-MAX_RESENDS = 3  # an item lost this many times is reported failed
-STALL_S = 3.0  # nothing queued or running for this long, yet results missing: resend
-PLACE_EVERY_S = 5.0  # how often a batch with items left asks for its models to be placed
-CANCEL_GRACE_S = 30  # a cancelling batch whose queued items nobody takes ends after this
 
 
 class FileNotFound(CorralError):
@@ -68,20 +57,16 @@ class FileNotFound(CorralError):
 
 class BatchRunner:
     def __init__(self, client: aioredis.Redis, store: BatchStore, dispatcher: Dispatcher,
-                 catalog: Catalog, gateway_id: str, place: Place | None = None,
-                 interval: float = 1.0) -> None:  # fmt: skip
+                 catalog: Catalog, gateway_id: str,
+                 place: Place | None = None) -> None:  # fmt: skip
         self._redis = client
         self.store = store
         self._dispatcher = dispatcher
         self._catalog = catalog
         self._id = gateway_id
-        self._interval = interval
         self._place = place  # starts a load of a model no worker holds (issue 3's placer)
         self._lines: dict[str, list[BatchLine]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stalled: dict[str, float] = {}  # batch id -> when it was first seen stalled
-        self._placed_at: dict[str, float] = {}  # batch id -> when its models were last placed
-        self._leader = LeaderLock(client, keys.BATCH_LEADER, gateway_id, ttl=5)
 
     # -- creation -----------------------------------------------------------------
     async def create(self, input_file_id: str, endpoint: str, window: str,
@@ -110,7 +95,7 @@ class BatchRunner:
             batch = failed_batch(input_file_id, endpoint, window, errors, metadata, caller.owner)
             await self.store.save_new(batch)
             return batch
-        await self._ensure_placed(models)
+        await self.ensure_placed(models)
         now = int(time.time())
         batch = Batch(
             endpoint=endpoint, input_file_id=input_file_id, completion_window=window,
@@ -124,7 +109,7 @@ class BatchRunner:
         self._spawn(self._enqueue(batch, lines, 0))
         return batch
 
-    async def _ensure_placed(self, models: set[str]) -> None:
+    async def ensure_placed(self, models: set[str]) -> None:
         """Cold models are loaded like for any request; one that can never fit is a 503
         now rather than a batch that waits until it expires."""
         for model in sorted(models):
@@ -177,162 +162,14 @@ class BatchRunner:
             await lease.release()
 
     # -- supervision ----------------------------------------------------------------
-    async def run(self) -> None:
-        while True:
-            try:
-                if await self._lead():
-                    await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("batch supervisor round failed")
-            await asyncio.sleep(self._interval)
+    def resume(self, batch: Batch, lines: list[BatchLine], start: int) -> None:
+        """Enqueue what an earlier enqueue did not, in the background (see `_enqueue`)."""
+        self._spawn(self._enqueue(batch, lines, start))
+
+    def forget(self, batch_id: str) -> None:
+        """The batch ended: its lines are no longer needed here."""
+        self._lines.pop(batch_id, None)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
             await cancel_and_wait(task)
-
-    async def _lead(self) -> bool:
-        return await self._leader.hold()
-
-    async def tick(self) -> None:
-        """One round over the active batches; one that fails does not hold up the rest."""
-        await self._requeue_lost()
-        for batch_id in sorted(map(str, await self._redis.smembers(keys.BATCHES_ACTIVE))):
-            if not await self._lead():  # a long round outlived the lock: another leads now
-                return
-            try:
-                await self._supervise(await self.store.load(batch_id))
-            except BatchNotFound:  # its record is gone: nothing left to supervise
-                await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
-            except FileNotFound:
-                await self._input_lost(batch_id)
-            except Exception:
-                log.exception("batch=%s supervision failed; the next round tries again",
-                              batch_id)  # fmt: skip
-
-    async def _input_lost(self, batch_id: str) -> None:
-        """Its input file is gone (deleted before deletes checked for unfinished batches,
-        or by hand in Redis): it can be neither resumed nor written out in input order."""
-        log.error("batch=%s input file is gone: the batch ends failed", batch_id)
-        await self.store.set_status(batch_id, BatchState.FAILED)
-        await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
-        self._lines.pop(batch_id, None)
-        self._placed_at.pop(batch_id, None)
-
-    async def _supervise(self, batch: Batch) -> None:
-        raw = await self._redis.hmget(keys.batch_key(batch.id), ["enqueued", "skipped"])
-        enqueued, skipped = (int(v or 0) for v in raw)
-        counts = batch.request_counts
-        done = counts.completed + counts.failed + skipped
-        now = time.time()
-        enqueuing = await self._redis.exists(keys.batch_enqueue_lease(batch.id))
-        if batch.status is BatchState.IN_PROGRESS and enqueued < counts.total and not enqueuing:
-            self._spawn(self._enqueue(batch, await self.lines(batch), enqueued))
-        if batch.status is BatchState.CANCELLING and not enqueuing:
-            done += counts.total - enqueued  # never enqueued: nothing to wait for
-        if batch.status is BatchState.IN_PROGRESS and done < counts.total:
-            await self._keep_placed(batch)
-        if batch.status is BatchState.IN_PROGRESS and enqueued >= counts.total > done:
-            await self._sweep(batch)
-        if done >= counts.total:
-            final = BatchState.CANCELLED if batch.status is BatchState.CANCELLING else (
-                BatchState.COMPLETED)  # fmt: skip
-            await self.finalize(batch, final)
-        elif batch.expires_at and now > batch.expires_at:
-            await self.finalize(batch, BatchState.EXPIRED)
-        elif (
-            batch.status is BatchState.CANCELLING
-            and batch.cancelling_at
-            and (now - batch.cancelling_at > CANCEL_GRACE_S)
-        ):
-            await self.finalize(batch, BatchState.CANCELLED)
-
-    async def _keep_placed(self, batch: Batch) -> None:
-        """Every `PLACE_EVERY_S`, ask for the batch's models to be placed, as a request
-        would: the placement at creation may have had to wait (another model within its
-        residency, no worker up yet), and only requests with a waiting client are planned
-        again by the placer; queued items would wait for a copy until the batch expired."""
-        now = time.monotonic()
-        if now - self._placed_at.get(batch.id, -PLACE_EVERY_S) < PLACE_EVERY_S:
-            return
-        self._placed_at[batch.id] = now
-        with contextlib.suppress(CorralError):  # cannot fit now: asked again next time
-            await self._ensure_placed({str(line.body["model"]) for line in await self.lines(batch)})
-
-    async def _sweep(self, batch: Batch) -> None:
-        """Items can be lost where no record shows them: a task a worker had fetched but
-        not started when it died stays unacked until kombu's visibility timeout (hours).
-        When nothing of the batch is queued or running for a while yet items lack a
-        result, send those again (their results are still taken once)."""
-        lines = await self.lines(batch)
-        models = {str(line.body["model"]) for line in lines}
-        busy = False
-        for model in models:
-            if await self._redis.llen(keys.batch_queue(model)):
-                busy = True
-            members = map(str, await self._redis.zrange(keys.running_key(model), 0, -1))
-            busy = busy or any(m.endswith(f"|{batch.id}") or f"|{batch.id}-" in m
-                               for m in members)  # fmt: skip
-        if busy:
-            self._stalled.pop(batch.id, None)
-            return
-        since = self._stalled.setdefault(batch.id, time.monotonic())
-        if time.monotonic() - since < STALL_S:
-            return
-        self._stalled.pop(batch.id, None)
-        have = set(map(str, await self._redis.hkeys(keys.batch_results_key(batch.id))))
-        missing = [(i, line) for i, line in enumerate(lines) if line.custom_id not in have]
-        resend = []
-        for i, line in missing:
-            tries = await self._redis.hincrby(keys.batch_attempts_key(batch.id), line.custom_id)
-            if tries > MAX_RESENDS:
-                await batch_output.record_lost(
-                    self._redis, batch.id, item_id(batch.id, i), line.custom_id, MAX_RESENDS
-                )
-            else:
-                resend.append(item_job(batch, i, line))
-        log.warning("batch=%s stalled: %d item(s) lost, %d queued again", batch.id,
-                    len(missing), len(resend))  # fmt: skip
-        with contextlib.suppress(CorralError):
-            await self._ensure_placed(models)
-        await self._dispatcher.send_batch_items(resend)
-
-    async def _requeue_lost(self) -> None:
-        """Batch items that were running on a worker whose heartbeat is gone run again."""
-        for model in await self._catalog.all():
-            members = map(str, await self._redis.zrange(keys.running_key(model), 0, -1))
-            for member in members:
-                worker, request_id = split_running_member(member)
-                if await self._redis.exists(keys.worker_key(worker)):
-                    continue
-                await self._redis.zrem(keys.running_key(model), member)
-                if request_id.startswith("batch_"):
-                    await self._requeue(request_id)
-
-    async def _requeue(self, request_id: str) -> None:
-        batch_id, _, index = request_id.rpartition("-")
-        try:
-            batch = await self.store.load(batch_id)
-        except CorralError:
-            return
-        lines = await self.lines(batch)
-        line = lines[int(index)]
-        if batch.status.final or await self._redis.hexists(
-            keys.batch_results_key(batch_id), line.custom_id
-        ):
-            return
-        log.warning("batch=%s item=%s lost with its worker; queued again", batch_id, index)
-        await self._dispatcher.send_batch_items([item_job(batch, int(index), line)])
-
-    async def finalize(self, batch: Batch, final: BatchState) -> None:
-        """Write the output and error files in input order, then end the batch; unless
-        another gateway is doing so already."""
-        if not await self.store.begin_finalizing(batch.id):
-            return
-        files = await batch_output.write_files(self._redis, self.store.files, batch, final,
-                                               await self.lines(batch))  # fmt: skip
-        await self.store.set_status(batch.id, final, **files)
-        await self._redis.srem(keys.BATCHES_ACTIVE, batch.id)
-        self._lines.pop(batch.id, None)
-        self._placed_at.pop(batch.id, None)

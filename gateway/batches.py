@@ -1,6 +1,7 @@
 """The Batch API's records: create (validate the input file, enqueue every item at batch
-priority), read, list, cancel. The long-running side (resuming enqueues, finalizing,
-re-queueing items of dead workers, expiry) is `gateway.batch_runner`.
+priority), read, list, cancel. Creating and enqueueing is `gateway.batch_runner`; the
+long-running side (resuming enqueues, finalizing, re-queueing items of dead workers,
+expiry) is `gateway.batch_supervisor`.
 
 A batch is a Redis hash: its static fields as one JSON value, plus `status`, counters and
 timestamps as their own fields, so workers can `HINCRBY` counters and read `status`

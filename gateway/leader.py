@@ -9,7 +9,13 @@ on behalf of a gateway that no longer holds it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
 import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
 
 # KEYS: the lock. ARGV: the holder's id, the TTL in ms. Returns 1 if the caller holds it.
 HOLD_LUA = """
@@ -49,3 +55,19 @@ class LeaderLock:
     async def release(self) -> None:
         """Let another gateway take over at once rather than after the TTL (a clean stop)."""
         await self._release(keys=[self.key], args=[self.holder])
+
+
+async def lead_forever(
+    lock: LeaderLock, duty: Callable[[], Awaitable[object]], interval: float, what: str
+) -> None:
+    """Every gateway runs this loop; only the lock's holder does `duty`, each `interval`
+    seconds. A failed round is logged and the next one tries again."""
+    while True:
+        try:
+            if await lock.hold():
+                await duty()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s round failed", what)
+        await asyncio.sleep(interval)

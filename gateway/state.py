@@ -13,6 +13,7 @@ from gateway import owner_index
 from gateway.aging import Promoter
 from gateway.aio import cancel_and_wait
 from gateway.batch_runner import BatchRunner
+from gateway.batch_supervisor import BatchSupervisor
 from gateway.batches import BatchStore
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
@@ -56,10 +57,11 @@ class GatewayState:
         await owner_index.backfill_once(client, [files, store])
         placer = Placer(settings, client, catalog)
         batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
+        supervisor = BatchSupervisor(client, batches, dispatcher, catalog, hub.gateway_id)
         state = cls(settings, client, hub, dispatcher, catalog, batches, placer, StatusFeed(client))
         await state.catalog.publish_config()
         await placer.start()
-        state._background.append(asyncio.create_task(batches.run(), name="corral-batches"))
+        state._background.append(asyncio.create_task(supervisor.run(), name="corral-batches"))
         if settings.low_max_wait is not None:
             state.promoter = Promoter(client, catalog, hub.gateway_id, settings.low_max_wait,
                                       metrics.promotions if metrics else None)  # fmt: skip

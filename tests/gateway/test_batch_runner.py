@@ -1,4 +1,5 @@
-"""The batch supervisor (`gateway.batch_runner.BatchRunner.tick`) on a bare Valkey: a batch
+"""The batch supervisor (`gateway.batch_supervisor.BatchSupervisor.tick`) and the enqueue
+(`gateway.batch_runner.BatchRunner`) on a bare Valkey: a batch
 whose input file is gone ends failed instead of failing every round, and the batches after
 it are still finalized; a batch whose items wait in its queue asks again, now and then,
 for its model to be placed (the placer is a stand-in that counts)."""
@@ -18,8 +19,9 @@ from common import keys
 from common.batch import Batch, BatchState, FileObject, RequestCounts
 from common.settings import ModelConfig, Settings
 from corral.redis_server import EmbeddedRedis
-from gateway import batch_runner
+from gateway import batch_supervisor
 from gateway.batch_runner import BatchRunner
+from gateway.batch_supervisor import BatchSupervisor
 from gateway.batches import BatchStore
 from gateway.catalog import Catalog
 from gateway.dispatch import Dispatcher
@@ -40,7 +42,9 @@ def test_a_batch_without_its_input_fails_and_holds_up_no_other(
         client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
         store = BatchStore(client, RedisFileStore(client))
         dispatcher = Dispatcher(settings, own_redis.url, client)
-        runner = BatchRunner(client, store, dispatcher, Catalog(settings, client), "gw-unit")
+        catalog = Catalog(settings, client)
+        runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit")
+        supervisor = BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit")
         try:
             meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
             await store.files.put(meta, json.dumps(LINE) + "\n")
@@ -56,7 +60,7 @@ def test_a_batch_without_its_input_fails_and_holds_up_no_other(
                 await client.hset(keys.batch_key(batch.id),
                                   mapping={"enqueued": 1, "completed": 1})  # fmt: skip
                 await client.hset(keys.batch_results_key(batch.id), "c1", json.dumps(RESULT))
-            await runner.tick()
+            await supervisor.tick()
             return await store.load(lost.id), await store.load(fine.id)
         finally:
             dispatcher.close()
@@ -83,8 +87,9 @@ def test_queued_items_ask_again_for_their_model_to_be_placed(
         client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
         store = BatchStore(client, RedisFileStore(client))
         dispatcher = Dispatcher(settings, own_redis.url, client)
-        runner = BatchRunner(client, store, dispatcher, Catalog(settings, client), "gw-unit",
-                             place=place)  # fmt: skip
+        catalog = Catalog(settings, client)
+        runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit", place=place)
+        supervisor = BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit")
         try:
             meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
             await store.files.put(meta, json.dumps(LINE) + "\n")
@@ -94,11 +99,11 @@ def test_queued_items_ask_again_for_their_model_to_be_placed(
             await store.save_new(batch)
             await client.hset(keys.batch_key(batch.id), "enqueued", 1)
             await client.lpush(keys.batch_queue("m"), "an item nobody takes")
-            await runner.tick()
-            await runner.tick()  # within PLACE_EVERY_S: not again
+            await supervisor.tick()
+            await supervisor.tick()  # within PLACE_EVERY_S: not again
             assert asked == ["m"]
-            monkeypatch.setattr(batch_runner, "PLACE_EVERY_S", 0.0)
-            await runner.tick()
+            monkeypatch.setattr(batch_supervisor, "PLACE_EVERY_S", 0.0)
+            await supervisor.tick()
             assert asked == ["m", "m"]
         finally:
             dispatcher.close()
