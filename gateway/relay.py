@@ -56,7 +56,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         deadline=time.time() + timeout,
         owner=caller_of(request).owner,
     )
-    sub = await state.hub.open(request_id, job.deadline)
+    sub = await state.hub.open(request_id, job.deadline, restartable=not job.stream)
     request.state.subscription = sub  # its final usage: rate limits and metrics
     try:
         await state.placer.ensure(model_name, sub)  # load it somewhere if nobody holds it

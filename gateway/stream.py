@@ -48,10 +48,13 @@ _KEYS_CHANGED = keys.KEYS_CHANGED.encode()
 class Subscription:
     """The frames of one request, in order, or the error that ended them."""
 
-    def __init__(self, hub: StreamHub, request_id: str, deadline: float) -> None:
+    def __init__(
+        self, hub: StreamHub, request_id: str, deadline: float, restartable: bool = False
+    ) -> None:
         self._hub = hub
         self.request_id = request_id
         self.deadline = deadline
+        self.restartable = restartable  # nothing is relayed before the end (non-streaming)
         self.worker: str | None = None
         self.finished = False
         self.usage: dict[str, Any] | None = None  # the final frame's (rate limits, metrics)
@@ -74,6 +77,10 @@ class Subscription:
     async def next(self) -> Frame:
         """The next frame; a worker's error frame is raised as its CorralError."""
         frame = await self._next_raw()
+        if frame.type is FrameType.START and frame.seq == 0 and self.restartable:
+            # Its task began again (a pool child died and Celery queued it once more; its
+            # claim lets it run twice at most): nothing was sent, so take the new run.
+            self.restart()
         if frame.seq == -1 and frame.final:
             pass  # out of band (a cancel from another gateway, a redelivery's verdict)
         elif frame.seq != self._next_seq:
@@ -153,7 +160,9 @@ class StreamHub:
             await cancel_and_wait(self._reader)
         self._fail_all(StreamBroken("The gateway is shutting down."))
 
-    async def open(self, request_id: str, deadline: float) -> Subscription:
+    async def open(
+        self, request_id: str, deadline: float, restartable: bool = False
+    ) -> Subscription:
         """A subscription for the request's frames, once the hub is subscribed: while it
         reconnects, what a worker publishes reaches nobody (the worker then gives the task
         up), so a request waits for it here, `READY_WAIT_S` at most, then gets a 503."""
@@ -167,7 +176,7 @@ class StreamHub:
                     code="redis_unavailable",
                     retry_after=2,
                 ) from None
-        sub = Subscription(self, request_id, deadline)
+        sub = Subscription(self, request_id, deadline, restartable)
         self._subs[request_id] = sub
         return sub
 

@@ -1,7 +1,8 @@
 """The gateway's stream hub (`gateway.stream.StreamHub`) on a real Valkey, across a lost
 pub/sub connection: a request that opens its subscription while the hub reconnects waits
 for the new subscription, so a worker's frames reach it (they used to reach nobody, and the
-request waited for its deadline); when Redis stays away, the request gets a 503."""
+request waited for its deadline); when Redis stays away, the request gets a 503. And a
+subscription's sequence across a task that began again."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from common.errors import NoCapacity
+from common.errors import NoCapacity, StreamBroken
 from common.frames import Frame, FrameType
 from corral.redis_server import EmbeddedRedis
 from gateway import stream
-from gateway.stream import StreamHub
+from gateway.stream import StreamHub, Subscription
 
 
 def _frame(seq: int, kind: FrameType) -> str:
@@ -72,3 +73,28 @@ def test_a_request_gets_a_503_while_redis_stays_away(
     err = asyncio.run(main())
     assert err is not None and err.status == 503 and err.code == "redis_unavailable"
     assert err.headers() == {"Retry-After": "2"}
+
+
+def _run_twice(restartable: bool) -> list[FrameType]:
+    """A run's frames, then a second run's from seq 0 (its pool child died; Celery queued
+    the task again)."""
+
+    async def main() -> list[FrameType]:
+        sub = Subscription(None, "req-3", time.time() + 10, restartable)  # type: ignore[arg-type]
+        for seq, kind in [(0, FrameType.START), (1, FrameType.ACCEPTED), (0, FrameType.START),
+                          (1, FrameType.ACCEPTED), (2, FrameType.RESULT)]:  # fmt: skip
+            sub.deliver(Frame(seq=seq, type=kind, worker="w"))
+        return [(await sub.next()).type for _ in range(5)]
+
+    return asyncio.run(main())
+
+
+def test_a_non_streaming_request_takes_a_run_that_began_again() -> None:
+    got = _run_twice(restartable=True)
+    assert got[-1] is FrameType.RESULT
+
+
+def test_a_stream_that_began_again_is_broken() -> None:
+    """Its client has tokens of the first run already: a second run cannot follow them."""
+    with pytest.raises(StreamBroken):
+        _run_twice(restartable=False)
