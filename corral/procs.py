@@ -37,10 +37,11 @@ class Child:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         log: Path | None = None,
+        inherit: bool = True,
     ) -> None:
         self.name = name
         self.argv = list(argv)
-        self.env = dict(os.environ, **(env or {}))
+        self.env = {**(os.environ if inherit else {}), **(env or {})}  # else `env` alone
         self.log = log  # stdout+stderr go here; None: inherit ours
         self.proc: subprocess.Popen[bytes] | None = None
 

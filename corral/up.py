@@ -9,6 +9,7 @@ gateway, then Valkey; a child that dies on its own brings the rest down with a m
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -129,13 +130,19 @@ class Cluster:
             raise SystemExit(f"corral up: {problem}")
         config = write_run_config(self.settings, self.models, url)
         exe = [sys.executable, "-m", "corral"]
-        env = {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
+        # The run config holds the effective settings (file, environment, flags): a CORRAL_*
+        # variable passed on to the children would outrank it there and undo a flag
+        # (CORRAL_PORT against --port, say). Only the run's own go on.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+        env |= {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
         if self.settings.admin_key is not None:
             env["CORRAL_ADMIN_KEY"] = self.settings.admin_key.get_secret_value()
-        self.children.append(Child("gateway", [*exe, "gateway", "--config", str(config)], env))
+        self.children.append(
+            Child("gateway", [*exe, "gateway", "--config", str(config)], env, inherit=False)
+        )
         for alias in self.models:
             argv = [*exe, "worker", "--config", str(config), "--model", alias, "--no-banner"]
-            self.children.append(Child(f"worker {alias}", argv, env))
+            self.children.append(Child(f"worker {alias}", argv, env, inherit=False))
         for child in self.children:
             child.start()
         self._wait_ready()

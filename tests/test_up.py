@@ -22,7 +22,10 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "corral", "up", "--port", str(port), "--data-dir",
              str(tmp_path / "data")],
-            stdout=out, stderr=subprocess.STDOUT, env=env_without_corral(),
+            # A CORRAL_* variable must not undo a flag in the children (it outranked the
+            # run's config there: the gateway listened on CORRAL_PORT, `up` waited on --port).
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**env_without_corral(), "CORRAL_PORT": str(free_port())},
         )  # fmt: skip
     try:
         assert wait_for(lambda: "Corral is up" in log.read_text(), 90, 0.2), log.read_text()
