@@ -7,10 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
+import redis
+
 from common.errors import CorralError
 from common.settings import ModelConfig, Settings, load_settings
 from corral import batches_cli, keys_cli, models_cli
 from corral.logs import setup_logging
+from corral.redis_server import EmbeddedRedisError
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (FileNotFoundError, ValueError, CorralError) as exc:
+    except (FileNotFoundError, ValueError, CorralError, EmbeddedRedisError) as exc:
         print(f"corral {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:  # one line, as for any other error a user can fix
+        print(f"corral {args.command}: cannot reach Redis: {exc}", file=sys.stderr)
         return 2

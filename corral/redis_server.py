@@ -19,6 +19,10 @@ def valkey_binary() -> Path:
     return Path(get_binary_path())
 
 
+class EmbeddedRedisError(RuntimeError):
+    """The embedded Valkey did not start; the message ends with its last log lines."""
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -32,12 +36,14 @@ class EmbeddedRedis:
             "--maxmemory-policy", "noeviction",
             "--save", "",
         ]  # fmt: skip
+        self._log = Path(os.devnull)
         if data_dir is not None:
             data_dir.mkdir(parents=True, exist_ok=True)
             argv += ["--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec"]
+            self._log = data_dir / "valkey.log"  # why it would not start, above all
         else:
             argv += ["--appendonly", "no"]
-        self._child = Child("valkey", argv, log=Path(os.devnull))
+        self._child = Child("valkey", argv, log=self._log)
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self._child.start()
@@ -51,13 +57,25 @@ class EmbeddedRedis:
                 except redis.ConnectionError:
                     rc = self._child.poll()
                     if rc is not None:
-                        raise RuntimeError(f"valkey-server exited rc={rc}") from None
+                        raise EmbeddedRedisError(
+                            f"valkey-server exited rc={rc}{self._tail()}"
+                        ) from None
                     if time.monotonic() > deadline:
                         self.stop()
-                        raise TimeoutError("valkey-server did not start in time") from None
+                        raise EmbeddedRedisError(
+                            f"valkey-server did not start within {timeout:g} s{self._tail()}"
+                        ) from None
                     time.sleep(0.05)
         finally:
             client.close()
+
+    def _tail(self, lines: int = 5) -> str:
+        try:
+            text = self._log.read_text(errors="replace")
+            last = [line for line in text.splitlines() if line.strip()][-lines:]
+        except OSError:
+            return ""
+        return f"; last log lines ({self._log}):\n" + "\n".join(last) if last else ""
 
     def stop(self) -> None:
         self._child.stop(grace=5.0)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from corral.redis_server import EmbeddedRedis
+from corral.tinymodel import make_model
 from tests.conftest import CHAT
 from tests.support import env_without_corral, shell_script
 from workers.ports import free_port
@@ -75,3 +76,22 @@ def test_up_with_a_file_that_is_not_gguf_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert f"corral up: {model} is not a GGUF file (it starts with b'hell')" in done.stderr
     assert not (tmp_path / "data" / "redis").exists()
+
+
+def test_worker_without_redis_says_so_in_one_line(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m.gguf")
+    done = _corral("worker", "--redis-url", "redis://127.0.0.1:1/0", "--model", str(model))
+    assert done.returncode == 2
+    assert "corral worker: cannot reach Redis: " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_up_whose_valkey_cannot_start_says_why(tmp_path: Path) -> None:
+    """A damaged append-only file: Valkey's own reason, not a traceback."""
+    manifest = tmp_path / "redis" / "appendonlydir" / "appendonly.aof.manifest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("junk\n")
+    done = _corral("up", "--port", str(free_port()), "--data-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "corral up: valkey-server exited rc=1" in done.stderr
+    assert "AOF manifest" in done.stderr and "Traceback" not in done.stderr
