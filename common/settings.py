@@ -115,6 +115,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        # Absolute at once: `corral up` hands paths under them to children, which resolved
+        # a relative one against the directory a second time.
+        self.data_dir = self.data_dir.expanduser().absolute()
+        if self.models_dir is not None:
+            self.models_dir = self.models_dir.expanduser().absolute()
         if self.visibility_timeout is None:
             self.visibility_timeout = 2 * self.task_time_limit
         elif self.visibility_timeout < 2 * self.task_time_limit:

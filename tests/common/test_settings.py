@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.celery_config import celery_config
-from common.settings import load_settings
+from common.settings import ModelConfig, Settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +98,16 @@ def test_edge_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.cors_origins == ["https://c.example"]
     assert s.admin_key is not None and s.admin_key.get_secret_value() == "sk-admin-secret"
     assert "sk-admin-secret" not in repr(s) and "sk-admin-secret" not in s.model_dump_json()
+
+
+def test_data_and_models_dirs_are_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`corral up --data-dir rel` handed "rel/models/x.gguf" to workers, which resolved it
+    against their models dir once more ("rel/models/rel/models/x.gguf")."""
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(data_dir=Path("rel"), models_dir=Path("mods"))
+    assert settings.data_dir == tmp_path / "rel"
+    assert settings.models_dir == tmp_path / "mods"
+    demo = ModelConfig(model_path=settings.data_dir / "models" / "x.gguf")
+    assert settings.resolve_model_path(demo) == tmp_path / "rel" / "models" / "x.gguf"
