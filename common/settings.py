@@ -150,6 +150,12 @@ class Settings(BaseSettings):
             return path
         return (self.models_dir or self.data_dir / "models") / path
 
+    def local_url(self) -> str:
+        """The gateway's base URL for a client on this machine: an any-address bind is
+        reached on loopback, an IPv6 address goes in brackets."""
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise InvalidRequest(

@@ -18,8 +18,7 @@ class ApiError(RuntimeError):
 
 class Api:
     def __init__(self, settings: Settings, url: str | None = None, key: str | None = None):
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        self.base = url or os.environ.get("CORRAL_URL") or f"http://{host}:{settings.port}"
+        self.base = url or os.environ.get("CORRAL_URL") or settings.local_url()
         self.base = self.base.rstrip("/")
         admin = getattr(settings, "admin_key", None)
         secret = key or (admin.get_secret_value() if admin is not None else None)

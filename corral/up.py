@@ -149,7 +149,7 @@ class Cluster:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.settings.load_timeout
-        url = f"http://{self._client_host()}:{self.settings.port}/health"
+        url = f"{self.settings.local_url()}/health"
         while not self._stop.is_set():
             self._check_children()
             try:
@@ -162,11 +162,8 @@ class Cluster:
                 raise SystemExit("corral up: the cluster did not become ready in time")
             self._stop.wait(0.2)
 
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.settings.host in ("0.0.0.0", "::", "") else self.settings.host
-
     def _announce(self) -> None:
-        base = f"http://{self._client_host()}:{self.settings.port}/v1"
+        base = f"{self.settings.local_url()}/v1"
         chat = next((a for a, m in self.models.items() if not m.embedding), None)
         print(f"\nCorral is up: {base}", flush=True)
         print(f"  models: {', '.join(self.models)}", flush=True)
