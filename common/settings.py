@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -97,6 +98,25 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "127.0.0.1"  # where a worker serves its own /metrics
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
 
+    @model_validator(mode="before")
+    @classmethod
+    def _env_model_names(cls, data: Any) -> Any:
+        """`CORRAL_MODELS__QWEN2_5_7B__PARALLEL=8` means the model `qwen2.5-7b`: a variable's
+        name holds no dots nor dashes and arrives lowercased, so such a partial entry (no
+        `model_path`) is merged into the one configured model it names that way."""
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(models, dict):
+            return data
+        merged = dict(models)
+        for name, fields in models.items():
+            if not isinstance(fields, dict) or "model_path" in fields:
+                continue
+            named = [a for a in models if a != name and _env_name(a) == name]
+            if len(named) == 1 and isinstance(models[named[0]], dict):
+                merged[named[0]] = {**merged[named[0]], **fields}
+                del merged[name]
+        return {**data, "models": merged}
+
     @field_validator("admin_key", mode="before")
     @classmethod
     def _no_empty_key(cls, value: object) -> object:
@@ -163,6 +183,11 @@ class Settings(BaseSettings):
                 "(`corral up` starts an embedded server instead)."
             )
         return self.redis_url
+
+
+def _env_name(alias: str) -> str:
+    """How a model's alias reads in a CORRAL_MODELS__<ALIAS>__<FIELD> variable's name."""
+    return re.sub(r"[^a-z0-9]", "_", alias.lower())
 
 
 _yaml_data: ContextVar[dict[str, Any] | None] = ContextVar("corral_yaml_data", default=None)

@@ -122,3 +122,17 @@ def test_data_and_models_dirs_are_made_absolute(
 def test_the_gateways_url_on_this_machine(host: str, url: str) -> None:
     """`corral up --host ::1` built "http://::1:8000" and died on it."""
     assert Settings(host=host).local_url() == url
+
+
+def test_an_env_variable_names_a_model_with_dots_and_dashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's example: CORRAL_MODELS__QWEN2_5_7B__PARALLEL=8 for the model `qwen2.5-7b`
+    (it made a second, incomplete model `qwen2_5_7b` and the config was refused)."""
+    cfg = tmp_path / "corral.yaml"
+    cfg.write_text("models:\n  qwen2.5-7b:\n    model_path: /m/qwen.gguf\n    parallel: 2\n")
+    monkeypatch.setenv("CORRAL_MODELS__QWEN2_5_7B__PARALLEL", "8")
+    settings = load_settings(cfg)
+    assert list(settings.models) == ["qwen2.5-7b"]
+    assert settings.models["qwen2.5-7b"].parallel == 8
+    assert settings.models["qwen2.5-7b"].model_path == Path("/m/qwen.gguf")
