@@ -50,5 +50,6 @@ def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[s
 
 
 def soft_time_limit(hard: float) -> float:
-    """A task's soft time limit: 10 s (a tenth, for short limits) before the hard one."""
-    return hard - min(10.0, hard / 10)
+    """A task's soft time limit: 10 s (half, for limits under 20 s) before the hard one,
+    time enough for the task to end its stream and for Celery to hear of it."""
+    return hard - min(10.0, hard / 2)

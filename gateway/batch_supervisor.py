@@ -77,11 +77,12 @@ class BatchSupervisor:
         or by hand in Redis): it can be neither resumed nor written out in input order."""
         log.error("batch=%s input file is gone: the batch ends failed", batch_id)
         await self.store.set_status(batch_id, BatchState.FAILED)
-        await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
-        self._runner.forget(batch_id)
-        self._placed_at.pop(batch_id, None)
+        await self._ended(batch_id)
 
     async def _supervise(self, batch: Batch) -> None:
+        if batch.status.final:  # ended, but its removal from the active set was lost
+            await self._ended(batch.id)
+            return
         raw = await self._redis.hmget(keys.batch_key(batch.id), ["enqueued", "skipped"])
         enqueued, skipped = (int(v or 0) for v in raw)
         counts = batch.request_counts
@@ -192,9 +193,17 @@ class BatchSupervisor:
         another gateway is doing so already."""
         if not await self.store.begin_finalizing(batch.id):
             return
-        files = await batch_output.write_files(self._redis, self.store.files, batch, final,
-                                               await self._runner.lines(batch))  # fmt: skip
+        try:
+            files = await batch_output.write_files(self._redis, self.store.files, batch, final,
+                                                   await self._runner.lines(batch))  # fmt: skip
+        except BaseException:  # the next round may try again at once, not when it is stale
+            with contextlib.suppress(Exception):
+                await self._redis.hset(keys.batch_key(batch.id), "finalizing_at", 0)
+            raise
         await self.store.set_status(batch.id, final, **files)
-        await self._redis.srem(keys.BATCHES_ACTIVE, batch.id)
-        self._runner.forget(batch.id)
-        self._placed_at.pop(batch.id, None)
+        await self._ended(batch.id)
+
+    async def _ended(self, batch_id: str) -> None:
+        await self._redis.srem(keys.BATCHES_ACTIVE, batch_id)
+        self._runner.forget(batch_id)
+        self._placed_at.pop(batch_id, None)

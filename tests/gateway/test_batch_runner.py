@@ -72,6 +72,35 @@ def test_a_batch_without_its_input_fails_and_holds_up_no_other(
     assert r.smembers(keys.BATCHES_ACTIVE) == set()
 
 
+def test_an_ended_batch_left_active_is_let_go(own_redis: EmbeddedRedis, r: redis.Redis) -> None:
+    """Its end was written but its removal from the active set was lost (a Redis blip, a
+    gateway killed between the two): the next round lets it go rather than keep it, and
+    its input file, forever."""
+    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+        store = BatchStore(client, RedisFileStore(client))
+        dispatcher = Dispatcher(settings, own_redis.url, client)
+        catalog = Catalog(settings, client)
+        runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit")
+        supervisor = BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit")
+        try:
+            batch = Batch(endpoint="/v1/chat/completions", input_file_id="file-in",
+                          status=BatchState.COMPLETED)  # fmt: skip
+            await store.save_new(batch)
+            await client.sadd(keys.BATCHES_ACTIVE, batch.id)
+            assert await store.active_using("file-in") == batch.id
+            await supervisor.tick()
+            assert await store.active_using("file-in") is None
+        finally:
+            dispatcher.close()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert r.smembers(keys.BATCHES_ACTIVE) == set()
+
+
 def test_queued_items_ask_again_for_their_model_to_be_placed(
     own_redis: EmbeddedRedis, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:

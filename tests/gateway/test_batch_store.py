@@ -94,29 +94,6 @@ def test_an_unknown_batch_is_not_found(r: redis.Redis, url: str) -> None:
     assert not r.exists(keys.batch_key("batch_nope"))
 
 
-def test_the_supervisors_write_during_a_cancel_stands(r: redis.Redis, url: str) -> None:
-    """The supervisor writes "finalizing" while a cancel is under way (here: as soon as the
-    cancel reads the batch): what it wrote is what stays."""
-    batch = _stored(url, BatchState.IN_PROGRESS)
-
-    async def cancel_meanwhile(store: BatchStore) -> Batch:
-        load = store.load
-        loads: list[Batch] = []
-
-        async def load_then_finalize(batch_id: str) -> Batch:
-            got = await load(batch_id)
-            if not loads:  # the cancel's first read only
-                r.hset(keys.batch_key(batch_id), "status", BatchState.FINALIZING.value)
-            loads.append(got)
-            return got
-
-        store.load = load_then_finalize  # type: ignore[method-assign]
-        return await store.cancel(batch.id)
-
-    _with_store(url, cancel_meanwhile)
-    assert r.hget(keys.batch_key(batch.id), "status") == BatchState.FINALIZING.value
-
-
 def test_one_finalizer_at_a_time(r: redis.Redis, url: str) -> None:
     """Two gateways that both believed they led (a round longer than the leader lock) must
     not both write a batch's files: the second finds it finalizing already. A finalizer
