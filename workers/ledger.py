@@ -142,6 +142,18 @@ def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
     return PendingClaim(r, job, worker_id, ttl).result()
 
 
+LOST = "lost:"  # a claim's value once its worker's pool child died running it: "lost:<id>"
+
+
+def child_lost(r: redis.Redis, job: Job, worker_id: str) -> None:
+    """The pool child running `job` died (the worker's main process tells): its claim is
+    marked lost, so the copy Celery queues again is settled like one of a dead worker,
+    whichever replica takes it (a stream: lost, its client told; a non-streaming task:
+    run once more). Left naming this live worker, the copy was dropped as a duplicate
+    and its client heard nothing until its deadline."""
+    r.set(keys.claim_key(job.request_id), LOST + worker_id, xx=True, keepttl=True)
+
+
 def _redelivered(
     r: redis.Redis, job: Job, worker_id: str, ttl: int, owner: bytes | str | None
 ) -> Claim:
@@ -155,7 +167,9 @@ def _redelivered(
     runs once more."""
     key = keys.claim_key(job.request_id)
     holder = keys.text(owner) if owner is not None else None
-    if holder is not None and holder != worker_id and r.exists(keys.worker_key(holder)):
+    lost = holder is not None and holder.startswith(LOST)
+    if (holder is not None and not lost and holder != worker_id
+            and r.exists(keys.worker_key(holder))):  # fmt: skip
         return Claim.DUPLICATE
     if job.stream:
         return Claim.LOST
@@ -163,7 +177,9 @@ def _redelivered(
         r.set(key, worker_id, ex=ttl)
         started(r, job, worker_id)
         return Claim.RERUN
-    return Claim.DUPLICATE
+    # No third run. A dead worker's loss its gateway sees (the heartbeat); a pool child's
+    # only the verdict can tell, or the client would wait for its deadline.
+    return Claim.LOST if lost else Claim.DUPLICATE
 
 
 def _record(job: Job, worker_id: str, now: float) -> dict[Any, Any]:

@@ -36,7 +36,7 @@ from workers.upstream import UNREACHABLE, Abort, Aborted, Upstream
 log = logging.getLogger(__name__)
 
 
-@app.task(name=keys.INFER_TASK, bind=True)
+@app.task(name=keys.INFER_TASK, bind=True, Request="workers.child_lost:InferRequest")
 def infer(self: Task, payload: dict[str, Any]) -> None:
     job = Job.model_validate(payload)
     rt = runtime.current()

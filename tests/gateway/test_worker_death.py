@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 
+from common.registry import WorkerInfo
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
@@ -168,3 +169,45 @@ def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
     after = Call(cluster.base_url, stream=False, max_tokens=4)
     after.join(30)
     assert after.status == 200 and after.result["choices"], after.result
+
+
+@pytest.fixture
+def two_single_slots(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512)
+    args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
+    cluster = start_cluster(redis_server.url, tmp_path / "logs", [args, args])
+    yield cluster
+    cluster.stop()
+
+
+def _kill_the_busy_pool_child(cluster: Cluster) -> float:
+    """SIGKILL the pool child of whichever worker is generating; when it was killed."""
+
+    def busy() -> list[WorkerInfo]:
+        return [w for w in workers(cluster.redis_url, MODEL) if _running_on(cluster, w.id)]
+
+    assert wait_for(lambda: len(busy()) == 1, 20)
+    (worker,) = busy()
+    (pool,) = [p for p in psutil.Process(worker.pid).children()
+               if "llama-server" not in p.name()]  # fmt: skip
+    os.kill(pool.pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def test_pool_child_killed_with_another_replica_up(two_single_slots: Cluster) -> None:
+    """Celery queues the task again and the idle replica takes the copy: the claim names a
+    live worker, yet the copy is settled as lost (its main process marked it): a stream's
+    client hears `worker_lost` within seconds, a non-streaming request runs once more
+    there and gets its answer."""
+    cluster = two_single_slots
+    stream = Call(cluster.base_url, stream=True, max_tokens=8000)
+    killed = _kill_the_busy_pool_child(cluster)
+    stream.join(30)  # Celery finds the dead child on its pool's 5 s maintenance timer
+    assert stream.ended_at and stream.ended_at - killed < 10.0, cluster.logs()
+    assert '"worker_lost"' in stream.lines[-2] and stream.lines[-1] == "data: [DONE]"
+
+    plain = Call(cluster.base_url, stream=False, max_tokens=1500)
+    _kill_the_busy_pool_child(cluster)
+    plain.join(60)
+    assert plain.status == 200, plain.result
+    assert plain.result["usage"]["completion_tokens"] == 1500

@@ -101,6 +101,25 @@ def test_a_copy_back_at_its_own_live_worker_is_not_a_duplicate(r: redis.Redis) -
     assert claim(r, job_ns, "same", 60) is Claim.DUPLICATE  # never a third run
 
 
+def test_a_copy_of_a_task_whose_pool_child_died_is_settled_anywhere(r: redis.Redis) -> None:
+    """The worker lives on but its pool child died mid-task: its main process marks the
+    claim lost, and a copy on any other live replica is settled as if the worker had died
+    (it used to be a duplicate, dropped with nothing said to the client)."""
+    for name in ("w1", "w2", "w3"):
+        r.set(keys.worker_key(name), "{}", ex=30)
+    job, job_ns = _job(stream=True), _job(stream=False)
+    for j in (job, job_ns):
+        assert claim(r, j, "w1", 60) is Claim.FIRST
+        ledger.child_lost(r, j, "w1")
+    assert claim(r, job, "w2", 60) is Claim.LOST
+    assert claim(r, job_ns, "w2", 60) is Claim.RERUN
+    ledger.child_lost(r, job_ns, "w2")  # the rerun's child died too
+    assert claim(r, job_ns, "w3", 60) is Claim.LOST  # no third run, but said so
+    unclaimed = _job(stream=True)
+    ledger.child_lost(r, unclaimed, "w1")  # never claimed: nothing is written
+    assert r.get(keys.claim_key(unclaimed.request_id)) is None
+
+
 def test_redelivered_stream_of_a_dead_worker_is_lost_not_rerun(r: redis.Redis) -> None:
     job = _job(stream=True)
     assert claim(r, job, "dead-worker", 60) is Claim.FIRST  # no heartbeat key: dead
