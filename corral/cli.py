@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
-    up.add_argument("--slots", type=int, help="parallel slots per model (default: config, 2)")
+    up.add_argument("--slots", type=_positive, help="parallel slots per model (default: config, 2)")
     up.add_argument("--data-dir", type=Path, help="demo models, Redis data, run files")
     up.add_argument("--insecure", action="store_true", default=None,
                     help="serve a non-loopback --host without API keys")  # fmt: skip
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "available RAM)")  # fmt: skip
     wk.add_argument("--embedding", action="store_true", help="with a path: an embedding model")
     wk.add_argument("--ctx-size", type=int, help="with a path: context size (default 4096)")
-    wk.add_argument("--slots", type=int, help="parallel slots (default: the model's `parallel`)")
+    wk.add_argument("--slots", type=_positive,
+                    help="parallel slots (default: the model's `parallel`)")  # fmt: skip
     wk.add_argument("--gpu", type=int, help="pin to this GPU index (NVML); default: CPU")
     wk.add_argument(
         "--no-banner",
@@ -134,18 +135,34 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
                          **overrides)  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from corral.up import Cluster, address_problem, collect_models
+    from corral.up import Cluster, address_problem, claim_data_dir, collect_models
 
     settings = _settings(args, host=args.host, port=args.port, data_dir=args.data_dir,
                          insecure=args.insecure)  # fmt: skip
     setup_logging(settings.log_level, "up", settings.log_format)
+    if settings.port == 0:
+        print("corral up: --port 0 would pick a port it cannot announce; choose one",
+              file=sys.stderr)  # fmt: skip
+        return 1
     problem = address_problem(settings.host, settings.port)
     if problem:  # before anything starts: the gateway would fail last, its reason buried
         print(f"corral up: {problem}", file=sys.stderr)
         return 1
-    models = collect_models(settings, args.model, args.embedding_model, args.slots)
-    return Cluster(settings, models).run()
+    with claim_data_dir(settings.data_dir) as other:
+        if other is not None:
+            print(f"corral up: {settings.data_dir} is in use by another corral up (pid {other});"
+                  " stop it, or give this one its own --data-dir", file=sys.stderr)  # fmt: skip
+            return 1
+        models = collect_models(settings, args.model, args.embedding_model, args.slots)
+        return Cluster(settings, models).run()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -8,6 +8,8 @@ gateway, then Valkey; a child that dies on its own brings the rest down with a m
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -15,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -80,6 +83,27 @@ def address_problem(host: str, port: int) -> str | None:
         except OSError as exc:
             return f"cannot listen on {host}:{port}: {exc.strerror} (pick another with --port)"
     return None
+
+
+@contextlib.contextmanager
+def claim_data_dir(data_dir: Path) -> Iterator[int | None]:
+    """Hold `data_dir` for this run (an exclusive lock on a file in it, released when the
+    process ends however it ends); yields None, or the pid of the `corral up` that holds
+    it: two runs on one data dir would share one Valkey append-only file."""
+    run_dir = data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / "corral-up.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            yield int(lock.read().strip() or 0)
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield None
 
 
 def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: str) -> Path:

@@ -95,3 +95,10 @@ def test_up_whose_valkey_cannot_start_says_why(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "corral up: valkey-server exited rc=1" in done.stderr
     assert "AOF manifest" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_up_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
+    zero = _corral("up", "--slots", "0", "--data-dir", str(tmp_path))
+    assert zero.returncode == 2 and "--slots: must be 1 or more, not 0" in zero.stderr
+    anywhere = _corral("up", "--port", "0", "--data-dir", str(tmp_path))
+    assert anywhere.returncode == 1 and "--port 0" in anywhere.stderr

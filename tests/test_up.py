@@ -43,6 +43,14 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         vec = client.embeddings.create(model="corral-demo-embed", input="hi").data[0].embedding
         assert len(vec) > 0
 
+        second = subprocess.run(  # the same data dir: one Valkey file for two runs
+            [sys.executable, "-m", "corral", "up", "--port", str(free_port()), "--data-dir",
+             str(tmp_path / "data")],
+            capture_output=True, text=True, timeout=60, env=env_without_corral(),
+        )  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert f"is in use by another corral up (pid {proc.pid})" in second.stderr
+
         family = descendants(proc.pid)
         names = {psutil.Process(p).name() for p in family if alive(p)}
         assert any("llama-server" in n for n in names), names
