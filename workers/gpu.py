@@ -6,8 +6,12 @@ missing is an error that says so, never a silent fall back to the CPU.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
+_unlisted: set[int] = set()  # GPUs whose processes NVML could not list
 
 
 class GPUUnavailable(RuntimeError):
@@ -85,7 +89,13 @@ def process_used_mb(index: int, pid: int) -> int | None:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         procs = list(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
         procs += list(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))  # Vulkan builds
-        used = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory]
-        return int(sum(used)) // 2**20 if used else None
+    except nvml.NVMLError as exc:  # a driver without the call, a GPU gone: not measured
+        if index not in _unlisted:  # said once, not on every measurement
+            _unlisted.add(index)
+            log.warning("GPU %d: NVML cannot list its processes (%s); the memory a model "
+                        "uses there is not measured (estimates stand)", index, exc)  # fmt: skip
+        return None
     finally:
         nvml.nvmlShutdown()
+    used = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory]
+    return int(sum(used)) // 2**20 if used else None

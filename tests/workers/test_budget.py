@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from workers import gpu as gpus
+from workers import memory
 from workers.budget import parse_size, resolve_budget
 from workers.gpu import GPUUnavailable
 
@@ -33,3 +35,32 @@ def test_budget_sources() -> None:
 def test_gpu_budget_without_nvml_fails_clearly() -> None:
     with pytest.raises(GPUUnavailable, match="NVML"):
         resolve_budget(gpu=0)
+
+
+def test_nvml_that_cannot_list_processes_leaves_memory_unmeasured(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An older driver lacks the call nvidia-ml-py makes (or the GPU is gone): the load is
+    not measured, said once; the error used to escape and strand the model manager."""
+
+    class Unsupported(Exception):
+        pass
+
+    class FakeNvml:
+        NVMLError = Unsupported
+
+        def nvmlDeviceGetHandleByIndex(self, index: int) -> object:
+            return object()
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle: object) -> list[object]:
+            raise Unsupported("Function Not Found")
+
+        def nvmlShutdown(self) -> None:
+            pass
+
+    monkeypatch.setattr(gpus, "_nvml", FakeNvml)
+    monkeypatch.setattr(gpus, "_unlisted", set())
+    assert memory.used_mb(1234, gpu=0) is None
+    assert memory.used_mb(1234, gpu=0) is None
+    said = [r for r in caplog.records if "cannot list its processes" in r.getMessage()]
+    assert len(said) == 1
