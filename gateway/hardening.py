@@ -32,7 +32,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],  # DELETE: /v1/files/{id}
             allow_headers=["*"],
             expose_headers=EXPOSED,
             allow_credentials=False,  # bearer keys, never cookies

@@ -77,3 +77,6 @@ class StatusFeed:
             queue.put_nowait(item)
         except asyncio.QueueFull:  # a listener this far behind is dropped, not waited for
             self._listeners.discard(queue)
+            while not queue.empty():  # and told so: its stream ends, its client reconnects
+                queue.get_nowait()  # for a fresh full_status rather than hear no more
+            queue.put_nowait(None)

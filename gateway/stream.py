@@ -184,6 +184,11 @@ class StreamHub:
         self._subs.pop(request_id, None)
 
     @property
+    def ready(self) -> bool:
+        """Subscribed: a worker's frames reach this gateway (`/health` says so)."""
+        return self._ready.is_set()
+
+    @property
     def active(self) -> int:
         return len(self._subs)
 

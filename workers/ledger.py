@@ -151,7 +151,10 @@ def child_lost(r: redis.Redis, job: Job, worker_id: str) -> None:
     whichever replica takes it (a stream: lost, its client told; a non-streaming task:
     run once more). Left naming this live worker, the copy was dropped as a duplicate
     and its client heard nothing until its deadline."""
-    r.set(keys.claim_key(job.request_id), LOST + worker_id, xx=True, keepttl=True)
+    pipe = r.pipeline(transaction=False)
+    pipe.set(keys.claim_key(job.request_id), LOST + worker_id, xx=True, keepttl=True)
+    pipe.zrem(keys.running_key(job.model), running_member(worker_id, job.request_id))
+    pipe.execute()
 
 
 def _redelivered(

@@ -21,12 +21,17 @@ async def health(state: State) -> JSONResponse:
     except RedisError as exc:
         return JSONResponse({"status": "error", "redis": False, "error": repr(exc)}, 503)
     alive = [WorkerInfo.model_validate_json(e) for e in entries if e is not None]
+    # Without its pub/sub subscription the gateway cannot relay any answer: a load
+    # balancer must route around it until it is back.
+    subscribed = state.hub.ready
     return JSONResponse(
         {
-            "status": "ok",
+            "status": "ok" if subscribed else "error",
             "redis": True,
+            "pubsub": subscribed,
             "workers": len(alive),
             "ready_workers": sum(w.state is WorkerState.READY for w in alive),
             "active_streams": state.hub.active,
-        }
+        },
+        200 if subscribed else 503,
     )

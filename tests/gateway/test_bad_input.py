@@ -188,6 +188,9 @@ def test_cors_only_for_configured_origins(gw: Cluster, cluster: Cluster) -> None
     other = httpx.options(f"{gw.base_url}/v1/chat/completions",
                           headers={**preflight, "Origin": "https://evil.example"})  # fmt: skip
     assert "access-control-allow-origin" not in other.headers
+    to_delete = {**preflight, "Access-Control-Request-Method": "DELETE"}
+    delete = httpx.options(f"{gw.base_url}/v1/files/file-x", headers=to_delete)
+    assert delete.status_code == 200, delete.text  # a browser app may delete its files
     reply = post(gw, {"model": CHAT, "messages": HI, "max_tokens": 2}, headers={"Origin": UI})
     assert reply.headers["access-control-allow-origin"] == UI
     exposed = reply.headers["access-control-expose-headers"].lower()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -17,6 +18,7 @@ from common.errors import NoCapacity, StreamBroken
 from common.frames import Frame, FrameType
 from corral.redis_server import EmbeddedRedis
 from gateway import stream
+from gateway.routes.health import health
 from gateway.stream import StreamHub, Subscription
 
 
@@ -98,3 +100,31 @@ def test_a_stream_that_began_again_is_broken() -> None:
     """Its client has tokens of the first run already: a second run cannot follow them."""
     with pytest.raises(StreamBroken):
         _run_twice(restartable=False)
+
+
+def test_health_says_error_while_the_hub_cannot_subscribe(
+    own_redis: EmbeddedRedis, r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis takes no new client (`maxclients` reached) while the gateway's pooled ones
+    still work: `/health` used to say ok while every request got a 503."""
+    monkeypatch.setattr(stream, "SUBSCRIBE_TIMEOUT_S", 0.5)
+
+    async def main() -> tuple[int, int]:
+        client = aioredis.Redis.from_url(own_redis.url)
+        await client.ping()  # a pooled connection, kept
+        hub = StreamHub(client, "gw-hub", own_redis.url)
+        await hub.start()
+        state = SimpleNamespace(redis=client, hub=hub)
+        try:
+            up = (await health(state)).status_code  # type: ignore[arg-type]
+            connected = int(r.info("clients")["connected_clients"])
+            r.config_set("maxclients", connected - 1)  # the hub's place, once it lets go
+            r.client_kill_filter(_type="pubsub")
+            await asyncio.sleep(0.3)
+            return up, (await health(state)).status_code  # type: ignore[arg-type]
+        finally:
+            r.config_set("maxclients", 10000)
+            await hub.stop()
+            await client.aclose()
+
+    assert asyncio.run(main()) == (200, 503)

@@ -111,6 +111,7 @@ def test_a_copy_of_a_task_whose_pool_child_died_is_settled_anywhere(r: redis.Red
     for j in (job, job_ns):
         assert claim(r, j, "w1", 60) is Claim.FIRST
         ledger.child_lost(r, j, "w1")
+        assert _running(r, j) == []  # not counted as running on w1 any more
     assert claim(r, job, "w2", 60) is Claim.LOST
     assert claim(r, job_ns, "w2", 60) is Claim.RERUN
     ledger.child_lost(r, job_ns, "w2")  # the rerun's child died too
