@@ -40,9 +40,26 @@ def new_record(job: Job) -> RequestRecord:
     )
 
 
+# Where a request's message is in its queue, found inside Redis a hundred messages at a
+# time: reading the whole queue out (each message carries its prompt) cost ~48 ms and
+# ~20 MB for 500 queued 40 KB prompts, on every poll of a queued request's record.
+# KEYS: the queue. ARGV: the request id. Returns {index from the head or -1, length}.
+FIND_LUA = """
+local n = redis.call('LLEN', KEYS[1])
+for start = 0, n - 1, 100 do
+  local items = redis.call('LRANGE', KEYS[1], start, start + 99)
+  for i = 1, #items do
+    if string.find(items[i], ARGV[1], 1, true) then return {start + i - 1, n} end
+  end
+end
+return {-1, n}
+"""
+
+
 class Tracker:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
+        self._find = client.register_script(FIND_LUA)
 
     @staticmethod
     def record_fields(job: Job) -> tuple[dict[str, str], int]:
@@ -78,10 +95,9 @@ class Tracker:
                 if priority.rank < record.priority.rank:
                     ahead += await self._redis.llen(queue)
                 continue
-            messages = await self._redis.lrange(queue, 0, -1)
-            for i, raw in enumerate(messages):
-                if record.request_id in raw:
-                    return ahead + (len(messages) - 1 - i) + 1
+            index, length = await self._find(keys=[queue], args=[record.request_id])
+            if index >= 0:  # pushed at the head, taken from the tail
+                return ahead + (length - 1 - index) + 1
         return None
 
     async def queue_stats(self, models: list[str]) -> dict[str, Any]:
