@@ -124,14 +124,25 @@ class Dispatcher:
         return [self._messages.build(job, keys.batch_queue(job.model)) for job in jobs]
 
     async def cancel(
-        self, request_id: str, *, started: bool, state: RequestState = RequestState.CANCELLED
+        self,
+        request_id: str,
+        *,
+        started: bool,
+        state: RequestState = RequestState.CANCELLED,
+        failure: CorralError | None = None,
     ) -> None:
         """Make sure `request_id` never runs, or stops running (its worker sees the key
         between chunks and closes its llama-server stream, which frees the slot). A task
-        not started yet is also revoked, so a worker that fetches it discards it unrun."""
+        not started yet is also revoked, so a worker that fetches it discards it unrun.
+        A request given up on a `failure` (its worker lost, its stream broken) is recorded
+        failed with it, even if it had started: its worker may never write its end."""
         await self._redis.set(keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
-        if not started:
+        if failure is not None:
+            await self.tracker.end_if_queued(request_id, RequestState.FAILED, failure.message,
+                                             running_too=True)  # fmt: skip
+        elif not started:
             await self.tracker.end_if_queued(request_id, state, f"{state.value} while queued")
+        if not started:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._pool, self._revoke, request_id)
         log.info("job=%s %s started=%s", request_id, state.value, started)

@@ -26,6 +26,7 @@ from gateway.stream import Subscription
 from gateway.tenancy import caller_of
 
 Abandon = Callable[[], Awaitable[None]]
+GiveUp = Callable[[CorralError | None], Awaitable[None]]  # why, if the request failed
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         raise
     headers = {"X-Request-Priority": priority.value}
 
-    async def abandon() -> None:
+    async def abandon(failure: CorralError | None = None) -> None:
         expired = time.time() >= job.deadline
         await state.dispatcher.cancel(
             request_id,
             started=sub.worker is not None,
             state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
+            failure=None if expired else failure,
         )
 
     if job.stream:
@@ -104,7 +106,7 @@ def request_timeout(header: str | None, settings: Settings) -> float:
 async def _gather(
     request: Request,
     sub: Subscription,
-    abandon: Abandon,
+    abandon: GiveUp,
     resubmit: Abandon,
     headers: dict[str, str],
 ) -> Response:
@@ -119,7 +121,8 @@ async def _gather(
     if not result.done():
         await cancel_and_wait(result)
     if not sub.finished:
-        await abandon()
+        failed = result.done() and not result.cancelled() and result.exception()
+        await abandon(failed if isinstance(failed, CorralError) else None)
     if not result.done() or result.cancelled():
         return Response(status_code=499)  # nobody is listening
     body = result.result()  # raises the worker's CorralError, if any

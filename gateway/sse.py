@@ -51,7 +51,7 @@ class SSEResponse(Response):
     def __init__(
         self,
         sub: Subscription,
-        on_abandon: Callable[[], Awaitable[None]],
+        on_abandon: Callable[[CorralError | None], Awaitable[None]],
         headers: dict[str, str],
     ) -> None:
         super().__init__(media_type="text/event-stream")
@@ -59,6 +59,7 @@ class SSEResponse(Response):
         self._on_abandon = on_abandon
         self._extra_headers = headers
         self._started = False
+        self._failure: CorralError | None = None  # what ended the stream, if it failed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.create_task(self._pump(send))
@@ -76,7 +77,7 @@ class SSEResponse(Response):
             log.info("job=%s abandoned before its worker finished", self._sub.request_id)
             if not self._started:  # no status was sent: counted as the client's (499)
                 scope.setdefault("state", {})["client_left"] = True
-            await self._on_abandon()
+            await self._on_abandon(self._failure)
         elif failure is not None:
             raise failure
 
@@ -97,6 +98,7 @@ class SSEResponse(Response):
                     await send({"type": "http.response.body", "body": encode_chunks(frame),
                                 "more_body": True})  # fmt: skip
         except CorralError as err:
+            self._failure = err
             if not self._started:
                 await self._error_reply(send, err)
                 return

@@ -67,11 +67,18 @@ class Tracker:
         them (one round trip with the enqueue); the record's shape stays defined here."""
         return new_record(job).to_hash(), int(job.deadline - time.time()) + RECORD_TTL_S
 
-    async def end_if_queued(self, request_id: str, state: RequestState, why: str) -> bool:
-        """Mark a request that never started as ended; False if a worker had started it."""
+    async def end_if_queued(
+        self, request_id: str, state: RequestState, why: str, *, running_too: bool = False
+    ) -> bool:
+        """Mark a request that never started as ended (also a running one, with
+        `running_too`: its worker is gone or its stream broke, and it may never write its
+        end); False if it had ended already, or (without `running_too`) started."""
         key = keys.request_key(request_id)
         current = await self._redis.hget(key, "state")
-        if current != RequestState.QUEUED.value:
+        allowed = {RequestState.QUEUED.value}
+        if running_too:
+            allowed.add(RequestState.RUNNING.value)
+        if current not in allowed:
             return False
         fields: dict[Any, Any] = {"state": state, "finished_at": time.time(), "error": why}
         await self._redis.hset(key, mapping=fields)

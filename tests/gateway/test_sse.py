@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.types import Message
 
-from common.errors import ErrorBody
+from common.errors import CorralError, ErrorBody
 from common.frames import Frame, FrameType
 from gateway.sse import SSEResponse
 from gateway.stream import Subscription
@@ -38,7 +38,7 @@ async def relay(frames: list[Frame]) -> list[Message]:
         await asyncio.sleep(3600)  # the client stays
         return {}
 
-    async def abandon() -> None:
+    async def abandon(failure: CorralError | None) -> None:
         raise AssertionError("the stream ended normally")
 
     reply = asyncio.create_task(SSEResponse(sub, abandon, {})({}, receive, send))
@@ -97,7 +97,7 @@ def test_a_send_failing_as_the_client_leaves_is_not_left_unretrieved() -> None:
             await sending.wait()
             return {"type": "http.disconnect"}
 
-        async def abandon() -> None:
+        async def abandon(failure: CorralError | None) -> None:
             abandoned.append(sub.request_id)
 
         for frame in (Frame(seq=0, type=FrameType.START, worker="w1"),

@@ -108,6 +108,9 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
     assert stream_a.ended_at and stream_a.ended_at - killed < 5.0, cluster.logs()
     assert stream_a.status == 200
     assert '"worker_lost"' in stream_a.lines[-2] and stream_a.lines[-1] == "data: [DONE]"
+    # its record says so (it said "running" until kombu redelivered the task, half an hour)
+    record = _record(cluster, stream_a.request_id)
+    assert record["state"] == "failed" and record["error"], record
     # A's llama-server died with it (PR_SET_PDEATHSIG)
     assert wait_for(lambda: not any(alive(p) for p in a_llama), 5)
 
