@@ -29,6 +29,8 @@ from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from gateway.auth import exposure_problem
+from workers.budget import GPU_RESERVE_MB, GPU_RESERVE_SHARE
+from workers.gpu import GPUInfo, gpus_or_none
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,25 @@ def claim_data_dir(data_dir: Path) -> Iterator[int | None]:
         yield None
 
 
+def gpu_flags(aliases: list[str], gpus: list[GPUInfo]) -> dict[str, list[str]]:
+    """Each model's worker on the GPUs NVML found, in turn (DESIGN.md), with its share of
+    that GPU's budget (workers sharing a GPU split it: each would take it all); no GPU:
+    no flags, the CPU."""
+    flags: dict[str, list[str]] = {alias: [] for alias in aliases}
+    if not gpus:
+        return flags
+    sharing: dict[int, list[str]] = {}
+    for i, alias in enumerate(aliases):
+        sharing.setdefault(i % len(gpus), []).append(alias)
+    for slot, names in sharing.items():
+        gpu = gpus[slot]
+        reserve = max(GPU_RESERVE_MB, int(gpu.total_mb * GPU_RESERVE_SHARE))
+        each = max((gpu.total_mb - reserve) // len(names), 1)
+        for alias in names:
+            flags[alias] = ["--gpu", str(gpu.index), "--vram-budget", f"{each}MiB"]
+    return flags
+
+
 def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: str) -> Path:
     """The effective config every child reads: one source of truth for this run."""
     run_dir = settings.data_dir / "run"
@@ -164,8 +185,13 @@ class Cluster:
         self.children.append(
             Child("gateway", [*exe, "gateway", "--config", str(config)], env, inherit=False)
         )
+        found = gpus_or_none()
+        listed = ", ".join(f"{g.index} {g.name} {g.total_mb} MiB" for g in found)
+        log.info("GPUs (NVML): %s", listed or "none: workers on the CPU")
+        devices = gpu_flags(list(self.models), found)
         for alias in self.models:
             argv = [*exe, "worker", "--config", str(config), "--model", alias, "--no-banner"]
+            argv += devices[alias]
             self.children.append(Child(f"worker {alias}", argv, env, inherit=False))
         for child in self.children:
             child.start()

@@ -9,8 +9,10 @@ from pathlib import Path
 
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
+from corral.up import gpu_flags
 from tests.conftest import CHAT
 from tests.support import env_without_corral, shell_script
+from workers.gpu import GPUInfo
 from workers.ports import free_port
 
 
@@ -102,3 +104,15 @@ def test_up_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
     assert zero.returncode == 2 and "--slots: must be 1 or more, not 0" in zero.stderr
     anywhere = _corral("up", "--port", "0", "--data-dir", str(tmp_path))
     assert anywhere.returncode == 1 and "--port 0" in anywhere.stderr
+
+
+def test_up_spreads_its_workers_over_the_gpus() -> None:
+    """Units (NVML cannot run here): `corral up` puts its workers on the GPUs NVML finds,
+    in turn, and workers sharing a GPU split its budget; no GPU, no flags (the CPU)."""
+    gpus = [GPUInfo(index=0, name="A", total_mb=24576, used_mb=0),
+            GPUInfo(index=1, name="B", total_mb=16384, used_mb=0)]  # fmt: skip
+    flags = gpu_flags(["chat", "embed", "code"], gpus)
+    assert flags["chat"] == ["--gpu", "0", "--vram-budget", f"{(24576 - 1228) // 2}MiB"]
+    assert flags["embed"] == ["--gpu", "1", "--vram-budget", f"{16384 - 819}MiB"]
+    assert flags["code"] == flags["chat"]
+    assert gpu_flags(["chat"], []) == {"chat": []}
