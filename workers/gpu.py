@@ -77,8 +77,11 @@ def gpus_or_none() -> list[GPUInfo]:
 
 
 def child_env(index: int) -> dict[str, str]:
-    """Environment pinning a llama-server child to one GPU (CUDA and Vulkan builds)."""
-    return {"CUDA_VISIBLE_DEVICES": str(index), "GGML_VK_VISIBLE_DEVICES": str(index)}
+    """Environment pinning a llama-server child to one GPU (CUDA and Vulkan builds). CUDA
+    numbers GPUs fastest first unless told otherwise; NVML, which `index` comes from, by
+    PCI bus: on a mixed host the child would run on another GPU than the one budgeted."""
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(index),
+            "GGML_VK_VISIBLE_DEVICES": str(index)}  # fmt: skip
 
 
 def process_used_mb(index: int, pid: int) -> int | None:

@@ -25,6 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import httpx
+import psutil
 
 from workers.llama_binary import LlamaServerError, child_env, exit_reason, resolve_binary
 from workers.ports import free_port
@@ -183,8 +184,9 @@ class LlamaServer:
                         f"exited with {exit_reason(proc.returncode)} before it was ready"
                     )
                 try:
-                    if client.get(f"{self.base_url}/health").status_code == 200:
-                        break
+                    healthy = client.get(f"{self.base_url}/health").status_code == 200
+                    if healthy and _listens(proc.pid, self._port):
+                        break  # a 200 from another process on the port is not ours
                 except httpx.TransportError:
                     pass  # not listening yet
                 if time.monotonic() >= deadline:
@@ -268,3 +270,15 @@ class LlamaServer:
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.killpg(pgid, sig)
+
+
+def _listens(pid: int, port: int | None) -> bool:
+    """Whether process `pid` holds the listening socket on `port`: the port is chosen free
+    but not held until llama-server binds it, and whatever took it meanwhile would answer
+    /health while our child fails to bind."""
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+               for c in sockets)  # fmt: skip

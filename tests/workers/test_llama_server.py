@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from corral.tinymodel import make_model
 from tests.support import shell_script
 from workers.cpus import usable_cpus
 from workers.llama_binary import LlamaServerError, cpu_threads, exit_reason, resolve_binary
-from workers.llama_server import LaunchSpec, LlamaServer, ServerState
+from workers.llama_server import LaunchSpec, LlamaServer, ServerState, _listens
 
 N_EMBD = 64
 
@@ -316,3 +317,19 @@ def test_resolve_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     fake.chmod(0o755)
     monkeypatch.setenv("CORRAL_LLAMA_SERVER", str(fake))
     assert resolve_binary() == fake
+
+
+def test_ready_means_our_child_holds_the_port(
+    chat_server: LlamaServer, models: dict[str, Path]
+) -> None:
+    """The port is chosen free but not held until llama-server binds it; a /health 200
+    counts only if our child holds the listening socket (whatever took the port meanwhile
+    would answer while our child, unable to bind, goes on loading)."""
+    assert chat_server.pid is not None and chat_server.port is not None
+    assert _listens(chat_server.pid, chat_server.port)
+    with socket.socket() as squatter:  # another process's port, as seen from the child
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        assert _listens(os.getpid(), port)
+        assert not _listens(chat_server.pid, port)
