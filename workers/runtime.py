@@ -17,6 +17,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -40,19 +41,30 @@ class Serving:
     SIZE = 512
 
     def __init__(self) -> None:
-        self._cell = multiprocessing.get_context("fork").Array(ctypes.c_char, self.SIZE)
+        # No lock shared with the children: one killed while holding it (the OOM killer
+        # picks pool children) would freeze every reader and the model manager. The main
+        # process writes (under a lock of its own), the children read, and a sequence
+        # number, odd while a write is under way, tells a reader to read again.
+        ctx = multiprocessing.get_context("fork")
+        self._cell = ctx.RawArray(ctypes.c_char, self.SIZE)
+        self._seq = ctx.RawValue(ctypes.c_uint64, 0)
+        self._write = threading.Lock()
 
     def set(self, alias: str | None) -> None:
         raw = (alias or "").encode()
         if len(raw) >= self.SIZE:
             raise ValueError(f"model alias too long for the serving cell: {alias!r}")
-        with self._cell.get_lock():
+        with self._write:
+            self._seq.value += 1
             self._cell.value = raw
+            self._seq.value += 1
 
     def get(self) -> str | None:
-        with self._cell.get_lock():
+        while True:
+            before = self._seq.value
             raw = bytes(self._cell.value)
-        return raw.decode() or None
+            if before % 2 == 0 and self._seq.value == before:
+                return raw.decode() or None
 
 
 @dataclass
