@@ -28,7 +28,7 @@ import yaml
 from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
-from gateway.auth import exposure_problem
+from gateway.auth import exposure_problem, is_loopback
 from workers.budget import GPU_RESERVE_MB, GPU_RESERVE_SHARE
 from workers.gpu import GPUInfo, gpus_or_none
 
@@ -170,9 +170,10 @@ class Cluster:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
             url = self.redis.url
             log.info("embedded valkey at %s", url)
-        problem = exposure_problem(self.settings.model_copy(update={"redis_url": url}))
-        if problem:  # API keys live in Redis: checked once it runs, before the workers
-            raise SystemExit(f"corral up: {problem}")
+        if not is_loopback(self.settings.host):  # loopback may run open (the gateway says so)
+            problem = exposure_problem(self.settings.model_copy(update={"redis_url": url}))
+            if problem:  # API keys live in Redis: checked once it runs, before the workers
+                raise SystemExit(f"corral up: {problem}")
         config = write_run_config(self.settings, self.models, url)
         exe = [sys.executable, "-m", "corral"]
         # The run config holds the effective settings (file, environment, flags): a CORRAL_*
