@@ -15,7 +15,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import redis
 
+from common import keys
 from common.registry import WorkerInfo
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
@@ -26,12 +28,24 @@ MODEL = "d-chat"
 HI = [{"role": "user", "content": "hi"}]
 
 
+def _no_tasks_left(redis_url: str) -> None:
+    """Each test's cluster starts with empty queues: one test's leftovers (a killed task's
+    copy, a resubmission) would otherwise be served first by the next test's worker."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(*keys.model_queues(MODEL))
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
+    _no_tasks_left(redis_server.url)
     # Wider and deeper than the default tiny model, so it decodes a few hundred tokens/s
-    # (~340 alone on one thread of a 2-vCPU VM): the long requests must still be running on
-    # A when B has started and A is killed.
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512)
+    # (~340 alone on one thread of a 2-vCPU VM), and trained for a long context (llama-server
+    # caps a slot at the training context: 2048 would end an 8000-token stream after ~2000):
+    # the long requests must still be running on A when B has started and A is killed.
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
     cluster = start_cluster(
         redis_server.url,
         tmp_path / "logs",
@@ -44,10 +58,10 @@ def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[C
 class Call(threading.Thread):
     """One request in the background, remembering when each part arrived."""
 
-    def __init__(self, base_url: str, stream: bool, max_tokens: int) -> None:
+    def __init__(self, base_url: str, stream: bool, max_tokens: int, model: str = MODEL) -> None:
         super().__init__(daemon=True)
         self.url = f"{base_url}/v1/chat/completions"
-        self.body = {"model": MODEL, "messages": HI, "max_tokens": max_tokens,
+        self.body = {"model": model, "messages": HI, "max_tokens": max_tokens,
                      "stream": stream, "ignore_eos": True}  # fmt: skip
         self.request_id = ""
         self.status = 0
@@ -143,7 +157,8 @@ def _llama_children(pid: int | None) -> list[int]:
 
 @pytest.fixture
 def one_slot(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512)
+    _no_tasks_left(redis_server.url)
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
     args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
     cluster = start_cluster(redis_server.url, tmp_path / "logs", [args])
     yield cluster
@@ -176,7 +191,8 @@ def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
 
 @pytest.fixture
 def two_single_slots(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512)
+    _no_tasks_left(redis_server.url)
+    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
     args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
     cluster = start_cluster(redis_server.url, tmp_path / "logs", [args, args])
     yield cluster
