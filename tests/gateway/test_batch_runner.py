@@ -7,8 +7,11 @@ for its model to be placed (the placer is a stand-in that counts)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from common.batch import Batch, BatchState, FileObject, RequestCounts
 from common.settings import ModelConfig, Settings
 from corral.redis_server import EmbeddedRedis
 from gateway import batch_supervisor
-from gateway.batch_runner import BatchRunner
+from gateway.batch_runner import BatchRunner, Place
 from gateway.batch_supervisor import BatchSupervisor
 from gateway.batches import BatchStore
 from gateway.catalog import Catalog
@@ -33,19 +36,37 @@ RESULT = {"id": "batch_req_1", "custom_id": "c1",
           "response": {"status_code": 200, "body": {}}, "error": None}  # fmt: skip
 
 
+@dataclass
+class Parts:
+    client: aioredis.Redis
+    store: BatchStore
+    runner: BatchRunner
+    supervisor: BatchSupervisor
+
+
+@contextlib.asynccontextmanager
+async def _batches(url: str, place: Place | None = None) -> AsyncIterator[Parts]:
+    """A gateway's batch side on `url`, serving one model "m"."""
+    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    store = BatchStore(client, RedisFileStore(client))
+    dispatcher = Dispatcher(settings, url, client)
+    catalog = Catalog(settings, client)
+    runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit", place=place)
+    try:
+        yield Parts(client, store, runner,
+                    BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit"))  # fmt: skip
+    finally:
+        dispatcher.close()
+        await client.aclose()
+
+
 def test_a_batch_without_its_input_fails_and_holds_up_no_other(
     own_redis: EmbeddedRedis, r: redis.Redis
 ) -> None:
-    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
-
     async def main() -> tuple[Batch, Batch]:
-        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-        store = BatchStore(client, RedisFileStore(client))
-        dispatcher = Dispatcher(settings, own_redis.url, client)
-        catalog = Catalog(settings, client)
-        runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit")
-        supervisor = BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit")
-        try:
+        async with _batches(own_redis.url) as parts:
+            client, store, supervisor = parts.client, parts.store, parts.supervisor
             meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
             await store.files.put(meta, json.dumps(LINE) + "\n")
             done = RequestCounts(total=1, completed=1)
@@ -62,9 +83,6 @@ def test_a_batch_without_its_input_fails_and_holds_up_no_other(
                 await client.hset(keys.batch_results_key(batch.id), "c1", json.dumps(RESULT))
             await supervisor.tick()
             return await store.load(lost.id), await store.load(fine.id)
-        finally:
-            dispatcher.close()
-            await client.aclose()
 
     lost, fine = asyncio.run(main())
     assert lost.status is BatchState.FAILED
@@ -76,16 +94,10 @@ def test_an_ended_batch_left_active_is_let_go(own_redis: EmbeddedRedis, r: redis
     """Its end was written but its removal from the active set was lost (a Redis blip, a
     gateway killed between the two): the next round lets it go rather than keep it, and
     its input file, forever."""
-    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-        store = BatchStore(client, RedisFileStore(client))
-        dispatcher = Dispatcher(settings, own_redis.url, client)
-        catalog = Catalog(settings, client)
-        runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit")
-        supervisor = BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit")
-        try:
+        async with _batches(own_redis.url) as parts:
+            client, store, supervisor = parts.client, parts.store, parts.supervisor
             batch = Batch(endpoint="/v1/chat/completions", input_file_id="file-in",
                           status=BatchState.COMPLETED)  # fmt: skip
             await store.save_new(batch)
@@ -93,9 +105,6 @@ def test_an_ended_batch_left_active_is_let_go(own_redis: EmbeddedRedis, r: redis
             assert await store.active_using("file-in") == batch.id
             await supervisor.tick()
             assert await store.active_using("file-in") is None
-        finally:
-            dispatcher.close()
-            await client.aclose()
 
     asyncio.run(main())
     assert r.smembers(keys.BATCHES_ACTIVE) == set()
@@ -106,20 +115,14 @@ def test_queued_items_ask_again_for_their_model_to_be_placed(
 ) -> None:
     """The placement at creation had to wait (say, another model was within its residency):
     the supervisor asks again every `PLACE_EVERY_S`, while items are left."""
-    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
     asked: list[str] = []
 
     async def place(model: str) -> None:
         asked.append(model)
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-        store = BatchStore(client, RedisFileStore(client))
-        dispatcher = Dispatcher(settings, own_redis.url, client)
-        catalog = Catalog(settings, client)
-        runner = BatchRunner(client, store, dispatcher, catalog, "gw-unit", place=place)
-        supervisor = BatchSupervisor(client, runner, dispatcher, catalog, "gw-unit")
-        try:
+        async with _batches(own_redis.url, place) as parts:
+            client, store, supervisor = parts.client, parts.store, parts.supervisor
             meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
             await store.files.put(meta, json.dumps(LINE) + "\n")
             batch = Batch(endpoint="/v1/chat/completions", input_file_id=meta.id,
@@ -134,9 +137,6 @@ def test_queued_items_ask_again_for_their_model_to_be_placed(
             monkeypatch.setattr(batch_supervisor, "PLACE_EVERY_S", 0.0)
             await supervisor.tick()
             assert asked == ["m", "m"]
-        finally:
-            dispatcher.close()
-            await client.aclose()
 
     asyncio.run(main())
 
@@ -147,15 +147,11 @@ def test_an_enqueue_goes_on_from_what_was_enqueued_before_it(
     """A second enqueue (the supervisor's, after the first one's lease ran out while its
     gateway stalled) starts from `enqueued` as it reads it once it holds the lease, not
     from the position it was given: no item goes out twice."""
-    settings = Settings(models={"m": ModelConfig(model_path=Path("/models/m.gguf"))})
     lines = [dict(LINE, custom_id=f"c{i}") for i in range(3)]
 
     async def main() -> None:
-        client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-        store = BatchStore(client, RedisFileStore(client))
-        dispatcher = Dispatcher(settings, own_redis.url, client)
-        runner = BatchRunner(client, store, dispatcher, Catalog(settings, client), "gw-unit")
-        try:
+        async with _batches(own_redis.url) as parts:
+            client, store, runner = parts.client, parts.store, parts.runner
             meta = FileObject(bytes=1, filename="in.jsonl", purpose="batch")
             await store.files.put(meta, "".join(json.dumps(x) + "\n" for x in lines))
             batch = Batch(endpoint="/v1/chat/completions", input_file_id=meta.id,
@@ -165,9 +161,6 @@ def test_an_enqueue_goes_on_from_what_was_enqueued_before_it(
             parsed = await runner.lines(batch)
             await client.hset(keys.batch_key(batch.id), "enqueued", 2)  # the first one's
             await runner._enqueue(batch, parsed, 0)  # given a stale start
-        finally:
-            dispatcher.close()
-            await client.aclose()
 
     asyncio.run(main())
     assert r.llen(keys.batch_queue("m")) == 1  # only the third item
