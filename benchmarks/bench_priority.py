@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 
+from common.net import free_port
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from workers.ports import free_port
 
 MODEL = "prio"
 TARGET_WAIT_RATIO = 1.5
@@ -73,12 +73,17 @@ async def depth(http: httpx.AsyncClient, base: str, priority: str) -> int:
 async def priority_run(base: str, n_low: int, n_high: int, tokens: int) -> dict[str, float]:
     limits = httpx.Limits(max_connections=n_low + n_high + 20, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=3600, limits=limits) as http:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": tokens, "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": tokens,
+            "ignore_eos": True,
+        }
 
         async def send(priority: str) -> str:
-            r = await http.post(f"{base}/v1/chat/completions", json=body,
-                                headers={"X-Request-Priority": priority})  # fmt: skip
+            r = await http.post(
+                f"{base}/v1/chat/completions", json=body, headers={"X-Request-Priority": priority}
+            )
             r.raise_for_status()
             return r.headers["x-request-id"]
 
@@ -108,8 +113,10 @@ async def priority_run(base: str, n_low: int, n_high: int, tokens: int) -> dict[
             await asyncio.sleep(0.2)
         await http.post(f"{base}/v1/requests/{blocker.headers['x-request-id']}/cancel")
         await blocker.aclose()
-        progress(f"  {await depth(http, base, 'low')} low requests queued; "
-                 f"sending {n_high} high, {spacing * 1000:.0f} ms apart")  # fmt: skip
+        progress(
+            f"  {await depth(http, base, 'low')} low requests queued; "
+            f"sending {n_high} high, {spacing * 1000:.0f} ms apart"
+        )
         highs = []
         for _ in range(n_high):
             highs.append(asyncio.create_task(send("high")))
@@ -129,16 +136,23 @@ async def priority_run(base: str, n_low: int, n_high: int, tokens: int) -> dict[
     # The slot's idle time before each high request started: from the end of the task
     # before it (the one it waited for) to its own start. A high request's wait is what
     # remained of that task plus this hand-off.
-    handoffs = [r["started_at"] - max((e for e in ends if e <= r["started_at"]), default=0)
-                for r in highs_rec]  # fmt: skip
+    handoffs = [
+        r["started_at"] - max((e for e in ends if e <= r["started_at"]), default=0)
+        for r in highs_rec
+    ]
     service = statistics.mean(services)
     return {
-        "low_queued": n_low, "high": n_high, "service_ms": service * 1000,
-        "service_p50_ms": pct(services, 50) * 1000, "service_p99_ms": pct(services, 99) * 1000,
-        "handoff_p50_ms": pct(handoffs, 50) * 1000, "handoff_p99_ms": pct(handoffs, 99) * 1000,
-        "high_wait_p50_ms": pct(waits, 50) * 1000, "high_wait_p99_ms": pct(waits, 99) * 1000,
+        "low_queued": n_low,
+        "high": n_high,
+        "service_ms": service * 1000,
+        "service_p50_ms": pct(services, 50) * 1000,
+        "service_p99_ms": pct(services, 99) * 1000,
+        "handoff_p50_ms": pct(handoffs, 50) * 1000,
+        "handoff_p99_ms": pct(handoffs, 99) * 1000,
+        "high_wait_p50_ms": pct(waits, 50) * 1000,
+        "high_wait_p99_ms": pct(waits, 99) * 1000,
         "p99_over_service": pct(waits, 99) / service,
-    }  # fmt: skip
+    }
 
 
 def raw_stream(base: str) -> socket.socket:
@@ -175,8 +189,12 @@ def cancel_run(base: str, upstream: str, n: int) -> dict[str, float]:
                 time.sleep(0.001)
             times.append((time.perf_counter() - left) * 1000)
             time.sleep(0.2)
-    return {"n": n, "free_p50_ms": pct(times, 50), "free_p99_ms": pct(times, 99),
-            "free_max_ms": max(times)}  # fmt: skip
+    return {
+        "n": n,
+        "free_p50_ms": pct(times, 50),
+        "free_p99_ms": pct(times, 99),
+        "free_max_ms": max(times),
+    }
 
 
 def main() -> int:
@@ -186,13 +204,22 @@ def main() -> int:
     parser.add_argument("--low", type=int, default=1000, help="low requests queued (1000)")
     parser.add_argument("--high", type=int, default=20, help="high requests sent (20)")
     parser.add_argument("--cancels", type=int, default=10, help="disconnects measured (10)")
-    parser.add_argument("--tokens", type=int, default=128,
-                        help="tokens per low/high request (128, as bench_stream.py): the "
-                             "service time; the fixed hand-off between two tasks (~3 ms "
-                             "here) weighs more on short ones")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="llama-server threads (LLAMA_ARG_THREADS; default: a Corral "
-                             "CPU worker's: workers.llama_binary.cpu_threads)")  # fmt: skip
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=128,
+        help="tokens per low/high request (128, as bench_stream.py): the "
+        "service time; the fixed hand-off between two tasks (~3 ms "
+        "here) weighs more on short ones",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="llama-server threads (LLAMA_ARG_THREADS; default: a Corral "
+        "CPU worker's: workers.llama.binary.cpu_threads)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -207,8 +234,9 @@ def main() -> int:
     with EmbeddedRedis() as valkey:
         env["CORRAL_REDIS_URL"] = valkey.url
         exe = [sys.executable, "-m", "corral"]
-        children.append(Child("gateway", [*exe, "gateway", "--port", str(port)], env,
-                              log=tmp / "gateway.log"))  # fmt: skip
+        children.append(
+            Child("gateway", [*exe, "gateway", "--port", str(port)], env, log=tmp / "gateway.log")
+        )
         children.append(
             Child(
                 "worker",
@@ -266,13 +294,13 @@ async def _ready(base: str) -> None:
 def _upstream(redis_url: str) -> str:
     import redis
 
-    from common import keys
+    from common import redis_keys
     from common.registry import WorkerInfo
 
     r = redis.Redis.from_url(redis_url)
     try:
-        for wid in r.smembers(keys.WORKERS):
-            raw = r.get(keys.worker_key(keys.text(wid)))
+        for wid in r.smembers(redis_keys.WORKERS):
+            raw = r.get(redis_keys.worker_key(redis_keys.text(wid)))
             if raw:
                 info = WorkerInfo.model_validate_json(raw)
                 if info.upstream:

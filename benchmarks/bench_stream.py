@@ -46,12 +46,12 @@ from typing import Any
 import httpx
 import psutil
 
+from common.net import free_port
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from workers.llama_binary import cpu_threads, resolve_binary
-from workers.llama_server import LaunchSpec, LlamaServer
-from workers.ports import free_port
+from workers.llama.binary import cpu_threads, resolve_binary
+from workers.llama.server import LaunchSpec, LlamaServer
 
 ALIAS = "bench"  # the model file is bench.gguf, so a worker given its path uses this alias
 SYSTEMS = ("direct", "corral")
@@ -66,11 +66,39 @@ NOISY_OTHER_CORES = 0.25
 IDLE_OTHER_CORES = 0.1
 
 _WORDS = [
-    "apple", "river", "stone", "cloud", "amber", "quiet", "rapid", "silver", "forest",
-    "orbit", "lantern", "meadow", "copper", "harbor", "violet", "thunder", "pepper",
-    "canyon", "marble", "velvet", "falcon", "breeze", "saddle", "ember", "glacier",
-    "candle", "willow", "prism", "tundra", "mosaic", "cobalt", "nectar",
-]  # fmt: skip
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "amber",
+    "quiet",
+    "rapid",
+    "silver",
+    "forest",
+    "orbit",
+    "lantern",
+    "meadow",
+    "copper",
+    "harbor",
+    "violet",
+    "thunder",
+    "pepper",
+    "canyon",
+    "marble",
+    "velvet",
+    "falcon",
+    "breeze",
+    "saddle",
+    "ember",
+    "glacier",
+    "candle",
+    "willow",
+    "prism",
+    "tundra",
+    "mosaic",
+    "cobalt",
+    "nectar",
+]
 
 EPILOG = """\
 examples:
@@ -151,8 +179,11 @@ class CpuMeter:
         ours = {k: max(v, 0.0) for k, v in ours.items()}
         other = (b[1] - a[1]) / wall - sum(ours.values())
         steal = (b[2] - a[2]) / wall
-        return {**{k: round(v, 3) for k, v in sorted(ours.items())}, "other": round(other, 3),
-                "steal": round(steal, 3)}  # fmt: skip
+        return {
+            **{k: round(v, 3) for k, v in sorted(ours.items())},
+            "other": round(other, 3),
+            "steal": round(steal, 3),
+        }
 
 
 async def wait_idle(meter: CpuMeter, system: str, limit: float) -> None:
@@ -412,14 +443,32 @@ def corral_cluster(model: Path, args: argparse.Namespace, workdir: Path) -> Iter
         ctx = str(args.slots * args.ctx_per_slot)
         url = redis_server.url
         children.append(
-            Child("gateway", [*exe, "gateway", "--redis-url", url, "--port", str(port)],
-                  env, log=workdir / "gateway.log")
-        )  # fmt: skip
+            Child(
+                "gateway",
+                [*exe, "gateway", "--redis-url", url, "--port", str(port)],
+                env,
+                log=workdir / "gateway.log",
+            )
+        )
         children.append(
-            Child("worker", [*exe, "worker", "--redis-url", url, "--model", str(model),
-                             "--slots", str(args.slots), "--ctx-size", ctx],
-                  env, log=workdir / "worker.log")
-        )  # fmt: skip
+            Child(
+                "worker",
+                [
+                    *exe,
+                    "worker",
+                    "--redis-url",
+                    url,
+                    "--model",
+                    str(model),
+                    "--slots",
+                    str(args.slots),
+                    "--ctx-size",
+                    ctx,
+                ],
+                env,
+                log=workdir / "worker.log",
+            )
+        )
         for child in children:
             child.start()
         base = f"http://127.0.0.1:{port}"
@@ -533,12 +582,22 @@ def verdicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if row["concurrency"] == 1:
             value = row["added_ttft_p50_ms"]
-            out.append({"target": f"added TTFT p50 at c=1 <= {TARGET_ADDED_TTFT_MS:g} ms",
-                        "value": value, "met": value <= TARGET_ADDED_TTFT_MS})  # fmt: skip
+            out.append(
+                {
+                    "target": f"added TTFT p50 at c=1 <= {TARGET_ADDED_TTFT_MS:g} ms",
+                    "value": value,
+                    "met": value <= TARGET_ADDED_TTFT_MS,
+                }
+            )
         if row["concurrency"] == 8 and row["throughput_ratio"] is not None:
             value = row["throughput_ratio"]
-            out.append({"target": f"throughput at c=8 >= {TARGET_RATIO:g}x direct",
-                        "value": value, "met": value >= TARGET_RATIO})  # fmt: skip
+            out.append(
+                {
+                    "target": f"throughput at c=8 >= {TARGET_RATIO:g}x direct",
+                    "value": value,
+                    "met": value >= TARGET_RATIO,
+                }
+            )
     return out
 
 
@@ -685,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="llama-server threads for both (LLAMA_ARG_THREADS; default: a Corral CPU "
-        "worker's: workers.llama_binary.cpu_threads)",
+        "worker's: workers.llama.binary.cpu_threads)",
     )
     add("--n-embd", type=int, default=64, help="generated model width (default: 64)")
     add("--n-layer", type=int, default=2, help="generated model layers (default: 2)")

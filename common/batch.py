@@ -41,8 +41,8 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: str = "processed"
-    # The id of the API key that made it (`gateway.tenancy`); kept beside the object, never
-    # sent to clients.
+    # The id of the API key that made it (`gateway.tenancy.ownership`); kept beside the
+    # object, never sent to clients.
     owner: str | None = Field(default=None, exclude=True)
 
 
@@ -58,8 +58,12 @@ class BatchState(StrEnum):
 
     @property
     def final(self) -> bool:
-        return self in (BatchState.FAILED, BatchState.COMPLETED, BatchState.EXPIRED,
-                        BatchState.CANCELLED)  # fmt: skip
+        return self in (
+            BatchState.FAILED,
+            BatchState.COMPLETED,
+            BatchState.EXPIRED,
+            BatchState.CANCELLED,
+        )
 
 
 class RequestCounts(BaseModel):
@@ -101,7 +105,7 @@ class Batch(BaseModel):
     cancelled_at: int | None = None
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
-    # The id of the API key that made it (`gateway.tenancy`); its items and result files
+    # The id of the API key that made it (`gateway.tenancy.ownership`); its items and result files
     # belong to that key too. Kept in the batch's record, never sent to clients.
     owner: str | None = Field(default=None, exclude=True)
 
@@ -163,14 +167,14 @@ def _check_line(
     except (ValueError, ValidationError) as exc:
         return bad("invalid_json_line", f"Line {number} is not a valid request object: {exc}"[:300])
     if line.custom_id in seen:
-        return bad("duplicate_custom_id", f"custom_id {line.custom_id!r} is not unique.",
-                   "custom_id")  # fmt: skip
+        return bad(
+            "duplicate_custom_id", f"custom_id {line.custom_id!r} is not unique.", "custom_id"
+        )
     seen.add(line.custom_id)
     wire = ENDPOINTS.get(line.url)
     if wire is None or (endpoint is not None and line.url != endpoint):
         allowed = endpoint or ", ".join(ENDPOINTS)
-        return bad("invalid_url", f"url {line.url!r} is not supported here: use {allowed}.",
-                   "url")  # fmt: skip
+        return bad("invalid_url", f"url {line.url!r} is not supported here: use {allowed}.", "url")
     try:
         body = wire.model_validate(line.body)
     except ValidationError as exc:
@@ -181,6 +185,7 @@ def _check_line(
         return bad("invalid_body", "Batch requests cannot stream.", "body.stream")
     model = getattr(body, "model", None)
     if model not in models:
-        return bad("model_not_found", f"The model {model!r} is not served by this cluster.",
-                   "body.model")  # fmt: skip
+        return bad(
+            "model_not_found", f"The model {model!r} is not served by this cluster.", "body.model"
+        )
     return line

@@ -4,15 +4,26 @@
     ├── InvalidRequest               400 invalid_request_error
     ├── AuthenticationFailed         401 authentication_error
     ├── PermissionDenied             403 permission_error
-    ├── ModelNotFound                404 invalid_request_error / model_not_found
+    ├── NotFound                     404 invalid_request_error
+    │   ├── ModelNotFound                / model_not_found
+    │   ├── FileNotFound                 / file_not_found
+    │   ├── BatchNotFound                / batch_not_found
+    │   └── RequestNotFound              / request_not_found
+    ├── RequestTimeout               408 invalid_request_error / request_timeout
     ├── PayloadTooLarge              413 invalid_request_error
     ├── RateLimited                  429 rate_limit_error (+ Retry-After)
     │   └── QueueFull                429 rate_limit_error / queue_full
+    ├── Cancelled                    499 server_error / cancelled
     ├── UpstreamError                llama-server's status (default 502) / upstream_error
     ├── WorkerLost                   502 server_error / worker_lost
     ├── StreamBroken                 502 server_error / stream_broken
     ├── NoCapacity                   503 server_error / no_capacity
     └── Timeout                      504 timeout_error
+
+    Faults inside a worker, never sent to a client as they are:
+    LlamaServerError                 llama-server would not start, or died
+    QueueError                       the Celery consumer did not take the wanted queues
+    GPUUnavailable                   NVML is absent, or the GPU is not there
 
 Every error leaves the gateway as `{"error": {"message", "type", "param", "code"}}`, never a
 bare string (llama-swap's `httperror.go`), and the same shape rides inside pub/sub error
@@ -87,9 +98,12 @@ class PermissionDenied(CorralError):
     type = "permission_error"
 
 
-class ModelNotFound(CorralError):
+class NotFound(CorralError):
     status = 404
     type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
     default_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
@@ -97,6 +111,24 @@ class ModelNotFound(CorralError):
             f"The model {model!r} does not exist or is not served by this cluster.",
             param="model",
         )
+
+
+class FileNotFound(NotFound):
+    default_code = "file_not_found"
+
+
+class BatchNotFound(NotFound):
+    default_code = "batch_not_found"
+
+
+class RequestNotFound(NotFound):
+    default_code = "request_not_found"
+
+
+class RequestTimeout(CorralError):
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class PayloadTooLarge(CorralError):
@@ -113,6 +145,16 @@ class RateLimited(CorralError):
 
 class QueueFull(RateLimited):
     default_code = "queue_full"
+
+
+class Cancelled(CorralError):
+    """The request was cancelled (`POST /v1/requests/{id}/cancel`), while it ran."""
+
+    status = 499  # nginx's "client closed request"
+    default_code = "cancelled"
+
+    def __init__(self, message: str = "The request was cancelled.") -> None:
+        super().__init__(message)
 
 
 class UpstreamError(CorralError):
@@ -140,6 +182,18 @@ class Timeout(CorralError):
     status = 504
     type = "timeout_error"
     default_code = "timeout"
+
+
+class LlamaServerError(RuntimeError):
+    """llama-server could not be started, or exited before it was ready."""
+
+
+class QueueError(RuntimeError):
+    """The consumer did not reach the wanted set of queues."""
+
+
+class GPUUnavailable(RuntimeError):
+    """NVML is not available, or the GPU asked for does not exist."""
 
 
 _BY_STATUS: dict[int, type[CorralError]] = {

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from common.errors import ErrorBody
+from common.errors import CorralError, ErrorBody
 
 
 class FrameType(StrEnum):
@@ -47,3 +47,14 @@ class Frame(BaseModel):
     @property
     def final(self) -> bool:
         return self.type in FINAL_TYPES
+
+
+OUT_OF_BAND = -1  # the seq of a final frame sent from outside the request's run
+
+
+def out_of_band_error(err: CorralError) -> str:
+    """A final error frame for a request, sent by someone other than the run publishing its
+    frames (a cancel from another gateway, a redelivery's verdict, a queued request's
+    expiry): its seq is `OUT_OF_BAND`, which the gateway accepts whatever it saw before."""
+    frame = Frame(seq=OUT_OF_BAND, type=FrameType.ERROR, error=err.body(), status=err.status)
+    return frame.model_dump_json(exclude_defaults=True)

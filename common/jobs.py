@@ -50,7 +50,7 @@ class Job(BaseModel):
     # pub/sub channel.
     batch_id: str | None = None
     custom_id: str | None = None
-    owner: str | None = None  # the id of the API key that sent it (`gateway.tenancy`)
+    owner: str | None = None  # the id of the API key that sent it (`gateway.tenancy.ownership`)
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.deadline

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from common.keys import text
 from common.priority import Priority
+from common.redis_keys import text
 
 RECORD_TTL_S = 3600  # how long a finished request stays visible
 

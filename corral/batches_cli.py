@@ -55,7 +55,7 @@ def add_parser(
     rs = action("results", "print a batch's output (and errors to stderr)")
     rs.add_argument("batch_id")
     cn = action("cancel", "stop a batch: items not started are skipped")
-    cn.add_argument("batch_id")  # fmt: skip
+    cn.add_argument("batch_id")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,8 +86,7 @@ def _get(http: httpx.Client, path: str) -> Any:
 
 def submit(http: httpx.Client, args: argparse.Namespace) -> int:
     with args.file.open("rb") as f:
-        up = http.post("/v1/files", files={"file": (args.file.name, f)},
-                       data={"purpose": "batch"})  # fmt: skip
+        up = http.post("/v1/files", files={"file": (args.file.name, f)}, data={"purpose": "batch"})
     up.raise_for_status()
     resp = http.post(
         "/v1/batches",
@@ -113,8 +112,10 @@ def list_batches(http: httpx.Client, args: argparse.Namespace) -> int:
     for b in _get(http, f"/v1/batches?limit={args.limit}")["data"]:
         c = b["request_counts"]
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["created_at"]))
-        print(f"{b['id']}  {b['status']:<11} {c['completed']:>6}/{c['total']:<6} "
-              f"failed {c['failed']:<5} {created}")  # fmt: skip
+        print(
+            f"{b['id']}  {b['status']:<11} {c['completed']:>6}/{c['total']:<6} "
+            f"failed {c['failed']:<5} {created}"
+        )
     return 0
 
 
@@ -171,5 +172,9 @@ def cancel(http: httpx.Client, args: argparse.Namespace) -> int:
 
 
 ACTIONS: dict[str, Callable[[httpx.Client, argparse.Namespace], int]] = {
-    "submit": submit, "list": list_batches, "show": show, "results": results, "cancel": cancel,
-}  # fmt: skip
+    "submit": submit,
+    "list": list_batches,
+    "show": show,
+    "results": results,
+    "cancel": cancel,
+}

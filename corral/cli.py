@@ -67,16 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
     up.add_argument("--slots", type=_positive, help="parallel slots per model (default: config, 2)")
     up.add_argument("--data-dir", type=Path, help="demo models, Redis data, run files")
-    up.add_argument("--insecure", action="store_true", default=None,
-                    help="serve a non-loopback --host without API keys")  # fmt: skip
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback --host without API keys",
+    )
 
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
     _common(gw)
     gw.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
     gw.add_argument("--host", help="bind address (default 127.0.0.1)")
     gw.add_argument("--port", type=int, help="port (default 8000)")
-    gw.add_argument("--insecure", action="store_true", default=None,
-                    help="serve a non-loopback address without API keys")  # fmt: skip
+    gw.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without API keys",
+    )
 
     wk = sub.add_parser("worker", help="run one worker: a llama-server child + its queues")
     _common(wk)
@@ -86,14 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="preload and keep this model: a config alias or a GGUF path (alias = file "
         "stem); default: none, gateways place models on the worker on demand",
     )
-    wk.add_argument("--vram-budget", help="memory budget, e.g. 20GiB (default: the GPU's "
-                    "memory minus a reserve, or on the CPU the --ram-budget)")  # fmt: skip
-    wk.add_argument("--ram-budget", help="CPU memory budget, e.g. 4GiB (default: half of the "
-                    "available RAM)")  # fmt: skip
+    wk.add_argument(
+        "--vram-budget",
+        help="memory budget, e.g. 20GiB (default: the GPU's "
+        "memory minus a reserve, or on the CPU the --ram-budget)",
+    )
+    wk.add_argument(
+        "--ram-budget", help="CPU memory budget, e.g. 4GiB (default: half of the available RAM)"
+    )
     wk.add_argument("--embedding", action="store_true", help="with a path: an embedding model")
     wk.add_argument("--ctx-size", type=int, help="with a path: context size (default 4096)")
-    wk.add_argument("--slots", type=_positive,
-                    help="parallel slots (default: the model's `parallel`)")  # fmt: skip
+    wk.add_argument(
+        "--slots", type=_positive, help="parallel slots (default: the model's `parallel`)"
+    )
     wk.add_argument("--gpu", type=int, help="pin to this GPU index (NVML); default: CPU")
     wk.add_argument(
         "--no-banner",
@@ -127,12 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cli.add_parser(sub, _common)
     batches_cli.add_parser(sub, _common)
     models_cli.add_parsers(sub, _common)
-    return parser  # fmt: skip
+    return parser
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
-    return load_settings(args.config, log_level=args.log_level, log_format=args.log_format,
-                         **overrides)  # fmt: skip
+    return load_settings(
+        args.config, log_level=args.log_level, log_format=args.log_format, **overrides
+    )
 
 
 def _positive(text: str) -> int:
@@ -145,12 +159,14 @@ def _positive(text: str) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from corral.up import Cluster, address_problem, claim_data_dir, collect_models
 
-    settings = _settings(args, host=args.host, port=args.port, data_dir=args.data_dir,
-                         insecure=args.insecure)  # fmt: skip
+    settings = _settings(
+        args, host=args.host, port=args.port, data_dir=args.data_dir, insecure=args.insecure
+    )
     setup_logging(settings.log_level, "up", settings.log_format)
     if settings.port == 0:
-        print("corral up: --port 0 would pick a port it cannot announce; choose one",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "corral up: --port 0 would pick a port it cannot announce; choose one", file=sys.stderr
+        )
         return 1
     problem = address_problem(settings.host, settings.port)
     if problem:  # before anything starts: the gateway would fail last, its reason buried
@@ -158,8 +174,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     with claim_data_dir(settings.data_dir) as other:
         if other is not None:
-            print(f"corral up: {settings.data_dir} is in use by another corral up (pid {other});"
-                  " stop it, or give this one its own --data-dir", file=sys.stderr)  # fmt: skip
+            print(
+                f"corral up: {settings.data_dir} is in use by another corral up (pid {other});"
+                " stop it, or give this one its own --data-dir",
+                file=sys.stderr,
+            )
             return 1
         models = collect_models(settings, args.model, args.embedding_model, args.slots)
         return Cluster(settings, models).run()
@@ -169,11 +188,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.auth import exposure_problem
-    from gateway.limits import guarded_protocol
+    from gateway.edge.head_timeout import guarded_protocol
+    from gateway.tenancy.exposure import exposure_problem
 
-    settings = _settings(args, redis_url=args.redis_url, host=args.host, port=args.port,
-                         insecure=args.insecure)  # fmt: skip
+    settings = _settings(
+        args, redis_url=args.redis_url, host=args.host, port=args.port, insecure=args.insecure
+    )
     setup_logging(settings.log_level, "gateway", settings.log_format)
     problem = exposure_problem(settings)  # no keys on a reachable address: refuse
     if problem:
@@ -210,16 +230,23 @@ def resolve_worker_model(
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.llama_binary import LlamaServerError
+    from common.errors import LlamaServerError
     from workers.main import run_worker
 
     settings = _settings(args, redis_url=args.redis_url)
     setup_logging(settings.log_level, "worker", settings.log_format)
     alias, model = resolve_worker_model(settings, args)
     try:
-        run_worker(settings, alias, model, slots=args.slots, gpu=args.gpu,
-                   vram_budget=args.vram_budget, ram_budget=args.ram_budget,
-                   banner=not args.no_banner)  # fmt: skip
+        run_worker(
+            settings,
+            alias,
+            model,
+            slots=args.slots,
+            gpu=args.gpu,
+            vram_budget=args.vram_budget,
+            ram_budget=args.ram_budget,
+            banner=not args.no_banner,
+        )
     except LlamaServerError as exc:  # its message says why (and the child's last lines)
         print(f"corral worker: {exc}", file=sys.stderr)
         return 1
@@ -229,8 +256,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_make_model(args: argparse.Namespace) -> int:
     from corral.tinymodel import make_model
 
-    path = make_model(args.path, embedding=args.embedding, n_embd=args.n_embd,
-                      n_layer=args.n_layer, n_ff=args.n_ff, seed=args.seed)  # fmt: skip
+    path = make_model(
+        args.path,
+        embedding=args.embedding,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_ff=args.n_ff,
+        seed=args.seed,
+    )
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -240,9 +273,13 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
     settings = _settings(args, redis_url=args.redis_url)
     setup_logging(settings.log_level, "flower", settings.log_format)
-    return run_flower(settings, address=args.address, port=args.port,
-                      basic_auth_flag=args.basic_auth,
-                      unauthenticated=args.unauthenticated)  # fmt: skip
+    return run_flower(
+        settings,
+        address=args.address,
+        port=args.port,
+        basic_auth_flag=args.basic_auth,
+        unauthenticated=args.unauthenticated,
+    )
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -268,9 +305,17 @@ def cmd_batches(args: argparse.Namespace) -> int:
     return batches_cli.run(args)
 
 
-COMMANDS = {"up": cmd_up, "gateway": cmd_gateway, "worker": cmd_worker,
-            "make-model": cmd_make_model, "flower": cmd_flower, "keys": cmd_keys,
-            "models": cmd_models, "status": cmd_status, "batches": cmd_batches}  # fmt: skip
+COMMANDS = {
+    "up": cmd_up,
+    "gateway": cmd_gateway,
+    "worker": cmd_worker,
+    "make-model": cmd_make_model,
+    "flower": cmd_flower,
+    "keys": cmd_keys,
+    "models": cmd_models,
+    "status": cmd_status,
+    "batches": cmd_batches,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

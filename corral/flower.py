@@ -15,7 +15,6 @@ gateway and the workers. Two things are added to plain `celery flower`:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -24,8 +23,9 @@ import redis
 from celery import Celery
 from kombu.utils.url import maybe_sanitize_url
 
-from common import keys
+from common import redis_keys
 from common.celery_config import celery_config
+from common.net import is_loopback
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,6 @@ def basic_auth(flag: str | None, env: Mapping[str, str]) -> str | None:
     if ":" in user:
         raise FlowerRefused(f"{USER_ENV} must not contain ':' (HTTP basic auth)")
     return f"{user}:{password}" if user else None
-
-
-def is_loopback(address: str) -> bool:
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:  # a host name, or "" (all interfaces)
-        return False
 
 
 def check_access(credentials: str | None, address: str, unauthenticated: bool) -> None:
@@ -109,10 +100,10 @@ class ModelQueues:
     def names(self) -> set[str]:
         aliases = set(self._settings.models)
         try:
-            aliases.update(str(a) for a in self._redis.hkeys(keys.CATALOG))
+            aliases.update(str(a) for a in self._redis.hkeys(redis_keys.CATALOG))
         except redis.RedisError as exc:
             log.warning("flower: cannot read the model catalog: %s", exc)
-        return {q for alias in aliases for q in keys.worker_queues(alias)}
+        return {q for alias in aliases for q in redis_keys.worker_queues(alias)}
 
 
 def show_model_queues(queues: ModelQueues) -> None:
@@ -151,9 +142,11 @@ def run_flower(
     show_model_queues(ModelQueues(settings, client))
     log.info(
         "flower address=%s port=%d broker=%s auth=%s",
-        address, port, maybe_sanitize_url(settings.redis_url),
+        address,
+        port,
+        maybe_sanitize_url(settings.redis_url),
         "basic" if credentials else "none (loopback)",
-    )  # fmt: skip
+    )
     try:
         return app.start(flower_argv(address, port)) or 0
     finally:

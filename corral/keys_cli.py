@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import redis
 
-from common import keys
+from common import redis_keys
 from common.apikeys import ApiKey, issue
 from common.errors import CorralError
 from common.priority import Priority
@@ -30,8 +30,9 @@ def add_parser(
     shared.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
     kp = sub.add_parser("keys", help="create, list and revoke user API keys")
     ks = kp.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    cr = ks.add_parser("create", parents=[shared],
-                       help="create a key and print its secret (shown once)")  # fmt: skip
+    cr = ks.add_parser(
+        "create", parents=[shared], help="create a key and print its secret (shown once)"
+    )
     cr.add_argument("--name", required=True, help="who or what uses the key (unique)")
     cr.add_argument(
         "--max-priority",
@@ -44,7 +45,7 @@ def add_parser(
     cr.add_argument("--models", help="comma-separated model aliases it may use (default: all)")
     ks.add_parser("list", parents=[shared], help="list keys (never their secrets)")
     rv = ks.add_parser("revoke", parents=[shared], help="revoke a key at once, by id or name")
-    rv.add_argument("key", help="key id (key_...) or name")  # fmt: skip
+    rv.add_argument("key", help="key id (key_...) or name")
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -67,7 +68,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def load(client: redis.Redis) -> list[ApiKey]:
-    found = [ApiKey.model_validate_json(raw) for raw in client.hvals(keys.API_KEYS)]
+    found = [ApiKey.model_validate_json(raw) for raw in client.hvals(redis_keys.API_KEYS)]
     return sorted(found, key=lambda k: k.created_at)
 
 
@@ -76,11 +77,12 @@ def create(client: redis.Redis, args: argparse.Namespace) -> int:
         print(f"corral keys: a key named {args.name!r} exists already", file=sys.stderr)
         return 1
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    key, secret = issue(args.name, max_priority=args.max_priority, rpm=args.rpm, tpm=args.tpm,
-                        models=models)  # fmt: skip
+    key, secret = issue(
+        args.name, max_priority=args.max_priority, rpm=args.rpm, tpm=args.tpm, models=models
+    )
     pipe = client.pipeline(transaction=False)
-    pipe.hset(keys.API_KEYS, key.digest, key.model_dump_json())
-    pipe.publish(keys.KEYS_CHANGED, key.id)  # gateways forget what they cached
+    pipe.hset(redis_keys.API_KEYS, key.digest, key.model_dump_json())
+    pipe.publish(redis_keys.KEYS_CHANGED, key.id)  # gateways forget what they cached
     pipe.execute()
     print(f"created {key.id} ({describe(key)}); its secret, shown only now:", file=sys.stderr)
     print(secret)
@@ -89,8 +91,10 @@ def create(client: redis.Redis, args: argparse.Namespace) -> int:
 
 def describe(key: ApiKey) -> str:
     models = ",".join(key.models) if key.models is not None else "all"
-    return (f"name={key.name} max_priority={key.max_priority.value} "
-            f"rpm={key.rpm or '-'} tpm={key.tpm or '-'} models={models}")  # fmt: skip
+    return (
+        f"name={key.name} max_priority={key.max_priority.value} "
+        f"rpm={key.rpm or '-'} tpm={key.tpm or '-'} models={models}"
+    )
 
 
 def list_keys(client: redis.Redis) -> int:
@@ -112,9 +116,11 @@ def revoke(client: redis.Redis, which: str) -> int:
         return 1
     key = matches[0]
     pipe = client.pipeline(transaction=False)
-    pipe.hdel(keys.API_KEYS, key.digest)
-    pipe.delete(keys.ratelimit_key(key.id, "requests"), keys.ratelimit_key(key.id, "tokens"))
-    pipe.publish(keys.KEYS_CHANGED, key.id)  # gateways forget what they cached: 401 at once
+    pipe.hdel(redis_keys.API_KEYS, key.digest)
+    pipe.delete(
+        redis_keys.ratelimit_key(key.id, "requests"), redis_keys.ratelimit_key(key.id, "tokens")
+    )
+    pipe.publish(redis_keys.KEYS_CHANGED, key.id)  # gateways forget what they cached: 401 at once
     pipe.execute()
     print(f"revoked {key.id} (name={key.name})", file=sys.stderr)
     return 0

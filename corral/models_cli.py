@@ -15,12 +15,12 @@ from pathlib import Path
 
 import redis
 
-from common import keys
+from common import redis_keys
+from common.estimate import estimate_file
 from common.memory import MemoryRecord, profile
 from common.settings import ModelConfig, Settings
 from corral import status
 from corral.api import Api, ApiError
-from workers.estimate import estimate_file
 
 
 def add_parsers(
@@ -70,8 +70,11 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
     if action == "list":
         return _with_api(settings, args, lambda api: _list(api))
     if action == "load":
-        return _with_api(settings, args, lambda api: load(api, args.model, args.replicas,
-                                                          not args.no_wait, settings))  # fmt: skip
+        return _with_api(
+            settings,
+            args,
+            lambda api: load(api, args.model, args.replicas, not args.no_wait, settings),
+        )
     path = "/v1/models/eject" if action == "eject" else f"/v1/models/{args.model}/reset"
     body = {"model": args.model} if action == "eject" else None
     return _with_api(settings, args, lambda api: _say(api.post(path, body)))
@@ -95,10 +98,16 @@ def _say(reply: dict[str, object]) -> int:
 
 def _list(api: Api) -> int:
     models = api.get("/v1/models/status")["models"]
-    rows = [[a, m["status"], f"{m['replicas']}/{m['replicas_wanted']}",
-             "embedding" if m["embedding"] else "chat",
-             ", ".join(w["worker"] for w in m["workers"]) or "-"]
-            for a, m in models.items()]  # fmt: skip
+    rows = [
+        [
+            a,
+            m["status"],
+            f"{m['replicas']}/{m['replicas_wanted']}",
+            "embedding" if m["embedding"] else "chat",
+            ", ".join(w["worker"] for w in m["workers"]) or "-",
+        ]
+        for a, m in models.items()
+    ]
     print(status.table(rows, ["MODEL", "STATUS", "REPLICAS", "KIND", "WORKERS"]))
     return 0
 
@@ -110,8 +119,9 @@ def load(api: Api, alias: str, replicas: int | None, wait: bool, settings: Setti
         body["replicas"] = replicas
     reply = api.post("/v1/models/load", body)
     plan = reply["placement"]
-    targets = [ld["worker"] + (f" (evicting {ld['evict']})" if ld["evict"] else "")
-               for ld in plan["loads"]]  # fmt: skip
+    targets = [
+        ld["worker"] + (f" (evicting {ld['evict']})" if ld["evict"] else "") for ld in plan["loads"]
+    ]
     where = ", ".join(targets) or plan.get("reason") or "already placed"
     print(f"{alias}: {reply['status']} — {where}", flush=True)
     if not wait:
@@ -142,8 +152,9 @@ def estimate(settings: Settings, name: str, slots: int | None, device: str) -> i
         alias, model = _model(settings, name, client)
         slots = slots or model.parallel
         path = settings.resolve_model_path(model)
-        est = estimate_file(path, ctx_size=model.ctx_size, slots=slots, flags=model.flags,
-                            device=device)  # fmt: skip
+        est = estimate_file(
+            path, ctx_size=model.ctx_size, slots=slots, flags=model.flags, device=device
+        )
         print(f"{alias}: {path}")
         print(f"  profile   {profile(model, slots, device)}")
         print(f"  estimate  {est.describe()}")
@@ -152,7 +163,7 @@ def estimate(settings: Settings, name: str, slots: int | None, device: str) -> i
         if client is None:
             print("  measured  (no Redis URL: pass --redis-url or set CORRAL_REDIS_URL)")
             return 0
-        raw = client.hgetall(keys.memory_key(alias))
+        raw = client.hgetall(redis_keys.memory_key(alias))
         mine = profile(model, slots, device)
         for prof, rec_raw in sorted(raw.items()):
             name = prof.decode() if isinstance(prof, bytes) else str(prof)
@@ -177,7 +188,7 @@ def _print_record(name: str, rec: MemoryRecord, est_mb: int, mark: str) -> None:
 def _model(settings: Settings, name: str, client: redis.Redis | None) -> tuple[str, ModelConfig]:
     if name in settings.models:
         return name, settings.models[name]
-    if client is not None and (raw := client.hget(keys.CATALOG, name)):
+    if client is not None and (raw := client.hget(redis_keys.CATALOG, name)):
         return name, ModelConfig.model_validate_json(raw)
     path = Path(name).expanduser()
     if path.is_file():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import redis
 
+from common.net import free_port
 from corral.procs import Child
-from workers.ports import free_port
 
 
 def valkey_binary() -> Path:
@@ -29,13 +29,18 @@ class EmbeddedRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         argv = [
             str(valkey_binary()),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--protected-mode", "yes",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
             # The broker must never drop queued tasks to make room (DESIGN.md).
-            "--maxmemory-policy", "noeviction",
-            "--save", "",
-        ]  # fmt: skip
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+        ]
         self._log = Path(os.devnull)
         if data_dir is not None:
             data_dir.mkdir(parents=True, exist_ok=True)

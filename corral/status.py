@@ -16,8 +16,9 @@ CLEAR = "\x1b[H\x1b[2J"
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     lines = [header, *rows]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip()
-                     for r in lines)  # fmt: skip
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in lines
+    )
 
 
 def mib(value: Any) -> str:
@@ -26,16 +27,27 @@ def mib(value: Any) -> str:
 
 def render(workers: list[dict[str, Any]], models: dict[str, dict[str, Any]]) -> str:
     wrows = [
-        [w["worker"], w.get("gpu") or "cpu", f"{mib(w.get('used_mb'))}/{mib(w.get('budget_mb'))}",
-         w.get("model") or "-", _state(w), f"{w.get('slots_busy', 0)}/{w.get('slots', 0)}"]
+        [
+            w["worker"],
+            w.get("gpu") or "cpu",
+            f"{mib(w.get('used_mb'))}/{mib(w.get('budget_mb'))}",
+            w.get("model") or "-",
+            _state(w),
+            f"{w.get('slots_busy', 0)}/{w.get('slots', 0)}",
+        ]
         for w in workers
-    ]  # fmt: skip
+    ]
     mrows = [
-        [alias, m["status"], f"{m['replicas']}/{m.get('replicas_wanted', 1)}",
-         "/".join(str(m["queued"].get(p, 0)) for p in ("high", "normal", "low")),
-         str(m["queued"].get("batch", 0)), ", ".join(w["worker"] for w in m["workers"]) or "-"]
+        [
+            alias,
+            m["status"],
+            f"{m['replicas']}/{m.get('replicas_wanted', 1)}",
+            "/".join(str(m["queued"].get(p, 0)) for p in ("high", "normal", "low")),
+            str(m["queued"].get("batch", 0)),
+            ", ".join(w["worker"] for w in m["workers"]) or "-",
+        ]
         for alias, m in models.items()
-    ]  # fmt: skip
+    ]
     out = [table(wrows, ["WORKER", "GPU", "MEM MiB used/budget", "MODEL", "STATE", "SLOTS"])]
     out += ["", table(mrows, ["MODEL", "STATUS", "REPLICAS", "QUEUED h/n/l", "BATCH", "ON"])]
     failed = [(a, w, e) for a, m in models.items() for w, e in m.get("failed", {}).items()]

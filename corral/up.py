@@ -25,12 +25,13 @@ from typing import Any
 import httpx
 import yaml
 
+from common.net import is_loopback
 from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
-from gateway.auth import exposure_problem, is_loopback
-from workers.budget import GPU_RESERVE_MB, GPU_RESERVE_SHARE
-from workers.gpu import GPUInfo, gpus_or_none
+from gateway.tenancy.exposure import exposure_problem
+from workers.hardware.budget import GPU_RESERVE_MB, GPU_RESERVE_SHARE
+from workers.hardware.gpu import GPUInfo, gpus_or_none
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ def collect_models(
         }
     if slots:
         found = {a: m.model_copy(update={"parallel": slots}) for a, m in found.items()}
-    return {a: m.model_copy(update={"model_path": settings.resolve_model_path(m)})
-            for a, m in found.items()}  # fmt: skip
+    return {
+        a: m.model_copy(update={"model_path": settings.resolve_model_path(m)})
+        for a, m in found.items()
+    }
 
 
 def address_problem(host: str, port: int) -> str | None:

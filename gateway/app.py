@@ -9,9 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from common.settings import Settings
-from gateway import errors, hardening
-from gateway.auth import authorize
-from gateway.middleware import RequestIdMiddleware
+from gateway import edge, errors
+from gateway.monitoring.metrics import GatewayMetrics
 from gateway.routes import (
     batches,
     chat,
@@ -20,19 +19,26 @@ from gateway.routes import (
     files,
     health,
     management,
-    metrics,
     models,
     queue,
     requests,
     workers,
 )
-from gateway.state import GatewayState
+from gateway.routes import metrics as metrics_route
+from gateway.state import GatewayState, redis_client
+from gateway.tenancy.principals import KeysEpoch, authorize
 
 
 def create_app(settings: Settings) -> FastAPI:
+    # Built here, not in the lifespan, so the edge middlewares get them passed in. Neither
+    # does any I/O before the first request.
+    redis = redis_client(settings)
+    metrics = GatewayMetrics()
+    epoch = KeysEpoch()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = await GatewayState.start(settings, app.state.metrics)
+        state = await GatewayState.start(settings, redis, metrics, epoch)
         app.state.corral = state
         # Exempt what startup built (FastAPI, pydantic's schemas, Celery: hundreds of
         # thousands of objects) from the collector's full passes: each walked them all,
@@ -48,10 +54,21 @@ def create_app(settings: Settings) -> FastAPI:
     )
     errors.install(app)
     # management before models: `GET /v1/models/{id:path}` would swallow /v1/models/status
-    routers = (chat, completions, embeddings, management, workers, models, health, requests,
-               queue, metrics, files, batches)  # fmt: skip
+    routers = (
+        chat,
+        completions,
+        embeddings,
+        management,
+        workers,
+        models,
+        health,
+        requests,
+        queue,
+        metrics_route,
+        files,
+        batches,
+    )
     for module in routers:
         app.include_router(module.router)
-    hardening.install(app, settings)  # auth, rate limits, body limits, metrics, CORS
-    app.add_middleware(RequestIdMiddleware)
+    edge.install(app, settings, redis, epoch, metrics)
     return app

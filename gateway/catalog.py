@@ -12,7 +12,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from common import keys
+from common import redis_keys
 from common.errors import ModelNotFound
 from common.settings import ModelConfig, Settings
 
@@ -30,7 +30,7 @@ class Catalog:
         if not self._settings.models:
             return
         await self._redis.hset(
-            keys.CATALOG,
+            redis_keys.CATALOG,
             mapping={
                 alias: m.model_copy(
                     update={"model_path": self._settings.resolve_model_path(m)}
@@ -46,7 +46,7 @@ class Catalog:
         cached = self._cache.get(alias)
         if cached is not None and time.monotonic() - cached[1] < CACHE_S:
             return cached[0]
-        raw = await self._redis.hget(keys.CATALOG, alias)
+        raw = await self._redis.hget(redis_keys.CATALOG, alias)
         if raw is None:
             self._cache.pop(alias, None)
             raise ModelNotFound(alias)
@@ -55,7 +55,7 @@ class Catalog:
         return model
 
     async def all(self) -> dict[str, ModelConfig]:
-        raw = await self._redis.hgetall(keys.CATALOG)
+        raw = await self._redis.hgetall(redis_keys.CATALOG)
         models = {str(k): ModelConfig.model_validate_json(v) for k, v in raw.items()}
         models.update(self._settings.models)
         return dict(sorted(models.items()))

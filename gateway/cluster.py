@@ -1,6 +1,10 @@
-"""The cluster as one gateway sees it: live workers' registry entries and queue depths, read
-from Redis in two round trips, and the per-model summaries the management API and
-`GET /v1/models` show."""
+"""The cluster as one gateway sees it, read from Redis: the live workers' registry entries,
+the depth of every model queue, and the requests running on live workers. Every reader of
+these (placement, health, metrics, queue stats, batches) comes here, so "live" means one
+thing: a worker whose registry entry (its heartbeat, `redis_keys.worker_key`) has not
+expired. Dead workers are pruned from the registry set and the running sets as they are
+found.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from common import keys
+from common import redis_keys
 from common.priority import Priority
 from common.registry import ModelState, WorkerInfo, WorkerState
+from common.tracking import split_running_member
 
 
 @dataclass
@@ -23,10 +28,6 @@ class View:
 
     def ready(self, alias: str) -> list[WorkerInfo]:
         return [w for w in self.workers if w.model == alias and w.state is WorkerState.READY]
-
-    def holders(self, alias: str) -> list[WorkerInfo]:
-        """Workers where `alias` is in any state but off."""
-        return [w for w in self.workers if w.model_state(alias) is not ModelState.OFF]
 
     def state_of(self, alias: str) -> ModelState:
         """The cluster-wide state: ready if one copy is; else loading, unloading, failed, off."""
@@ -39,13 +40,13 @@ class View:
 
 async def read_workers(client: aioredis.Redis) -> list[WorkerInfo]:
     """Live workers (their entry has not expired), sorted by id; dead ids are pruned."""
-    ids = sorted(str(m) for m in await client.smembers(keys.WORKERS))
+    ids = sorted(str(m) for m in await client.smembers(redis_keys.WORKERS))
     if not ids:
         return []
-    raw = await client.mget([keys.worker_key(i) for i in ids])
+    raw = await client.mget([redis_keys.worker_key(i) for i in ids])
     dead = [i for i, r in zip(ids, raw, strict=True) if r is None]
     if dead:
-        await client.srem(keys.WORKERS, *dead)
+        await client.srem(redis_keys.WORKERS, *dead)
     return [WorkerInfo.model_validate_json(r) for r in raw if r is not None]
 
 
@@ -54,7 +55,7 @@ async def queue_depths(client: aioredis.Redis, aliases: list[str]) -> dict[str, 
     pipe = client.pipeline(transaction=False)
     names: list[tuple[str, str]] = []
     for alias in aliases:
-        for q in keys.worker_queues(alias):
+        for q in redis_keys.worker_queues(alias):
             names.append((alias, _queue_label(alias, q)))
             pipe.llen(q)
     out: dict[str, dict[str, int]] = {a: {} for a in aliases}
@@ -65,9 +66,33 @@ async def queue_depths(client: aioredis.Redis, aliases: list[str]) -> dict[str, 
 
 def _queue_label(alias: str, queue: str) -> str:
     for p in Priority:
-        if queue == keys.queue_name(alias, p):
+        if queue == redis_keys.queue_name(alias, p):
             return p.value
     return queue.split(".", 1)[0].split("-", 1)[-1]  # e.g. p4-batch.<alias> -> batch
+
+
+async def running(client: aioredis.Redis, model: str) -> tuple[list[str], list[str]]:
+    """The request ids running for `model` on live workers, and those whose worker is gone
+    (pruned from the running set here: their reruns are the caller's business)."""
+    members = [str(m) for m in await client.zrange(redis_keys.running_key(model), 0, -1)]
+    if not members:
+        return [], []
+    workers = sorted({split_running_member(m)[0] for m in members})
+    pipe = client.pipeline(transaction=False)
+    for worker in workers:
+        pipe.exists(redis_keys.worker_key(worker))
+    alive = {w for w, up in zip(workers, await pipe.execute(), strict=True) if up}
+    live, dead, gone = [], [], []
+    for member in members:
+        worker, request_id = split_running_member(member)
+        if worker in alive:
+            live.append(request_id)
+        else:
+            dead.append(member)
+            gone.append(request_id)
+    if dead:
+        await client.zrem(redis_keys.running_key(model), *dead)
+    return live, gone
 
 
 async def read_view(client: aioredis.Redis, aliases: list[str] | None = None) -> View:
@@ -80,9 +105,19 @@ async def read_view(client: aioredis.Redis, aliases: list[str] | None = None) ->
 def worker_summary(w: WorkerInfo) -> dict[str, Any]:
     """One worker, for the status API (what `corral status` prints)."""
     return {
-        "worker": w.id, "host": w.host, "gpu": w.gpu, "state": w.state.value, "model": w.model,
-        "next_model": w.next_model, "slots": w.slots, "slots_busy": w.slots_busy,
-        "budget_mb": w.budget_mb, "used_mb": w.used_mb, "pinned": w.pinned,
-        "loaded_at": w.loaded_at, "last_used": w.last_used, "restarts": w.restarts,
+        "worker": w.id,
+        "host": w.host,
+        "gpu": w.gpu,
+        "state": w.state.value,
+        "model": w.model,
+        "next_model": w.next_model,
+        "slots": w.slots,
+        "slots_busy": w.slots_busy,
+        "budget_mb": w.budget_mb,
+        "used_mb": w.used_mb,
+        "pinned": w.pinned,
+        "loaded_at": w.loaded_at,
+        "last_used": w.last_used,
+        "restarts": w.restarts,
         "failed": dict(w.failed),
-    }  # fmt: skip
+    }

@@ -18,12 +18,12 @@ from common.priority import resolve_priority
 from common.settings import Settings
 from common.tracking import RequestState
 from common.wire import WireModel
-from gateway.admission import admit
 from gateway.aio import cancel_and_wait
-from gateway.sse import SSEResponse, wait_disconnect
 from gateway.state import GatewayState
-from gateway.stream import Subscription
-from gateway.tenancy import caller_of
+from gateway.streaming.hub import Subscription
+from gateway.streaming.sse import SSEResponse, wait_disconnect
+from gateway.tenancy.admission import admit
+from gateway.tenancy.ownership import caller_of
 
 Abandon = Callable[[], Awaitable[None]]
 GiveUp = Callable[[CorralError | None], Awaitable[None]]  # why, if the request failed
@@ -40,10 +40,15 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
             f"The model {model_name!r} is {what}; it cannot serve {kind.path}.", param="model"
         )
     priority = admit(  # the key's models and priority cap; max_tokens vs context
-        request, model_name, model, body,
-        resolve_priority(request.headers.get("x-request-priority"),
-                         getattr(body, "service_tier", None)),
-    )  # fmt: skip
+        request,
+        state.settings,
+        model_name,
+        model,
+        body,
+        resolve_priority(
+            request.headers.get("x-request-priority"), getattr(body, "service_tier", None)
+        ),
+    )
     request_id: str = request.state.request_id
     timeout = request_timeout(request.headers.get("x-request-timeout"), state.settings)
     job = Job(

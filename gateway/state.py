@@ -9,46 +9,61 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from common.settings import Settings
-from gateway import owner_index
-from gateway.aging import Promoter
 from gateway.aio import cancel_and_wait
-from gateway.batch_runner import BatchRunner
-from gateway.batch_supervisor import BatchSupervisor
-from gateway.batches import BatchStore
+from gateway.batches import owner_index
+from gateway.batches.files import RedisFileStore
+from gateway.batches.intake import BatchRunner
+from gateway.batches.store import BatchStore
+from gateway.batches.supervisor import BatchSupervisor
 from gateway.catalog import Catalog
-from gateway.dispatch import Dispatcher
-from gateway.metrics import GatewayMetrics
-from gateway.placer import Placer
-from gateway.status_feed import StatusFeed
-from gateway.storage import RedisFileStore
-from gateway.stream import StreamHub
+from gateway.monitoring.metrics import GatewayMetrics
+from gateway.monitoring.model_events import StatusFeed
+from gateway.placement.placer import Placer
+from gateway.queueing.aging import Promoter
+from gateway.queueing.dispatch import Dispatcher
+from gateway.streaming.hub import StreamHub
+from gateway.tenancy.principals import KeysEpoch
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    """The gateway's Redis client. A blocking pool: under a burst, requests wait for one of
+    a bounded set of connections instead of failing ("Too many connections" at 100 by
+    default). Nothing connects until the first command."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.require_redis_url(),
+        max_connections=settings.redis_max_connections,
+        timeout=30,
+        health_check_interval=30,
+        decode_responses=True,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 @dataclass
 class GatewayState:
     settings: Settings
     redis: aioredis.Redis
+    metrics: GatewayMetrics
     hub: StreamHub
     dispatcher: Dispatcher
     catalog: Catalog
     batches: BatchRunner
-    placer: Placer  # models across the cluster (issue 3)
+    placer: Placer
     feed: StatusFeed
     promoter: Promoter | None = None  # aging, if `low_max_wait` is set
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, settings: Settings, metrics: GatewayMetrics | None = None) -> GatewayState:
+    async def start(
+        cls,
+        settings: Settings,
+        client: aioredis.Redis,
+        metrics: GatewayMetrics,
+        epoch: KeysEpoch,
+    ) -> GatewayState:
         url = settings.require_redis_url()
-        # A blocking pool: under a burst, requests wait for one of a bounded set of
-        # connections instead of failing ("Too many connections" at 100 by default).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=settings.redis_max_connections, timeout=30,
-            health_check_interval=30, decode_responses=True,
-        )  # fmt: skip
-        client = aioredis.Redis(connection_pool=pool)
         await client.ping()
-        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", url)
+        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", url, on_keys_changed=epoch.bump)
         await hub.start()
         dispatcher = Dispatcher(settings, url, client)
         catalog = Catalog(settings, client)
@@ -58,13 +73,19 @@ class GatewayState:
         placer = Placer(settings, client, catalog)
         batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
         supervisor = BatchSupervisor(client, batches, dispatcher, catalog, hub.gateway_id)
-        state = cls(settings, client, hub, dispatcher, catalog, batches, placer, StatusFeed(client))
+        feed = StatusFeed(client)
+        state = cls(settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed)
         await state.catalog.publish_config()
         await placer.start()
         state._background.append(asyncio.create_task(supervisor.run(), name="corral-batches"))
         if settings.low_max_wait is not None:
-            state.promoter = Promoter(client, catalog, hub.gateway_id, settings.low_max_wait,
-                                      metrics.promotions if metrics else None)  # fmt: skip
+            state.promoter = Promoter(
+                client,
+                catalog,
+                hub.gateway_id,
+                settings.low_max_wait,
+                metrics.promotions,
+            )
             state._background.append(asyncio.create_task(state.promoter.run(), name="corral-aging"))
         return state
 

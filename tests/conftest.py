@@ -10,11 +10,11 @@ from pathlib import Path
 import openai
 import pytest
 
+from common.net import free_port
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.support import close_clients, corral_child, openai_client, tail, wait_healthy, wait_ready
-from workers.ports import free_port
 
 CHAT = "tiny-chat"
 EMBED = "tiny-embed"
@@ -84,8 +84,7 @@ def start_cluster(
         for child in cluster.children:
             child.start()
         wait_healthy(cluster.base_url, 0)
-        wait_ready(redis_url, [c.pid for c in cluster.children[1:] if c.pid],
-                   states=worker_states)  # fmt: skip
+        wait_ready(redis_url, [c.pid for c in cluster.children[1:] if c.pid], states=worker_states)
     except BaseException:
         print(cluster.logs())
         cluster.stop()

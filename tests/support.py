@@ -15,7 +15,7 @@ import openai
 import psutil
 import redis
 
-from common import keys
+from common import redis_keys
 from common.registry import WorkerInfo
 from corral.procs import Child
 
@@ -93,8 +93,8 @@ def workers(redis_url: str, model: str | None = None) -> list[WorkerInfo]:
     client = redis.Redis.from_url(redis_url)
     try:
         out = []
-        for wid in client.smembers(keys.WORKERS):
-            raw = client.get(keys.worker_key(keys.text(wid)))
+        for wid in client.smembers(redis_keys.WORKERS):
+            raw = client.get(redis_keys.worker_key(redis_keys.text(wid)))
             if raw is not None:
                 info = WorkerInfo.model_validate_json(raw)
                 if model is None or info.model == model:
@@ -161,10 +161,16 @@ class Blocker:
         return self
 
     def _run(self) -> None:
-        body = {"model": self.model, "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 8000, "stream": True, "ignore_eos": True}  # fmt: skip
-        with httpx.stream("POST", f"{self.base_url}/v1/chat/completions", json=body,
-                          timeout=60) as resp:  # fmt: skip
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8000,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream(
+            "POST", f"{self.base_url}/v1/chat/completions", json=body, timeout=60
+        ) as resp:
             self.request_id = resp.headers["x-request-id"]
             self._started.set()
             self.events = [line for line in resp.iter_lines() if line.startswith("data:")]

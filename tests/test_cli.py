@@ -7,25 +7,39 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.net import free_port
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from corral.up import gpu_flags
 from tests.conftest import CHAT
 from tests.support import env_without_corral, shell_script
-from workers.gpu import GPUInfo
-from workers.ports import free_port
+from workers.hardware.gpu import GPUInfo
 
 
 def _corral(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True,
-                          text=True, timeout=60, env={**env_without_corral(), **env})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env_without_corral(), **env},
+    )
 
 
 def test_help_lists_every_command() -> None:
     out = _corral("--help")
     assert out.returncode == 0
-    for command in ("up", "gateway", "worker", "flower", "keys", "models", "status", "batches",
-                    "make-model"):  # fmt: skip
+    for command in (
+        "up",
+        "gateway",
+        "worker",
+        "flower",
+        "keys",
+        "models",
+        "status",
+        "batches",
+        "make-model",
+    ):
         assert command in out.stdout
 
 
@@ -41,9 +55,15 @@ def test_worker_whose_llama_server_cannot_run_here_says_why(
     """A llama-server built for another CPU (AVX-512 on a CPU without it) dies of SIGILL as
     it loads the model: the worker exits with the reason and what to do, not a traceback."""
     fake = shell_script(tmp_path / "llama-server", "echo 'loading model'\nkill -ILL $$\n")
-    out = _corral("worker", "--redis-url", redis_server.url, "--model",
-                  str(model_dir / f"{CHAT}.gguf"), "--no-banner",
-                  CORRAL_LLAMA_SERVER=str(fake))  # fmt: skip
+    out = _corral(
+        "worker",
+        "--redis-url",
+        redis_server.url,
+        "--model",
+        str(model_dir / f"{CHAT}.gguf"),
+        "--no-banner",
+        CORRAL_LLAMA_SERVER=str(fake),
+    )
     assert out.returncode == 1, out.stderr[-2000:]
     assert "corral worker:" in out.stderr and "SIGILL" in out.stderr
     assert "CORRAL_LLAMA_SERVER" in out.stderr and "Traceback" not in out.stderr
@@ -73,8 +93,15 @@ def test_up_on_a_public_address_without_keys_refuses_before_the_workers(tmp_path
 def test_up_with_a_file_that_is_not_gguf_says_so(tmp_path: Path) -> None:
     model = tmp_path / "notes.gguf"
     model.write_text("hello")
-    done = _corral("up", "--model", str(model), "--port", str(free_port()),
-                   "--data-dir", str(tmp_path / "data"))  # fmt: skip
+    done = _corral(
+        "up",
+        "--model",
+        str(model),
+        "--port",
+        str(free_port()),
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
     assert done.returncode == 1
     assert f"corral up: {model} is not a GGUF file (it starts with b'hell')" in done.stderr
     assert not (tmp_path / "data" / "redis").exists()
@@ -109,8 +136,10 @@ def test_up_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
 def test_up_spreads_its_workers_over_the_gpus() -> None:
     """Units (NVML cannot run here): `corral up` puts its workers on the GPUs NVML finds,
     in turn, and workers sharing a GPU split its budget; no GPU, no flags (the CPU)."""
-    gpus = [GPUInfo(index=0, name="A", total_mb=24576, used_mb=0),
-            GPUInfo(index=1, name="B", total_mb=16384, used_mb=0)]  # fmt: skip
+    gpus = [
+        GPUInfo(index=0, name="A", total_mb=24576, used_mb=0),
+        GPUInfo(index=1, name="B", total_mb=16384, used_mb=0),
+    ]
     flags = gpu_flags(["chat", "embed", "code"], gpus)
     assert flags["chat"] == ["--gpu", "0", "--vram-budget", f"{(24576 - 1228) // 2}MiB"]
     assert flags["embed"] == ["--gpu", "1", "--vram-budget", f"{16384 - 819}MiB"]

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from common.registry import WorkerInfo, WorkerState
-from gateway.metrics import GatewayMetrics
+from gateway.monitoring.metrics import GatewayMetrics
 from workers import metrics as worker_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,23 @@ def exported(registry: Any) -> set[str]:
 
 def exported_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     # A ready worker with everything known, so its live collector yields every family.
-    info = WorkerInfo(id="w", host="h", pid=1, model="m", slots=2, state=WorkerState.READY,
-                      upstream="http://127.0.0.1:1", budget_mb=100, used_mb=50)  # fmt: skip
-    llama = {"llamacpp:requests_processing": 1.0, "llamacpp:prompt_tokens_total": 3.0,
-             "llamacpp:tokens_predicted_total": 5.0,
-             "llamacpp:tokens_predicted_seconds_total": 0.5}  # fmt: skip
+    info = WorkerInfo(
+        id="w",
+        host="h",
+        pid=1,
+        model="m",
+        slots=2,
+        state=WorkerState.READY,
+        upstream="http://127.0.0.1:1",
+        budget_mb=100,
+        used_mb=50,
+    )
+    llama = {
+        "llamacpp:requests_processing": 1.0,
+        "llamacpp:prompt_tokens_total": 3.0,
+        "llamacpp:tokens_predicted_total": 5.0,
+        "llamacpp:tokens_predicted_seconds_total": 0.5,
+    }
     monkeypatch.setattr(worker_metrics._Live, "_upstream", lambda self, info: llama)
     worker = worker_metrics.WorkerMetrics(lambda: info, lambda: None)
     return exported(GatewayMetrics().registry) | exported(worker.registry)

@@ -422,8 +422,15 @@ def test_example_config_loads() -> None:
     )
     # Every per-model field of DESIGN.md appears in the example.
     assert fields >= {
-        "model_path", "flags", "ctx_size", "parallel", "preload", "pinned", "idle_ttl", "vram_mb"
-    }  # fmt: skip
+        "model_path",
+        "flags",
+        "ctx_size",
+        "parallel",
+        "preload",
+        "pinned",
+        "idle_ttl",
+        "vram_mb",
+    }
     for model in settings.models.values():
         assert not model.model_path.is_absolute(), "relative to models_dir, the volume"
     assert settings.models_dir == Path("/models")

@@ -20,16 +20,16 @@ import pytest
 import redis
 from celery import Celery, states
 
-from common import keys
+from common import redis_keys
 from common.celery_config import celery_config
 from common.jobs import Job, JobKind
+from common.net import free_port
 from common.priority import Priority
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
 from corral import flower
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from workers.ports import free_port
 
 USER, PASSWORD = "ops", "pa:ss,word"  # a colon and a comma: both must survive
 GHOST = "ghost"  # a model in the catalog that no worker holds: its tasks wait
@@ -67,7 +67,7 @@ def test_model_queues_include_the_config_when_the_catalog_is_unreachable() -> No
     settings = Settings(models={"cfg": ModelConfig(model_path=Path("cfg.gguf"))})
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5, decode_responses=True)
     try:
-        assert flower.ModelQueues(settings, dead).names() == set(keys.worker_queues("cfg"))
+        assert flower.ModelQueues(settings, dead).names() == set(redis_keys.worker_queues("cfg"))
     finally:
         dead.close()
 
@@ -175,8 +175,8 @@ class Stack:
 def _ready_worker(redis_url: str, model: str) -> str | None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        for wid in client.smembers(keys.WORKERS):
-            raw = client.get(keys.worker_key(str(wid)))
+        for wid in client.smembers(redis_keys.WORKERS):
+            raw = client.get(redis_keys.worker_key(str(wid)))
             if raw is not None:
                 info = WorkerInfo.model_validate_json(raw)
                 if info.model == model and info.state is WorkerState.READY:
@@ -194,11 +194,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     procs: list[Proc] = []
     try:
         port = free_port()
-        procs.append(Proc("worker", ["worker", "--model", str(model)], tmp / "worker.log",
-                          CORRAL_REDIS_URL=server.url))  # fmt: skip
-        procs.append(Proc("flower", ["flower", "--redis-url", server.url, "--port", str(port)],
-                          tmp / "flower.log",
-                          CORRAL_FLOWER_USER=USER, CORRAL_FLOWER_PASSWORD=PASSWORD))  # fmt: skip
+        procs.append(
+            Proc(
+                "worker",
+                ["worker", "--model", str(model)],
+                tmp / "worker.log",
+                CORRAL_REDIS_URL=server.url,
+            )
+        )
+        procs.append(
+            Proc(
+                "flower",
+                ["flower", "--redis-url", server.url, "--port", str(port)],
+                tmp / "flower.log",
+                CORRAL_FLOWER_USER=USER,
+                CORRAL_FLOWER_PASSWORD=PASSWORD,
+            )
+        )
         worker_id = wait_for("worker ready", lambda: _ready_worker(server.url, "tiny"), procs, 40)
         running = Stack(server.url, f"http://127.0.0.1:{port}", worker_id, procs)
 
@@ -233,7 +245,7 @@ def _send(redis_url: str, sends: Sequence[tuple[str, dict[str, Any]]]) -> list[s
     """Publish `corral.infer` tasks to the given queues, as the gateway does."""
     app = _producer(redis_url)
     try:
-        return [app.send_task(keys.INFER_TASK, args=[p], queue=q).id for q, p in sends]
+        return [app.send_task(redis_keys.INFER_TASK, args=[p], queue=q).id for q, p in sends]
     finally:
         app.close()
 
@@ -250,7 +262,7 @@ def test_flower_lists_the_worker_and_its_queues(stack: Stack) -> None:
     info = stack.api(f"/api/workers?workername={stack.worker_id}").json()[stack.worker_id]
     consumed = {q["name"] for q in info["active_queues"]}
     # the model's queues, plus the worker's private one (never published to; issue 3)
-    assert consumed == {*keys.worker_queues("tiny"), keys.worker_queue(stack.worker_id)}
+    assert consumed == {*redis_keys.worker_queues("tiny"), redis_keys.worker_queue(stack.worker_id)}
 
 
 def test_queue_lengths_show_every_model_queue_and_its_depth(stack: Stack) -> None:
@@ -259,31 +271,40 @@ def test_queue_lengths_show_every_model_queue_and_its_depth(stack: Stack) -> Non
     client = redis.Redis.from_url(stack.redis_url)
     try:
         ghost = ModelConfig(model_path=Path(f"/models/{GHOST}.gguf"))
-        client.hset(keys.CATALOG, GHOST, ghost.model_dump_json())
+        client.hset(redis_keys.CATALOG, GHOST, ghost.model_dump_json())
     finally:
         client.close()
-    low, high = keys.queue_name(GHOST, Priority.LOW), keys.queue_name(GHOST, Priority.HIGH)
+    low, high = (
+        redis_keys.queue_name(GHOST, Priority.LOW),
+        redis_keys.queue_name(GHOST, Priority.HIGH),
+    )
     _send(stack.redis_url, [(low, {})] * 3 + [(high, {})] * 2)
 
     lengths = stack.api("/api/queues/length").json()["active_queues"]
     depth = {q["name"]: q["messages"] for q in lengths}
     assert depth[low] == 3 and depth[high] == 2
-    assert depth[keys.queue_name(GHOST, Priority.NORMAL)] == 0
-    for queue in keys.worker_queues("tiny"):  # the worker's queues, idle
+    assert depth[redis_keys.queue_name(GHOST, Priority.NORMAL)] == 0
+    for queue in redis_keys.worker_queues("tiny"):  # the worker's queues, idle
         assert depth[queue] == 0
 
 
 def test_flower_lists_inference_tasks(stack: Stack) -> None:
     """Task events reach Flower: sent by the producer, received and run by the worker."""
     job = Job(
-        kind=JobKind.CHAT, model="tiny", body={"messages": []}, priority=Priority.LOW,
-        channel=keys.channel("flower-test", "r1"), deadline=time.time() - 1,  # dropped unrun
-    )  # fmt: skip
+        kind=JobKind.CHAT,
+        model="tiny",
+        body={"messages": []},
+        priority=Priority.LOW,
+        channel=redis_keys.channel("flower-test", "r1"),
+        deadline=time.time() - 1,  # dropped unrun
+    )
     waiting_id, run_id = _send(
         stack.redis_url,
-        [(keys.queue_name(GHOST, Priority.LOW), {}),
-         (keys.queue_name("tiny", Priority.LOW), job.model_dump(mode="json"))],
-    )  # fmt: skip
+        [
+            (redis_keys.queue_name(GHOST, Priority.LOW), {}),
+            (redis_keys.queue_name("tiny", Priority.LOW), job.model_dump(mode="json")),
+        ],
+    )
 
     def task(task_id: str, done: bool) -> dict[str, Any] | None:
         found = stack.api("/api/tasks").json().get(task_id)
@@ -292,10 +313,10 @@ def test_flower_lists_inference_tasks(stack: Stack) -> None:
         return dict(found)
 
     waiting = wait_for("flower lists the queued task", lambda: task(waiting_id, False), [], 10)
-    assert waiting["name"] == keys.INFER_TASK and not waiting.get("worker")
+    assert waiting["name"] == redis_keys.INFER_TASK and not waiting.get("worker")
     assert waiting["state"] == states.PENDING  # sent, waiting in its queue
     ran = wait_for("flower lists the task the worker ran", lambda: task(run_id, True), [], 15)
-    assert ran["name"] == keys.INFER_TASK
+    assert ran["name"] == redis_keys.INFER_TASK
     assert ran["worker"] == stack.worker_id
     assert ran["received"] and ran["started"]  # the worker's task events
 
@@ -305,8 +326,11 @@ def test_flower_unauthenticated_on_loopback(tmp_path: Path) -> None:
     its own FLOWER_UNAUTHENTICATED_API is set."""
     with EmbeddedRedis() as server:
         port = free_port()
-        proc = Proc("flower", ["flower", "--redis-url", server.url, "--port", str(port),
-                               "--unauthenticated"], tmp_path / "flower.log")  # fmt: skip
+        proc = Proc(
+            "flower",
+            ["flower", "--redis-url", server.url, "--port", str(port), "--unauthenticated"],
+            tmp_path / "flower.log",
+        )
         try:
             url = f"http://127.0.0.1:{port}"
 

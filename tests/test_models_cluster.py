@@ -29,14 +29,14 @@ import redis
 import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
-from common import keys
+from common import redis_keys
+from common.estimate import estimate_file
 from common.memory import MemoryRecord
 from common.registry import ModelEvent
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
 from tests.support import wait_for, workers
-from workers.estimate import estimate_file
 
 BUDGET = "110MiB"
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
@@ -59,8 +59,10 @@ def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     corrupt.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 4096)
     config: dict[str, Any] = {
         "models": {a: {"model_path": str(p), "ctx_size": 2048} for a, p in models.items()},
-        "min_residency": 30, "max_swap_wait": 3, "load_timeout": 20,
-    }  # fmt: skip
+        "min_residency": 30,
+        "max_swap_wait": 3,
+        "load_timeout": 20,
+    }
     config["models"]["mid"]["ctx_size"] = 4096  # long generations keep it busy for seconds
     config["models"]["pinned"]["pinned"] = True
     config["models"]["ttl"]["idle_ttl"] = 2
@@ -70,9 +72,12 @@ def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     path.write_text(yaml.safe_dump(config))
     with EmbeddedRedis() as server:
         running = start_cluster(
-            server.url, root / "logs", [["--ram-budget", BUDGET]] * 3,
-            worker_states=("empty",), CORRAL_CONFIG=str(path),
-        )  # fmt: skip
+            server.url,
+            root / "logs",
+            [["--ram-budget", BUDGET]] * 3,
+            worker_states=("empty",),
+            CORRAL_CONFIG=str(path),
+        )
         try:
             # preload: two copies of `pre` come up by themselves (the tests eject them)
             assert wait_for(
@@ -99,8 +104,13 @@ def clean(mc: Cluster) -> Iterator[None]:
                 http.post(f"/v1/models/{alias}/reset")
             if w.model:
                 http.post("/v1/models/eject", json={"model": w.model})
-    ok = wait_for(lambda: all(w.state == "empty" and not w.failed and not w.next_model
-                              for w in workers(mc.redis_url)), 20, 0.1)  # fmt: skip
+    ok = wait_for(
+        lambda: all(
+            w.state == "empty" and not w.failed and not w.next_model for w in workers(mc.redis_url)
+        ),
+        20,
+        0.1,
+    )
     assert ok, [w.model_dump() for w in workers(mc.redis_url)]
     yield
 
@@ -112,7 +122,7 @@ class Events:
         self.items: list[ModelEvent] = []
         self._client = redis.Redis.from_url(redis_url)
         self._pubsub = self._client.pubsub()
-        self._pubsub.subscribe(keys.EVENTS)
+        self._pubsub.subscribe(redis_keys.EVENTS)
         self._pubsub.get_message(timeout=2)  # the subscribe confirmation
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -243,8 +253,14 @@ def test_killed_llama_server_is_restarted_and_serves(mc: Cluster, events: Events
     children = [p for p in psutil.Process(info.pid).children() if "llama-server" in p.name()]
     assert len(children) == 1
     children[0].kill()  # kill -9
-    assert wait_for(lambda: any(w.model == "small" and w.state == "ready" and w.restarts == 1
-                                for w in workers(mc.redis_url)), 15, 0.1), mc.logs()  # fmt: skip
+    assert wait_for(
+        lambda: any(
+            w.model == "small" and w.state == "ready" and w.restarts == 1
+            for w in workers(mc.redis_url)
+        ),
+        15,
+        0.1,
+    ), mc.logs()
     assert chat(mc, "small") is not None
     assert events.states("small")[-2:] == ["loading", "ready"]
 
@@ -265,8 +281,11 @@ def test_corrupt_gguf_fails_then_reset_clears_it(mc: Cluster, events: Events) ->
     assert events.states("corrupt") == ["loading", "failed"], "a failed model is not retried"
     reset = httpx.post(f"{mc.base_url}/v1/models/corrupt/reset", timeout=5).json()
     assert reset["status"] == "success" and "load failed" in reset["previous_error"]
-    assert wait_for(lambda: not httpx.get(f"{mc.base_url}/v1/models/failed", timeout=5)
-                    .json()["failed_models"], 5, 0.1)  # fmt: skip
+    assert wait_for(
+        lambda: not httpx.get(f"{mc.base_url}/v1/models/failed", timeout=5).json()["failed_models"],
+        5,
+        0.1,
+    )
     status = httpx.get(f"{mc.base_url}/v1/models/corrupt/status", timeout=5).json()
     assert status["status"] == "off"
 
@@ -303,27 +322,43 @@ def test_estimate_vs_measured_rss_within_tolerance(mc: Cluster) -> None:
     client = redis.Redis.from_url(mc.redis_url)
     try:
         for alias in ("small", "mid"):
-            (raw,) = client.hvals(keys.memory_key(alias))
+            (raw,) = client.hvals(redis_keys.memory_key(alias))
             rec = MemoryRecord.model_validate_json(raw)
             assert rec.measured_mb and rec.estimate_mb, rec
             assert rec.measured_mb <= rec.estimate_mb <= ESTIMATE_TOLERANCE * rec.measured_mb, rec
     finally:
         client.close()
     out = subprocess.run(
-        [sys.executable, "-m", "corral", "models", "estimate", "mid", "--redis-url",
-         mc.redis_url, "--config", str(Path(mc.log_dir).parent / "corral.yaml")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "models",
+            "estimate",
+            "mid",
+            "--redis-url",
+            mc.redis_url,
+            "--config",
+            str(Path(mc.log_dir).parent / "corral.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "estimate" in out.stdout and "measured" in out.stdout and "MiB" in out.stdout
 
 
 def test_replicas_spread_requests_over_workers(mc: Cluster) -> None:
-    r = httpx.post(f"{mc.base_url}/v1/models/load", json={"model": "small", "replicas": 3},
-                   timeout=10)  # fmt: skip
+    r = httpx.post(
+        f"{mc.base_url}/v1/models/load", json={"model": "small", "replicas": 3}, timeout=10
+    )
     assert r.status_code == 202 and len(r.json()["placement"]["loads"]) == 3, r.text
-    assert wait_for(lambda: sum(w.model == "small" and w.state == "ready"
-                                for w in workers(mc.redis_url)) == 3, 20, 0.1)  # fmt: skip
+    assert wait_for(
+        lambda: sum(w.model == "small" and w.state == "ready" for w in workers(mc.redis_url)) == 3,
+        20,
+        0.1,
+    )
     time.sleep(1.2)  # the consumers' next BRPOP includes the new queues (DESIGN.md: ~1 s)
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda _: chat(mc, "small", max_tokens=64), range(12)))
@@ -331,8 +366,10 @@ def test_replicas_spread_requests_over_workers(mc: Cluster) -> None:
     for w in workers(mc.redis_url):
         assert w.upstream is not None
         metrics = httpx.get(f"{w.upstream}/metrics", timeout=5).text
-        served += any(line.startswith("llamacpp:prompt_tokens_total") and
-                      float(line.split()[-1]) > 0 for line in metrics.splitlines())  # fmt: skip
+        served += any(
+            line.startswith("llamacpp:prompt_tokens_total") and float(line.split()[-1]) > 0
+            for line in metrics.splitlines()
+        )
     assert served >= 2
 
 
@@ -348,8 +385,10 @@ def test_models_list_and_corral_status_agree_with_the_registry(mc: Cluster) -> N
     assert {w["worker"]: w["model"] for w in listed} == {w.id: w.model for w in reg.values()}
     out = subprocess.run(
         [sys.executable, "-m", "corral", "status", "--url", mc.base_url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for w in reg.values():
@@ -363,7 +402,7 @@ def test_models_list_and_corral_status_agree_with_the_registry(mc: Cluster) -> N
 def test_preload_keeps_its_replicas_until_ejected(mc: Cluster) -> None:
     client = redis.Redis.from_url(mc.redis_url)
     try:
-        client.srem(keys.EJECTED, "pre")  # as on a fresh start: the reconciler brings it back
+        client.srem(redis_keys.EJECTED, "pre")  # as on a fresh start: the reconciler brings it back
         assert wait_for(
             lambda: (
                 sum(w.model == "pre" and w.state == "ready" for w in workers(mc.redis_url)) == 2
@@ -376,7 +415,7 @@ def test_preload_keeps_its_replicas_until_ejected(mc: Cluster) -> None:
         assert wait_for(lambda: not any(w.model == "pre" for w in workers(mc.redis_url)), 10)
         time.sleep(2.5)  # a reconcile round: an ejected model stays off
         assert not any(w.model == "pre" for w in workers(mc.redis_url))
-        assert client.sismember(keys.EJECTED, "pre")
+        assert client.sismember(redis_keys.EJECTED, "pre")
     finally:
         client.close()
 
@@ -384,8 +423,10 @@ def test_preload_keeps_its_replicas_until_ejected(mc: Cluster) -> None:
 def test_corral_models_load_shows_progress_until_ready(mc: Cluster) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "corral", "models", "load", "small", "--url", mc.base_url],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("small: loading") and lines[-1] == "small: ready (1/1 ready)", lines

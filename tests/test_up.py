@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 
+from common.net import free_port
 from tests.support import alive, descendants, env_without_corral, openai_client, wait_for
-from workers.llama_binary import cpu_threads
-from workers.ports import free_port
+from workers.llama.binary import cpu_threads
 
 
 def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
@@ -20,13 +20,22 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "corral", "up", "--port", str(port), "--data-dir",
-             str(tmp_path / "data")],
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "up",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
             # A CORRAL_* variable must not undo a flag in the children (it outranked the
             # run's config there: the gateway listened on CORRAL_PORT, `up` waited on --port).
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env={**env_without_corral(), "CORRAL_PORT": str(free_port())},
-        )  # fmt: skip
+        )
     try:
         assert wait_for(lambda: "Corral is up" in log.read_text(), 90, 0.2), log.read_text()
         text = log.read_text()
@@ -44,10 +53,21 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         assert len(vec) > 0
 
         second = subprocess.run(  # the same data dir: one Valkey file for two runs
-            [sys.executable, "-m", "corral", "up", "--port", str(free_port()), "--data-dir",
-             str(tmp_path / "data")],
-            capture_output=True, text=True, timeout=60, env=env_without_corral(),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "up",
+                "--port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path / "data"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env_without_corral(),
+        )
         assert second.returncode == 1, second.stderr
         assert f"is in use by another corral up (pid {proc.pid})" in second.stderr
 

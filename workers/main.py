@@ -3,7 +3,7 @@ one llama-server child holding at most one model at a time + a fixed number of s
 Celery pool's concurrency).
 
 Threads of the main process: Celery's consumer (the main thread), the model manager
-(`workers.manager`, owner of the llama-server child, told what to load through Redis), the
+(`workers.models.manager`, owner of the llama-server child, told what to load through Redis), the
 heartbeat (the registry entry). Started with `--model X`, the worker loads X before it
 consumes anything and keeps it (pinned), as a one-model worker always did; started without,
 it waits empty until a gateway places a model on it.
@@ -20,20 +20,20 @@ import warnings
 import redis
 from celery.exceptions import SecurityWarning
 
-from common import keys
+from common import redis_keys
+from common.net import free_port
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
-from workers import gpu as gpus
-from workers import runtime, tasklog
-from workers.budget import resolve_budget
-from workers.celery_app import configure_app
-from workers.consumer import QueueControl
-from workers.heartbeat import Heartbeat
-from workers.llama_binary import resolve_binary
-from workers.manager import Manager, WorkerSpec
+from workers.consumer.app import configure_app
+from workers.consumer.queues import QueueControl
+from workers.hardware import gpu as gpus
+from workers.hardware.budget import resolve_budget
+from workers.llama.binary import resolve_binary
 from workers.metrics import WorkerMetrics
-from workers.ports import free_port
-from workers.reporter import Reporter
+from workers.models.heartbeat import Heartbeat
+from workers.models.manager import Manager, WorkerSpec
+from workers.models.reporter import Reporter
+from workers.task import runtime, tasklog
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +71,62 @@ def run_worker(
         if not model.model_path.is_file():
             raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
     spec = WorkerSpec(
-        worker_id=worker_id, slots=slots, budget_mb=budget_mb, port=free_port(),
-        binary=resolve_binary(settings.llama_server), gpu=gpu, env=env,
-    )  # fmt: skip
-    log.info("worker=%s slots=%d budget_mb=%d (%s) port=%d", worker_id, slots, budget_mb, source,
-             spec.port)  # fmt: skip
+        worker_id=worker_id,
+        slots=slots,
+        budget_mb=budget_mb,
+        port=free_port(),
+        binary=resolve_binary(settings.llama_server),
+        gpu=gpu,
+        env=env,
+    )
+    log.info(
+        "worker=%s slots=%d budget_mb=%d (%s) port=%d",
+        worker_id,
+        slots,
+        budget_mb,
+        source,
+        spec.port,
+    )
     client = redis.Redis.from_url(redis_url)
     if alias is not None and model is not None:
-        client.hset(keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
+        client.hset(redis_keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
     tasklog.install()  # the request id on every log line of a task
     manager: Manager | None = None
     metrics = WorkerMetrics(lambda: hb.info, lambda: manager.child_pid() if manager else None)
     metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
-    initial = [keys.worker_queue(worker_id)] + (keys.worker_queues(alias) if alias else [])
+    initial = [redis_keys.worker_queue(worker_id)] + (
+        redis_keys.worker_queues(alias) if alias else []
+    )
     queues = QueueControl(configure_app(settings, redis_url), worker_id, initial)
     hb = Heartbeat(
         client,
         WorkerInfo(
-            id=worker_id, host=socket.gethostname(), pid=os.getpid(), slots=slots,
-            state=WorkerState.STARTING, gpu="cpu" if gpu is None else str(gpu),
-            metrics_port=metrics.port, budget_mb=budget_mb,
+            id=worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            slots=slots,
+            state=WorkerState.STARTING,
+            gpu="cpu" if gpu is None else str(gpu),
+            metrics_port=metrics.port,
+            budget_mb=budget_mb,
         ),
         settings.heartbeat_interval,
         settings.heartbeat_ttl,
         sample=lambda: manager.sample() if manager else {},
-    )  # fmt: skip
+    )
     serving = runtime.Serving()  # before the pool forks: the children share it
     runtime.configure(
         runtime.Runtime(settings, redis_url, worker_id, f"http://127.0.0.1:{spec.port}", serving)
     )
-    manager = Manager(settings, spec, client, Reporter(client, hb), queues, serving,
-                      on_loaded=metrics.model_loaded)  # fmt: skip
+    manager = Manager(
+        settings,
+        spec,
+        client,
+        Reporter(client, hb),
+        queues,
+        serving,
+        on_loaded=metrics.model_loaded,
+    )
     hb.start()
     try:
         manager.start((alias, model) if alias is not None and model is not None else None)
@@ -126,14 +151,19 @@ def _consume(
     argv = [
         *(() if banner else ("--quiet",)),  # celery's own option: no startup banner
         "worker",
-        "--queues", ",".join(queues),
-        "--concurrency", str(slots),
-        "--pool", "prefork",
-        "--hostname", worker_id,
-        "--loglevel", settings.log_level,
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(slots),
+        "--pool",
+        "prefork",
+        "--hostname",
+        worker_id,
+        "--loglevel",
+        settings.log_level,
         "--without-gossip",
         "--without-mingle",
-    ]  # fmt: skip
+    ]
     log.info("worker=%s consuming queues=%s slots=%d", worker_id, ",".join(queues), slots)
     _one_line_if_root(worker_id)
     app.worker_main(argv)

@@ -51,13 +51,18 @@ class WorkerMetrics:
     def __init__(self, info: Callable[[], WorkerInfo], server_pid: Callable[[], int | None]):
         self.registry = CollectorRegistry()
         self.load_seconds = Histogram(
-            "corral_worker_model_load_seconds", "Time from spawning llama-server to ready.",
-            ["worker", "model"], buckets=_LOAD_BUCKETS, registry=self.registry,
-        )  # fmt: skip
-        self._loads = Counter(
-            "corral_worker_model_loads", "Models loaded.", ["worker", "model"],
+            "corral_worker_model_load_seconds",
+            "Time from spawning llama-server to ready.",
+            ["worker", "model"],
+            buckets=_LOAD_BUCKETS,
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self._loads = Counter(
+            "corral_worker_model_loads",
+            "Models loaded.",
+            ["worker", "model"],
+            registry=self.registry,
+        )
         self.registry.register(_Live(info, server_pid))
         self._info = info
         self._server: Any = None
@@ -109,30 +114,40 @@ class _Live(Collector):
 
         up = self._upstream(info)
         busy = up.get("llamacpp:requests_processing", float(info.slots_busy))
-        yield from gauge("corral_worker_slots", "Slots (parallel requests) of the worker.",
-                         info.slots)  # fmt: skip
+        yield from gauge(
+            "corral_worker_slots", "Slots (parallel requests) of the worker.", info.slots
+        )
         yield from gauge("corral_worker_busy_slots", "Slots generating now.", busy)
         state = GaugeMetricFamily(
-            "corral_worker_model_state", "1 for the worker's current state.",
+            "corral_worker_model_state",
+            "1 for the worker's current state.",
             labels=[*labels, "state"],
-        )  # fmt: skip
+        )
         for s in WorkerState:
             state.add_metric([*values, s.value], 1.0 if info.state is s else 0.0)
         yield state
-        yield from counter("corral_worker_restarts", "llama-server crashes restarted.",
-                           float(info.restarts))  # fmt: skip
-        yield from counter("corral_worker_prompt_tokens", "Prompt tokens processed.",
-                           up.get("llamacpp:prompt_tokens_total"))  # fmt: skip
-        yield from counter("corral_worker_generated_tokens", "Tokens generated.",
-                           up.get("llamacpp:tokens_predicted_total"))  # fmt: skip
-        yield from gauge("corral_worker_tokens_per_second",
-                         "Generation speed while generating (tokens / generation time).",
-                         _speed(up))  # fmt: skip
+        yield from counter(
+            "corral_worker_restarts", "llama-server crashes restarted.", float(info.restarts)
+        )
+        yield from counter(
+            "corral_worker_prompt_tokens",
+            "Prompt tokens processed.",
+            up.get("llamacpp:prompt_tokens_total"),
+        )
+        yield from counter(
+            "corral_worker_generated_tokens",
+            "Tokens generated.",
+            up.get("llamacpp:tokens_predicted_total"),
+        )
+        yield from gauge(
+            "corral_worker_tokens_per_second",
+            "Generation speed while generating (tokens / generation time).",
+            _speed(up),
+        )
         used = info.used_mb * 2**20 if info.used_mb else self._rss()
         yield from gauge("corral_worker_memory_used_bytes", "Memory used by the model.", used)
         budget = info.budget_mb * 2**20 if info.budget_mb else None
-        yield from gauge("corral_worker_memory_budget_bytes", "The worker's memory budget.",
-                         budget)  # fmt: skip
+        yield from gauge("corral_worker_memory_budget_bytes", "The worker's memory budget.", budget)
 
     def _upstream(self, info: WorkerInfo) -> dict[str, float]:
         if not info.upstream or info.state is not WorkerState.READY:
@@ -159,4 +174,5 @@ def _speed(up: dict[str, float]) -> float | None:
     seconds = up.get("llamacpp:tokens_predicted_seconds_total")
     if tokens is None or seconds is None:
         return None
-    return tokens / seconds if seconds > 0 else 0.0
+    # llama-server sums whole milliseconds: a few fast tokens take "0 s", which says nothing
+    return tokens / seconds if seconds > 0 else None

@@ -1,5 +1,5 @@
 """The OpenAI Batch API: create, get, list (cursor paging), cancel. A user key sees only
-its own batches (`gateway.tenancy`)."""
+its own batches (`gateway.tenancy.ownership`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
 from common.batch import Batch
-from gateway.batches import BatchNotFound
+from common.errors import BatchNotFound
 from gateway.deps import State
-from gateway.tenancy import Caller, CallerDep
+from gateway.tenancy.ownership import Caller, CallerDep
 
 router = APIRouter(tags=["batch"])
 

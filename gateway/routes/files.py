@@ -1,6 +1,6 @@
 """The OpenAI Files API, for batch input and output: `POST /v1/files` (multipart,
 `purpose=batch`, JSONL checked line by line), list, get, content, delete. A user key sees
-only the files it uploaded and the results of its own batches (`gateway.tenancy`)."""
+only the files it uploaded and the results of its own batches (`gateway.tenancy.ownership`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import Response
 
 from common.batch import FileObject, parse_input
-from common.errors import InvalidRequest, PayloadTooLarge
-from gateway.batch_runner import FileNotFound
+from common.errors import FileNotFound, InvalidRequest, PayloadTooLarge
 from gateway.deps import State
-from gateway.tenancy import Caller, CallerDep
+from gateway.tenancy.ownership import Caller, CallerDep
 
 router = APIRouter(tags=["batch"])
 
@@ -28,22 +27,28 @@ async def upload(
     purpose: Annotated[str, Form()],
 ) -> FileObject:
     if purpose != "batch":
-        raise InvalidRequest(f"Unsupported purpose {purpose!r}: only 'batch' files are accepted.",
-                             param="purpose")  # fmt: skip
+        raise InvalidRequest(
+            f"Unsupported purpose {purpose!r}: only 'batch' files are accepted.", param="purpose"
+        )
     limit = state.settings.max_file_bytes
     content = await file.read(limit + 1)
     if len(content) > limit:
-        raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.",
-                              param="file")  # fmt: skip
+        raise PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.", param="file")
     _, errors = parse_input(content, set(await state.catalog.all()))
     if errors:
-        listed = "; ".join(f"line {e.line}: {e.message}" if e.line else e.message
-                           for e in errors[:MAX_REPORTED])  # fmt: skip
+        listed = "; ".join(
+            f"line {e.line}: {e.message}" if e.line else e.message for e in errors[:MAX_REPORTED]
+        )
         more = f" (and {len(errors) - MAX_REPORTED} more)" if len(errors) > MAX_REPORTED else ""
-        raise InvalidRequest(f"Invalid batch file: {listed}{more}.", param="file",
-                             code="invalid_batch_file")  # fmt: skip
-    meta = FileObject(bytes=len(content), filename=file.filename or "batch.jsonl",
-                      purpose=purpose, owner=caller.owner)  # fmt: skip
+        raise InvalidRequest(
+            f"Invalid batch file: {listed}{more}.", param="file", code="invalid_batch_file"
+        )
+    meta = FileObject(
+        bytes=len(content),
+        filename=file.filename or "batch.jsonl",
+        purpose=purpose,
+        owner=caller.owner,
+    )
     return await state.batches.store.files.put(meta, content.decode())
 
 
@@ -85,7 +90,9 @@ async def delete_file(file_id: str, state: State, caller: CallerDep) -> dict[str
         raise InvalidRequest(
             f"File {file_id!r} is the input of a batch that has not finished; delete it "
             "once the batch has ended (or been cancelled).",
-            param="file_id", code="file_in_use", status=409,
-        )  # fmt: skip
+            param="file_id",
+            code="file_in_use",
+            status=409,
+        )
     await state.batches.store.files.delete(file_id)
     return {"id": file_id, "object": "file", "deleted": True}

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from common import keys
-from common.registry import WorkerInfo, WorkerState
+from common.registry import WorkerState
+from gateway.cluster import read_workers
 from gateway.deps import State
 
 router = APIRouter(tags=["management"])
@@ -16,11 +16,9 @@ router = APIRouter(tags=["management"])
 @router.get("/health")
 async def health(state: State) -> JSONResponse:
     try:
-        members = sorted(map(str, await state.redis.smembers(keys.WORKERS)))
-        entries = await state.redis.mget([keys.worker_key(m) for m in members]) if members else []
+        alive = await read_workers(state.redis)
     except RedisError as exc:
         return JSONResponse({"status": "error", "redis": False, "error": repr(exc)}, 503)
-    alive = [WorkerInfo.model_validate_json(e) for e in entries if e is not None]
     # Without its pub/sub subscription the gateway cannot relay any answer: a load
     # balancer must route around it until it is back.
     subscribed = state.hub.ready

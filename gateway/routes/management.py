@@ -4,7 +4,7 @@
 `POST /v1/models/{alias}/reset`.
 
 Registered before `GET /v1/models/{id:path}`, which would otherwise swallow these paths.
-Tagged `management`: admin-only once API keys exist (`gateway.auth` opens only routes
+Tagged `management`: admin-only once API keys exist (`gateway.tenancy.principals` opens only routes
 tagged for users).
 """
 
@@ -22,9 +22,9 @@ from pydantic import BaseModel, Field
 from common.registry import ModelEvent
 from gateway.cluster import queue_depths
 from gateway.deps import State
-from gateway.placement import Outcome, plan_error, plan_summary
+from gateway.monitoring.model_status import model_status, summary
+from gateway.placement.policy import Outcome, plan_error, plan_summary
 from gateway.state import GatewayState
-from gateway.status import model_status, summary
 
 router = APIRouter(tags=["management"])
 
@@ -78,8 +78,9 @@ async def models_status_stream(state: State) -> StreamingResponse:
         finally:
             state.feed.leave(events)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 @router.get("/v1/models/failed")
@@ -109,11 +110,19 @@ async def models_load(body: LoadBody, state: State) -> dict[str, Any]:
 async def models_eject(body: EjectBody, state: State) -> dict[str, Any]:
     workers = await state.placer.eject(body.model)
     if not workers:
-        return {"status": "not_found", "model_ejected": None, "workers": [],
-                "message": f"Model {body.model!r} is not loaded."}  # fmt: skip
+        return {
+            "status": "not_found",
+            "model_ejected": None,
+            "workers": [],
+            "message": f"Model {body.model!r} is not loaded.",
+        }
     message = f"Model {body.model!r} is unloading on {len(workers)} worker(s)."
-    return {"status": "success", "model_ejected": body.model, "workers": workers,
-            "message": message}  # fmt: skip
+    return {
+        "status": "success",
+        "model_ejected": body.model,
+        "workers": workers,
+        "message": message,
+    }
 
 
 @router.get("/v1/models/{alias:path}/status")
@@ -131,16 +140,28 @@ async def model_status_one(alias: str, state: State) -> dict[str, Any]:
 async def model_reset(alias: str, state: State) -> dict[str, Any]:
     cleared = await state.placer.reset(alias)
     if not cleared:
-        return {"status": "not_found", "model": alias,
-                "message": f"Model {alias!r} has no failure record."}  # fmt: skip
-    return {"status": "success", "model": alias, "workers": sorted(cleared),
-            "previous_error": next(iter(cleared.values())),
-            "message": f"Failure status cleared on {len(cleared)} worker(s)."}  # fmt: skip
+        return {
+            "status": "not_found",
+            "model": alias,
+            "message": f"Model {alias!r} has no failure record.",
+        }
+    return {
+        "status": "success",
+        "model": alias,
+        "workers": sorted(cleared),
+        "previous_error": next(iter(cleared.values())),
+        "message": f"Failure status cleared on {len(cleared)} worker(s).",
+    }
 
 
 def _update(event: ModelEvent) -> dict[str, Any]:
-    return {"alias": event.model, "status": event.state.value, "worker": event.worker,
-            "error": event.error, "at": event.at}  # fmt: skip
+    return {
+        "alias": event.model,
+        "status": event.state.value,
+        "worker": event.worker,
+        "error": event.error,
+        "at": event.at,
+    }
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

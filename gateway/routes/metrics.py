@@ -7,34 +7,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from common import keys
-from common.registry import WorkerInfo
+from gateway.cluster import queue_depths, read_workers
 from gateway.deps import State
-from gateway.metrics import GatewayMetrics
 
 router = APIRouter(tags=["management"])
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(request: Request, state: State) -> Response:
-    gm: GatewayMetrics = request.app.state.metrics
-    await gm.refresh(state.redis, list(await state.catalog.all()), state.hub.active)
-    return Response(gm.render(), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: State) -> Response:
+    """Queue depths, workers and open streams are read now, so they are never stale."""
+    depths = await queue_depths(state.redis, list(await state.catalog.all()))
+    state.metrics.refresh(await read_workers(state.redis), depths, state.hub.active)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/targets")
 async def metrics_targets(state: State) -> list[dict[str, Any]]:
-    members = sorted(map(str, await state.redis.smembers(keys.WORKERS)))
-    entries = await state.redis.mget([keys.worker_key(m) for m in members]) if members else []
     out = []
-    for raw in entries:
-        if raw is None:
-            continue
-        info = WorkerInfo.model_validate_json(raw)
+    for info in await read_workers(state.redis):
         if info.metrics_port:
             labels = {"worker": info.id, "model": info.model or ""}
             out.append({"targets": [f"{info.host}:{info.metrics_port}"], "labels": labels})

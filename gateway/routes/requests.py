@@ -6,18 +6,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from common.errors import CorralError, InvalidRequest
+from common.errors import Cancelled, InvalidRequest, RequestNotFound
 from common.tracking import RequestRecord, RequestState
 from gateway.deps import State
-from gateway.tenancy import Caller, CallerDep
+from gateway.tenancy.ownership import Caller, CallerDep
 
 router = APIRouter(tags=["requests"])
-
-
-class RequestNotFound(CorralError):
-    status = 404
-    type = "invalid_request_error"
-    default_code = "request_not_found"
 
 
 async def _record(state: State, request_id: str, caller: Caller) -> RequestRecord:
@@ -45,7 +39,5 @@ async def cancel_request(request_id: str, state: State, caller: CallerDep) -> Re
         )
     await state.dispatcher.cancel(request_id, started=record.state is RequestState.RUNNING)
     if record.channel:
-        await state.dispatcher.notify(
-            record.channel, CorralError("The request was cancelled.", code="cancelled", status=499)
-        )
+        await state.dispatcher.notify(record.channel, Cancelled())
     return await _record(state, request_id, caller)

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from gateway.cluster import worker_summary
 from gateway.deps import State
-from gateway.status import vram
+from gateway.monitoring.model_status import vram
 
 router = APIRouter(tags=["management"])
 

@@ -115,10 +115,14 @@ def test_data_and_models_dirs_are_made_absolute(
 
 @pytest.mark.parametrize(
     ("host", "url"),
-    [("127.0.0.1", "http://127.0.0.1:8000"), ("0.0.0.0", "http://127.0.0.1:8000"),
-     ("::", "http://[::1]:8000"), ("::1", "http://[::1]:8000"),
-     ("gw.internal", "http://gw.internal:8000")],
-)  # fmt: skip
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("::1", "http://[::1]:8000"),
+        ("gw.internal", "http://gw.internal:8000"),
+    ],
+)
 def test_the_gateways_url_on_this_machine(host: str, url: str) -> None:
     """`corral up --host ::1` built "http://::1:8000" and died on it."""
     assert Settings(host=host).local_url() == url

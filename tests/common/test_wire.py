@@ -11,9 +11,13 @@ from common.wire import ChatCompletionRequest, CompletionRequest, EmbeddingReque
 
 def test_unknown_fields_pass_through() -> None:
     req = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_k": 5,
-         "ignore_eos": True}
-    )  # fmt: skip
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "top_k": 5,
+            "ignore_eos": True,
+        }
+    )
     dumped = req.model_dump(exclude_unset=True)
     assert dumped["top_k"] == 5 and dumped["ignore_eos"] is True
     assert "temperature" not in dumped  # unset fields are not invented
@@ -69,9 +73,13 @@ def test_frames_know_which_are_final() -> None:
 def test_error_envelope_shape_and_retry_after() -> None:
     err = QueueFull("full", retry_after=4.4)
     assert err.envelope() == {
-        "error": {"message": "full", "type": "rate_limit_error", "param": None,
-                  "code": "queue_full"}
-    }  # fmt: skip
+        "error": {
+            "message": "full",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "queue_full",
+        }
+    }
     assert err.status == 429 and err.headers() == {"Retry-After": "4"}
     missing = ModelNotFound("x")
     assert missing.status == 404 and missing.code == "model_not_found"

@@ -15,7 +15,7 @@ import redis
 
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster
-from tests.gateway.edge import ADMIN_KEY, drop_keys, start_gateway
+from tests.gateway.helpers import ADMIN_KEY, drop_keys, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def r(own_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="module")
 def gw(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A gateway with the admin key, on the shared cluster's Valkey and workers."""
-    running = start_gateway(cluster.redis_url, tmp_path_factory.mktemp("keyed-gw"),
-                            CORRAL_ADMIN_KEY=ADMIN_KEY)  # fmt: skip
+    running = start_gateway(
+        cluster.redis_url, tmp_path_factory.mktemp("keyed-gw"), CORRAL_ADMIN_KEY=ADMIN_KEY
+    )
     yield running
     running.stop()
 

@@ -44,9 +44,13 @@ def clamp(body: Any) -> None:
 
 @schema.parametrize()
 @settings(
-    max_examples=12, deadline=None, database=None, derandomize=True,
-    phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck),
-)  # fmt: skip
+    max_examples=12,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 def test_no_5xx_and_no_hang(case: Any) -> None:
     method = case.operation.method.upper()
     if method in SKIP_METHODS and case.path not in FUZZED_POSTS:

@@ -26,8 +26,9 @@ LIMIT_S = 4.0
 def limited(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
     model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
     args = ["--model", str(model), "--slots", "2", "--ctx-size", "32768"]
-    cluster = start_cluster(redis_server.url, tmp_path / "logs", [args],
-                            CORRAL_TASK_TIME_LIMIT=str(LIMIT_S))  # fmt: skip
+    cluster = start_cluster(
+        redis_server.url, tmp_path / "logs", [args], CORRAL_TASK_TIME_LIMIT=str(LIMIT_S)
+    )
     yield cluster
     cluster.stop()
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import redis
 
-from common import keys
+from common import redis_keys
 from common.registry import WorkerInfo
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
@@ -33,7 +33,7 @@ def _no_tasks_left(redis_url: str) -> None:
     copy, a resubmission) would otherwise be served first by the next test's worker."""
     client = redis.Redis.from_url(redis_url)
     try:
-        client.delete(*keys.model_queues(MODEL))
+        client.delete(*redis_keys.model_queues(MODEL))
     finally:
         client.close()
 
@@ -61,8 +61,13 @@ class Call(threading.Thread):
     def __init__(self, base_url: str, stream: bool, max_tokens: int, model: str = MODEL) -> None:
         super().__init__(daemon=True)
         self.url = f"{base_url}/v1/chat/completions"
-        self.body = {"model": model, "messages": HI, "max_tokens": max_tokens,
-                     "stream": stream, "ignore_eos": True}  # fmt: skip
+        self.body = {
+            "model": model,
+            "messages": HI,
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "ignore_eos": True,
+        }
         self.request_id = ""
         self.status = 0
         self.lines: list[str] = []
@@ -101,9 +106,12 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
     plain_a = Call(cluster.base_url, stream=False, max_tokens=1500)
     assert wait_for(lambda: _running_on(cluster, a.id) == 2, 20)
     # B (1 slot) joins and takes one more stream; then a short request must queue
-    b_child = corral_child("worker-b", ["worker", "--model", str(model), "--slots", "1",
-                                        "--ctx-size", "16384"], tmp_path / "b.log",
-                           CORRAL_REDIS_URL=cluster.redis_url)  # fmt: skip
+    b_child = corral_child(
+        "worker-b",
+        ["worker", "--model", str(model), "--slots", "1", "--ctx-size", "16384"],
+        tmp_path / "b.log",
+        CORRAL_REDIS_URL=cluster.redis_url,
+    )
     cluster.children.append(b_child)
     b_child.start()
     assert wait_for(lambda: len(_ready(cluster)) == 2, 60, 0.1)
@@ -151,8 +159,9 @@ def _depth(cluster: Cluster) -> int:
 
 def _llama_children(pid: int | None) -> list[int]:
     assert pid is not None
-    return [p.pid for p in psutil.Process(pid).children(recursive=True)
-            if "llama-server" in p.name()]  # fmt: skip
+    return [
+        p.pid for p in psutil.Process(pid).children(recursive=True) if "llama-server" in p.name()
+    ]
 
 
 @pytest.fixture
@@ -200,11 +209,13 @@ def _kill_pool_child_running(cluster: Cluster, stream: Call) -> float:
     which another task could hold); when it was killed."""
     assert wait_for(lambda: bool(stream.request_id), 20), "the stream never started"
     assert wait_for(lambda: _record(cluster, stream.request_id)["state"] == "running", 20)
-    (worker,) = [w for w in workers(cluster.redis_url, MODEL)
-                 if w.id == _record(cluster, stream.request_id)["worker"]]  # fmt: skip
+    (worker,) = [
+        w
+        for w in workers(cluster.redis_url, MODEL)
+        if w.id == _record(cluster, stream.request_id)["worker"]
+    ]
     assert wait_for(lambda: _running_on(cluster, worker.id) == 1, 20)
-    (pool,) = [p for p in psutil.Process(worker.pid).children()
-               if "llama-server" not in p.name()]  # fmt: skip
+    (pool,) = [p for p in psutil.Process(worker.pid).children() if "llama-server" not in p.name()]
     os.kill(pool.pid, signal.SIGKILL)
     return time.monotonic()
 
@@ -217,8 +228,7 @@ def _kill_the_busy_pool_child(cluster: Cluster) -> float:
 
     assert wait_for(lambda: len(busy()) == 1, 20)
     (worker,) = busy()
-    (pool,) = [p for p in psutil.Process(worker.pid).children()
-               if "llama-server" not in p.name()]  # fmt: skip
+    (pool,) = [p for p in psutil.Process(worker.pid).children() if "llama-server" not in p.name()]
     os.kill(pool.pid, signal.SIGKILL)
     return time.monotonic()
 

@@ -1,0 +1,111 @@
+"""The edge's authentication: every request but the open paths shows its key before its body
+is read (`gateway.tenancy.principals` says who it is), then passes the key's rate limits
+(`gateway.tenancy.ratelimit`). The principal goes into `request.state.principal`, the
+`x-ratelimit-*` headers onto the reply, and the reply's token usage is charged to the key
+once it is done."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.apikeys import ApiKey
+from common.errors import CorralError, RateLimited
+from common.settings import Settings
+from gateway.edge.metrics import usage_of
+from gateway.errors import send_error
+from gateway.monitoring.metrics import GatewayMetrics
+from gateway.tenancy.principals import DOCS_PATHS, Authenticator, KeysEpoch
+from gateway.tenancy.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+_UNAVAILABLE = CorralError(
+    "Cannot check the API key right now.", code="auth_unavailable", status=503
+)
+
+
+class AuthMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        redis: aioredis.Redis,
+        epoch: KeysEpoch,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.app = app
+        self._auth = Authenticator(settings)
+        self._redis = redis
+        self._epoch = epoch
+        self._metrics = metrics
+        self._open = DOCS_PATHS | {"/health"} | ({"/metrics"} if settings.metrics_public else set())
+        self._limiter = RateLimiter(redis)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._open:
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        try:
+            header = Headers(scope=scope).get("authorization")
+            principal = await self._auth.authenticate(self._redis, header, self._epoch.value)
+            if principal.key is not None:
+                headers = await self._admit(principal.key)
+        except CorralError as err:
+            log.info("%s %s refused: %s", scope["method"], scope["path"], err.code)
+            challenge = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+            await send_error(send, err, challenge)
+            return
+        except RedisError as exc:
+            log.warning("cannot check the API key: %r", exc)
+            await send_error(send, _UNAVAILABLE)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start" and headers:
+                MutableHeaders(scope=message).update(headers)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_limits)
+        finally:
+            if principal.key is not None and principal.key.tpm:
+                await self._charge(principal.key, scope)
+
+    async def _admit(self, key: ApiKey) -> dict[str, str]:
+        decision = await self._limiter.admit(key)
+        if not decision.allowed:
+            self._metrics.ratelimited.labels(key=key.name, limit=str(decision.limited_by)).inc()
+            raise _Limited(key, decision.limited_by, decision.retry_after, decision.headers)
+        return decision.headers
+
+    async def _charge(self, key: ApiKey, scope: Scope) -> None:
+        usage = usage_of(scope) or {}
+        total = int(usage.get("total_tokens") or 0)
+        if total:
+            try:
+                await self._limiter.charge(key, total)
+            except RedisError as exc:
+                log.warning("could not charge %d tokens to key=%s: %r", total, key.id, exc)
+
+
+class _Limited(RateLimited):
+    """A refusal that carries the limit's `x-ratelimit-*` headers with it."""
+
+    def __init__(self, key: ApiKey, dimension: str | None, retry: float, headers: dict[str, str]):
+        super().__init__(
+            f"Rate limit reached for key {key.name!r}: {dimension} per minute. "
+            f"Retry in {max(1, round(retry))} s.",
+            code=f"rate_limit_{dimension}",
+            retry_after=retry,
+        )
+        self.extra = headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self.extra, **super().headers()}

@@ -1,0 +1,93 @@
+"""The gateway's Prometheus metrics (`GET /metrics`): what clients asked for and got, as the
+edge saw it (`gateway.edge.metrics` observes each request), and the queues and workers as
+they are when Prometheus scrapes (`refresh`).
+
+Each app has its own registry (no process-wide default), so several apps in one process —
+tests — never clash. Labels stay bounded: a key's `name` is chosen by the admin.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from common.priority import Priority
+from common.registry import WorkerInfo
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        labels = ["endpoint", "model", "priority"]
+        self.requests = Counter(
+            "corral_requests",
+            "Generation requests answered, by status.",
+            [*labels, "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "corral_request_duration_seconds",
+            "End-to-end time of a generation request.",
+            labels,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "corral_time_to_first_token_seconds",
+            "Time to the first streamed chunk.",
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "corral_prompt_tokens", "Prompt tokens of finished requests.", labels, registry=r
+        )
+        self.completion_tokens = Counter(
+            "corral_completion_tokens",
+            "Completion tokens of finished requests.",
+            labels,
+            registry=r,
+        )
+        self.ratelimited = Counter(
+            "corral_ratelimit_rejections",
+            "Requests refused by a key's rate limit.",
+            ["key", "limit"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "corral_active_streams", "Requests this gateway is relaying now.", registry=r
+        )
+        self.queue_depth = Gauge(
+            "corral_queue_depth_requests",
+            "Requests waiting in a model's priority queue.",
+            ["model", "priority"],
+            registry=r,
+        )
+        self.workers = Gauge(
+            "corral_workers", "Live workers, by model and state.", ["model", "state"], registry=r
+        )
+        self.promotions = Counter(
+            "corral_promotions",
+            "Low requests promoted to normal after `low_max_wait`.",
+            ["model"],
+            registry=r,
+        )
+
+    def refresh(
+        self, workers: list[WorkerInfo], depths: dict[str, dict[str, int]], active: int
+    ) -> None:
+        """Set what lives in Redis (queues, the worker registry), read just before a scrape."""
+        self.active_streams.set(active)
+        self.queue_depth.clear()  # a model gone from the catalog loses its series
+        for model, per_queue in depths.items():
+            for priority in Priority:
+                depth = per_queue.get(priority.value, 0)
+                self.queue_depth.labels(model=model, priority=priority.value).set(depth)
+        self.workers.clear()
+        for info in workers:
+            self.workers.labels(model=info.model or "", state=info.state.value).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,173 @@
+"""Step 2 of the request path: a validated request becomes a Celery task on its queue.
+
+The enqueue is one Redis round trip on the event loop: a script checks the model's queue
+depth and, within the cap, writes the request's record and LPUSHes the task message; the
+task's `task-sent` event for Flower is built and PUBLISHed after it, off the path to the
+first token (`gateway.queueing.task_message` builds both as kombu would).
+`send_task` would cost a thread hop and ~2 ms more before the first token. Cancelling sets
+a cancel key the worker checks before and while it runs, and revokes the task id (on a
+small thread pool: `revoke` blocks, in kombu) so a worker that has not fetched it yet
+discards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import redis.asyncio as aioredis
+from celery import Celery
+from redis.exceptions import RedisError
+
+from common import redis_keys
+from common.celery_config import celery_config
+from common.errors import CorralError, QueueFull
+from common.frames import out_of_band_error
+from common.jobs import Job
+from common.settings import Settings
+from common.tracking import RequestState
+from gateway.queueing.records import Tracker
+from gateway.queueing.task_message import TaskMessage, TaskMessages
+
+log = logging.getLogger(__name__)
+
+CANCEL_TTL_S = 3600
+
+# KEYS: the list to push on, the request record, the queue's binding table and its
+# permanent set, then the queues whose total length is capped.
+# ARGV: the cap (-1: none), the record's TTL, the binding, the message, then the record's
+# fields. Returns {1 if enqueued else 0, the depth found}.
+ENQUEUE_LUA = """
+local depth = 0
+for i = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+local cap = tonumber(ARGV[1])
+if cap >= 0 and depth >= cap then return {0, depth} end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('LPUSH', KEYS[1], ARGV[4])
+return {1, depth}
+"""
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, redis_url: str, client: aioredis.Redis) -> None:
+        self._settings = settings
+        self._redis = client
+        self._celery = Celery("corral-gateway", set_as_current=False)
+        self._celery.conf.update(celery_config(settings, redis_url=redis_url))
+        self._messages = TaskMessages(self._celery)
+        self._enqueue = client.register_script(ENQUEUE_LUA)
+        self.tracker = Tracker(client)
+        self._pool = ThreadPoolExecutor(
+            max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-dispatch"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._celery.close()
+
+    async def submit(self, job: Job, *, resubmit: bool = False) -> None:
+        """Enqueue `job` on its model's queue for its priority, within the depth cap (a
+        resubmit is always let in), and record it (`GET /v1/requests/{id}`)."""
+        message = self._messages.build(job, redis_keys.queue_name(job.model, job.priority))
+        fields, ttl = self.tracker.record_fields(job)
+        route = message.route
+        limit = self._settings.max_queue_size_per_model
+        enqueued, depth = await self._enqueue(
+            keys=[
+                route.list_key,
+                redis_keys.request_key(job.request_id),
+                route.binding_key,
+                route.permanent_key,
+                *redis_keys.model_queues(job.model),
+            ],
+            args=[
+                -1 if resubmit else limit,
+                ttl,
+                route.binding,
+                message.entry,
+                *(item for pair in fields.items() for item in pair),
+            ],
+        )
+        if not enqueued:
+            raise QueueFull(
+                f"The queue for model {job.model!r} is full ({depth} waiting, limit {limit}). "
+                "Retry later.",
+                retry_after=5,
+            )
+        event = self._messages.sent_event(message)  # for Flower; the worker has the task
+        if event is not None:
+            try:
+                await self._redis.publish(event.channel, event.payload)
+            except RedisError as exc:  # the task is queued: a lost event must not fail it
+                log.warning("job=%s task-sent event not sent: %r", job.request_id, exc)
+        log.info(
+            "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
+            job.request_id,
+            job.model,
+            job.priority.value,
+            job.kind.value,
+            job.stream,
+        )
+
+    async def send_batch_items(self, jobs: list[Job]) -> None:
+        """Enqueue batch items on their model's batch queue: below every interactive
+        priority, and outside the interactive depth cap (a batch may hold thousands).
+        The messages are built off the event loop (a chunk is CPU work), then pushed in
+        one pipelined round trip."""
+        loop = asyncio.get_running_loop()
+        messages = await loop.run_in_executor(self._pool, self._build_batch, jobs)
+        pipe = self._redis.pipeline(transaction=False)
+        by_queue: dict[str, list[TaskMessage]] = {}
+        for message in messages:
+            by_queue.setdefault(message.route.queue, []).append(message)
+        for queued in by_queue.values():
+            route = queued[0].route
+            pipe.sadd(route.binding_key, route.binding)
+            pipe.sadd(route.permanent_key, route.binding)
+            pipe.lpush(route.list_key, *(m.entry for m in queued))  # in order, oldest first
+        for message in messages:
+            if (event := self._messages.sent_event(message)) is not None:
+                pipe.publish(event.channel, event.payload)
+        await pipe.execute()
+
+    def _build_batch(self, jobs: list[Job]) -> list[TaskMessage]:
+        return [self._messages.build(job, redis_keys.batch_queue(job.model)) for job in jobs]
+
+    async def cancel(
+        self,
+        request_id: str,
+        *,
+        started: bool,
+        state: RequestState = RequestState.CANCELLED,
+        failure: CorralError | None = None,
+    ) -> None:
+        """Make sure `request_id` never runs, or stops running (its worker sees the key
+        between chunks and closes its llama-server stream, which frees the slot). A task
+        not started yet is also revoked, so a worker that fetches it discards it unrun.
+        A request given up on a `failure` (its worker lost, its stream broken) is recorded
+        failed with it, even if it had started: its worker may never write its end."""
+        await self._redis.set(redis_keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
+        if failure is not None:
+            await self.tracker.end_if_queued(
+                request_id, RequestState.FAILED, failure.message, running_too=True
+            )
+        elif not started:
+            await self.tracker.end_if_queued(request_id, state, f"{state.value} while queued")
+        if not started:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, self._revoke, request_id)
+        log.info("job=%s %s started=%s", request_id, state.value, started)
+
+    async def notify(self, channel: str, err: CorralError) -> None:
+        """End a request's stream from outside its worker (an out-of-band final frame)."""
+        await self._redis.publish(channel, out_of_band_error(err))
+
+    def _revoke(self, request_id: str) -> None:
+        try:
+            self._celery.control.revoke(request_id)
+        except Exception as exc:  # the cancel key alone is enough; revoke only saves a fetch
+            log.warning("job=%s revoke failed: %r", request_id, exc)

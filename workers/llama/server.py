@@ -1,0 +1,284 @@
+"""Step 4 of the request path: the llama-server child that a worker streams from.
+
+One `LlamaServer` = one llama-server process = one model. Its lifecycle is the enum
+stopped -> starting -> ready -> stopping -> stopped (or failed), after llama-swap's
+`process.go`. The child binds 127.0.0.1 on a free port and runs in its own session, so
+`stop()` can SIGTERM (then SIGKILL) the whole group, and it carries PR_SET_PDEATHSIG so it
+dies with the worker even when the worker is killed with SIGKILL: no orphans, ever.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import httpx
+import psutil
+
+from common.errors import LlamaServerError
+from common.net import free_port
+from workers.llama.binary import child_env, exit_reason, resolve_binary
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_LOG_RING = 200  # lines kept for error messages
+_LOG_TAIL = 20  # lines put into an error message
+
+
+class ServerState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to launch one llama-server; `flags` go last so the user's win."""
+
+    model_path: Path
+    alias: str
+    ctx_size: int
+    parallel: int
+    embedding: bool = False
+    flags: tuple[str, ...] = ()
+    port: int | None = None  # None: pick a free loopback port at start()
+    binary: Path | None = None  # None: resolve_binary()
+    env: Mapping[str, str] | None = None  # extra env, e.g. CUDA_VISIBLE_DEVICES
+    log_name: str = ""  # prefix for the child's log lines, e.g. "worker=w1 model=m"
+    cpu_threads: int | None = None  # --threads, unless LLAMA_ARG_THREADS is set (flags win)
+
+
+def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> None:
+    """preexec_fn: have the kernel SIGKILL this child when its parent goes away.
+
+    PDEATHSIG fires when the *thread* that forked the child exits, not the process: spawn
+    from a long-lived thread (the worker's main or supervisor thread), never from a
+    short-lived pool thread, or the child is killed when that thread ends.
+    `prctl` is looked up in the parent: dlopen() after fork() can deadlock.
+    """
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LlamaServer:
+    """Supervisor of one llama-server child; the only writer of that child's state."""
+
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self._state = ServerState.STOPPED
+        self._lock = threading.Lock()  # guards _state
+        self._stop_lock = threading.Lock()  # serialises stop()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._port: int | None = spec.port
+        self._reader: threading.Thread | None = None
+        self._log: collections.deque[str] = collections.deque(maxlen=_LOG_RING)
+        self._spawned_at = 0.0
+        self._ids = f"alias={spec.alias} {spec.log_name}".strip()
+
+    # -- read-only views -------------------------------------------------------------
+    @property
+    def state(self) -> ServerState:
+        return self._state
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        if self._port is None:
+            raise LlamaServerError("llama-server has no port yet: call start() first")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.poll() if self._proc else None
+
+    def last_log_lines(self, n: int = _LOG_TAIL) -> list[str]:
+        return list(self._log)[-n:]
+
+    def command(self) -> list[str]:
+        """The argv this spec launches (also handy in error messages and docs)."""
+        s = self.spec
+        binary = s.binary or resolve_binary()
+        argv = [str(binary), "-m", str(s.model_path), "--host", "127.0.0.1"]
+        argv += ["--port", str(self._port), "--ctx-size", str(s.ctx_size)]
+        argv += ["--parallel", str(s.parallel), "--alias", s.alias]
+        argv += ["--metrics", "--slots", "--no-webui"]
+        if s.cpu_threads and "LLAMA_ARG_THREADS" not in {**os.environ, **(s.env or {})}:
+            argv += ["--threads", str(s.cpu_threads)]
+        if s.embedding:
+            argv += ["--embeddings", "--pooling", "mean"]
+        return argv + list(s.flags)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Spawn the child and return at once; `ensure_ready()` waits for /health."""
+        with self._lock:
+            if self._state is not ServerState.STOPPED:
+                raise LlamaServerError(f"cannot start llama-server in state {self._state}")
+            if self.spec.port is None:
+                self._port = free_port()
+            argv = self.command()
+            self._log.clear()
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=child_env(Path(argv[0]), self.spec.env),
+                    start_new_session=True,  # own group: stop() signals it as a whole
+                    preexec_fn=functools.partial(
+                        _die_with_parent, ctypes.CDLL(None).prctl, os.getpid()
+                    ),
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise LlamaServerError(f"cannot spawn {argv[0]}: {exc}") from exc
+            self._proc = proc
+            self._spawned_at = time.monotonic()
+            self._state = ServerState.STARTING
+            self._reader = threading.Thread(
+                target=self._pump, args=(proc,), name=f"llama-log-{proc.pid}", daemon=True
+            )
+            self._reader.start()
+        logger.info("llama-server spawned %s model=%s", self._tag(), self.spec.model_path)
+
+    def ensure_ready(self, timeout: float) -> None:
+        """Block until /health answers 200; fail fast if the child exits or is stopped."""
+        proc = self._proc
+        if self._state is ServerState.READY:
+            return
+        if proc is not None and self._state is ServerState.FAILED:
+            raise self._error(f"failed ({exit_reason(proc.poll())})")
+        if proc is None or self._state is not ServerState.STARTING:
+            raise LlamaServerError(f"llama-server is {self._state.value}, not starting")
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2.0) as client:
+            while True:
+                if self._state in (ServerState.STOPPING, ServerState.STOPPED):
+                    raise self._error("was stopped while starting")
+                if proc.poll() is not None:
+                    self._join_reader(2.0)
+                    self._set_failed()
+                    raise self._error(
+                        f"exited with {exit_reason(proc.returncode)} before it was ready"
+                    )
+                try:
+                    healthy = client.get(f"{self.base_url}/health").status_code == 200
+                    if healthy and _listens(proc.pid, self._port):
+                        break  # a 200 from another process on the port is not ours
+                except httpx.TransportError:
+                    pass  # not listening yet
+                if time.monotonic() >= deadline:
+                    err = self._error(f"not ready after {timeout:.1f}s")
+                    self.stop()
+                    raise err
+                time.sleep(0.05)
+        with self._lock:
+            if self._state is not ServerState.STARTING:
+                raise self._error("was stopped while starting")
+            self._state = ServerState.READY
+        ms = (time.monotonic() - self._spawned_at) * 1000
+        logger.info("llama-server ready %s in %.0f ms", self._tag(), ms)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM the child's group, SIGKILL it after `grace` s, reap. Idempotent."""
+        with self._stop_lock:
+            proc = self._proc
+            with self._lock:
+                if proc is None or self._state is ServerState.STOPPED:
+                    self._state = ServerState.STOPPED
+                    return
+                self._state = ServerState.STOPPING
+            self._signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "llama-server %s ignored SIGTERM for %ss: SIGKILL", self._tag(), grace
+                )
+                self._signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+            self._signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group
+            self._join_reader(2.0)
+            with self._lock:
+                self._state = ServerState.STOPPED
+            logger.info("llama-server stopped %s rc=%s", self._tag(), proc.returncode)
+
+    def __enter__(self) -> LlamaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- internals -------------------------------------------------------------------
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        """Reader thread: child output -> ring buffer + DEBUG log; notices exits."""
+        assert proc.stdout is not None
+        prefix = f"[llama-server {self._ids}] "
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._log.append(line)
+                logger.debug("%s%s", prefix, line)
+        proc.stdout.close()
+        rc = proc.wait()
+        if self._set_failed():
+            logger.warning("llama-server exited unexpectedly %s %s", self._tag(), exit_reason(rc))
+
+    def _set_failed(self) -> bool:
+        """Mark an unexpected exit; False if it was expected (stopping) or already marked."""
+        with self._lock:
+            if self._state in (ServerState.STARTING, ServerState.READY):
+                self._state = ServerState.FAILED
+                return True
+            return False
+
+    def _join_reader(self, timeout: float) -> None:
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+
+    def _tag(self) -> str:
+        return f"pid={self.pid} port={self._port} {self._ids}"
+
+    def _error(self, what: str) -> LlamaServerError:
+        tail = "\n".join(self.last_log_lines()) or "(no output)"
+        return LlamaServerError(f"llama-server {self._tag()} {what}; last log lines:\n{tail}")
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+            os.killpg(pgid, sig)
+
+
+def _listens(pid: int, port: int | None) -> bool:
+    """Whether process `pid` holds the listening socket on `port`: the port is chosen free
+    but not held until llama-server binds it, and whatever took it meanwhile would answer
+    /health while our child fails to bind."""
+    try:
+        sockets = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in sockets)

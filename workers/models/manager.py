@@ -1,0 +1,188 @@
+"""The worker's model manager: the one thread that owns the llama-server child and the
+worker's model state (llama-swap's "one run loop, no locks").
+
+It runs for the worker's whole life in its main process. It pops commands from the
+worker's list in Redis (load / unload / reset, sent by a gateway's placer, `common.commands`)
+and, between them, ticks: a crashed child is restarted with backoff, an idle model past its
+`idle_ttl` is unloaded. The transitions themselves are `workers.models.lifecycle.ModelHost`'s.
+
+A load the placer asked for on an older picture of the cluster is refused (the model it
+meant to evict is busy now, or pinned, or another load got here first) and the placement
+lock is released, so the placer decides again a tick later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+
+import redis
+from pydantic import ValidationError
+
+from common import redis_keys
+from common.commands import CommandOp, WorkerCommand
+from common.errors import LlamaServerError
+from common.registry import WorkerState
+from common.settings import ModelConfig, Settings
+from workers.consumer.queues import QueueControl
+from workers.llama.server import ServerState
+from workers.models.lifecycle import ModelHost, WorkerSpec
+from workers.models.reporter import Reporter
+from workers.task.runtime import Serving
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+
+__all__ = ["Manager", "WorkerSpec"]
+
+
+class Manager:
+    def __init__(
+        self,
+        settings: Settings,
+        spec: WorkerSpec,
+        client: redis.Redis,
+        reporter: Reporter,
+        queues: QueueControl,
+        serving: Serving,
+        on_loaded: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spec = spec
+        self._redis = client
+        self._report = reporter
+        self._stop = threading.Event()
+        self.host = ModelHost(
+            settings, spec, client, reporter, queues, serving, self._stop, on_loaded
+        )
+        self._preloaded = threading.Event()
+        self._preload_error: str | None = None
+        self._preload: tuple[str, ModelConfig] | None = None
+        self._thread = threading.Thread(target=self._run, name="corral-models", daemon=True)
+
+    # -- called from other threads ---------------------------------------------------------
+    def start(self, preload: tuple[str, ModelConfig] | None = None) -> None:
+        self._preload = preload
+        self._thread.start()
+
+    def wait_preloaded(self) -> None:
+        """Block until the `--model` preload is done; raise if it failed."""
+        self._preloaded.wait()
+        if self._preload_error:
+            raise LlamaServerError(self._preload_error)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def child_pid(self) -> int | None:
+        return self.host.child_pid()
+
+    def sample(self) -> dict[str, object]:
+        return self.host.sample()
+
+    # -- the manager thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            if self._preload is not None:
+                alias, config = self._preload
+                if not self.host.load(alias, config, consume=False, home=True):
+                    self._preload_error = self.host.failed.get(alias, "load failed")
+                    return
+        finally:
+            self._preloaded.set()
+        if self.host.held is None:
+            self._report.transition(WorkerState.EMPTY)
+        while not self._stop.is_set():
+            try:
+                command = self._next_command()
+                if command is not None:
+                    self._handle(command)
+                self._tick()
+            except Exception:  # keep managing: one bad command must not orphan the child
+                log.exception("worker=%s model manager error", self.spec.worker_id)
+                self._stop.wait(1.0)
+        self.host.shutdown()
+
+    def _next_command(self) -> WorkerCommand | None:
+        try:
+            item = self._redis.blpop([redis_keys.worker_commands(self.spec.worker_id)], TICK_S)
+        except redis.RedisError as exc:
+            log.warning("worker=%s cannot read commands: %r", self.spec.worker_id, exc)
+            self._stop.wait(1.0)
+            return None
+        if item is None:
+            return None
+        try:
+            return WorkerCommand.model_validate(json.loads(item[1]))
+        except (ValueError, ValidationError) as exc:
+            log.warning("worker=%s bad command %r: %s", self.spec.worker_id, item[1], exc)
+            return None
+
+    def _handle(self, cmd: WorkerCommand) -> None:
+        wid, host = self.spec.worker_id, self.host
+        log.info("worker=%s command=%s model=%s evict=%s", wid, cmd.op.value, cmd.model, cmd.evict)
+        if cmd.op is CommandOp.RESET:
+            host.reset(cmd.model)
+        elif cmd.op is CommandOp.UNLOAD:
+            if host.held is not None and host.held.alias == cmd.model:
+                host.unload()
+        elif cmd.op is CommandOp.LOAD:
+            refusal = self._refuse(cmd)
+            config = self._config_for(cmd)
+            if refusal or config is None:
+                log.info(
+                    "worker=%s refused to load %s: %s",
+                    wid,
+                    cmd.model,
+                    refusal or "no config for it",
+                )
+                self._report.release(cmd.model, cmd.lock)
+                return
+            if host.held is not None:
+                host.unload(next_model=cmd.model, lock=cmd.lock)
+            host.load(cmd.model, config, consume=True, lock=cmd.lock)
+
+    def _refuse(self, cmd: WorkerCommand) -> str | None:
+        """Why this load must not happen (the placer saw an older picture), or None."""
+        held, failed = self.host.held, self.host.failed
+        if cmd.model in failed:
+            return f"it failed here: {failed[cmd.model].splitlines()[0]}"
+        if held is None:
+            return None
+        if held.alias == cmd.model:
+            return "already loaded"
+        if cmd.evict != held.alias:
+            return f"holds {held.alias}, not {cmd.evict}"
+        if held.keep or held.config.pinned:
+            return f"{held.alias} is pinned"
+        if not self.host.idle(held):
+            return f"{held.alias} is busy"
+        return None
+
+    def _config_for(self, cmd: WorkerCommand) -> ModelConfig | None:
+        """This worker's own config for the model if it has one (paths resolve here), else
+        the gateway's."""
+        own = self.settings.models.get(cmd.model)
+        if own is not None:
+            return own.model_copy(update={"model_path": self.settings.resolve_model_path(own)})
+        return cmd.config
+
+    def _tick(self) -> None:
+        held = self.host.held
+        if held is None:
+            return
+        if held.server.state is ServerState.FAILED:
+            self.host.on_crash(held)
+        elif self.host.idle_expired(held):
+            log.info(
+                "worker=%s model=%s idle for %.0fs (idle_ttl): unloading",
+                self.spec.worker_id,
+                held.alias,
+                held.config.idle_ttl,
+            )
+            self.host.unload()
