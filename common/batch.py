@@ -126,6 +126,39 @@ class OutputLine(BaseModel):
     error: dict[str, Any] | None = None
 
 
+def result_line(
+    request_id: str,
+    custom_id: str,
+    response: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One item's line of the output or error file; its id follows from the item's request
+    id, so whoever writes it (a worker, the supervisor) writes the same line."""
+    line = OutputLine(id=f"batch_req_{request_id}", custom_id=custom_id, response=response,
+                      error=error)  # fmt: skip
+    return line.model_dump()
+
+
+# An item's result, written once: HSETNX on its custom_id and the matching counter's
+# increment are one script, so a redelivered item (kill -9 of a worker mid-batch) is never
+# written nor counted twice, and the counters add up to the results present. Only into a
+# batch still running (in progress, or cancelling: running items finish and are reported):
+# once the supervisor has marked it finalizing it reads the results to write the files,
+# and a result recorded after that would be counted but in no file.
+# KEYS: the results hash, the batch. ARGV: custom_id, the line, the counter.
+# Returns the counter's new value; -1: already recorded; -2: the batch is past running.
+RECORD_RESULT_LUA = f"""
+local status = redis.call('HGET', KEYS[2], 'status')
+if status ~= '{BatchState.IN_PROGRESS.value}' and status ~= '{BatchState.CANCELLING.value}' then
+  return -2
+end
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  return redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+end
+return -1
+"""
+
+
 def parse_input(
     content: bytes, known_models: set[str], endpoint: str | None = None
 ) -> tuple[list[BatchLine], list[LineError]]:

@@ -1,7 +1,8 @@
 """The Celery configuration shared by the gateway (producer) and the workers (consumers).
 
 A plain dict, so `common` stays free of Celery itself; each side builds its own app from it.
-Every value here carries one of DESIGN.md's promises; change one only with its reason:
+Every value here carries one of Corral's promises (README, "How a request flows"); change
+one only with its reason:
 - `queue_order_strategy='sorted'`: BRPOP drains `p1-high.*` before `p2-normal.*` before
   `p3-low.*` (the default round robin interleaves them 1:1).
 - late ack + prefetch 1: a worker holds at most the tasks it runs, so a high task that

@@ -13,11 +13,6 @@ from common.settings import ModelConfig
 
 COMMAND_TTL_S = 600  # a dead worker's unread commands vanish (see `command_ttl`)
 
-# Delete a lock only if we still own it (a late release must not free someone else's).
-RELEASE_LOCK = (
-    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-)
-
 
 def command_ttl(load_timeout: float) -> int:
     """How long a worker's command list outlives its last push: longer than the manager

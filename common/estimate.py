@@ -8,7 +8,7 @@ need = weights + KV cache + compute buffers + process overhead, where
               here: ctx 16384 on a model trained for 2048 costs 4x the KV of ctx 4096;
 - compute   = 4 B x n_ubatch x (n_vocab + 2*n_ff + 8*n_embd) + ctx per slot x KV width, plus
               the KQ matrix when flash attention is off. Fitted to llama.cpp's own "compute
-              buffer size" lines for the generated models (within ~1 MiB);
+              buffer size" lines for the generated models;
 - overhead  = the process itself: 26 MiB RSS for this llama-server build on the CPU
               (measured), a CUDA/Vulkan context on a GPU (a rough 300 MiB).
 The measured figure replaces all of this once a worker has loaded the model (placement

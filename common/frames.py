@@ -1,7 +1,8 @@
 """Pub/sub frames: what a worker publishes on a request's channel (step 5 of the path).
 
 One PUBLISH carries one frame; a frame carries a batch of raw OpenAI chunk JSON texts
-(flushed every ~10 ms), so a fast model costs ~100 publishes a second, not one per token.
+(flushed every `flush_interval_ms`), so a fast model costs a bounded number of publishes a
+second, not one per token.
 `seq` counts frames from 0 per request: a gap means a lost frame, and the gateway then
 ends the stream with an error instead of silently dropping tokens.
 

@@ -20,7 +20,7 @@ class Priority(StrEnum):
 
 _ORDER = [Priority.HIGH, Priority.NORMAL, Priority.LOW]
 
-# OpenAI's service tiers mapped onto ours (DESIGN.md, step 1).
+# OpenAI's service tiers mapped onto ours.
 SERVICE_TIERS = {
     "priority": Priority.HIGH,
     "default": Priority.NORMAL,
@@ -40,13 +40,9 @@ def parse_priority(value: str) -> Priority:
         ) from None
 
 
-def resolve_priority(
-    header: str | None,
-    service_tier: str | None,
-    cap: Priority = Priority.HIGH,
-) -> Priority:
-    """The priority a request runs at: the header wins over `service_tier`; the result
-    never exceeds `cap` (a key's maximum). Invalid values are a 400, never a guess."""
+def resolve_priority(header: str | None, service_tier: str | None) -> Priority:
+    """The priority a request asks for: the header wins over `service_tier`. Invalid
+    values are a 400, never a guess. (A key's maximum is `gateway.tenancy.admission`'s.)"""
     if header is not None and header.strip():
         wanted = parse_priority(header)
     elif service_tier is not None:
@@ -60,4 +56,4 @@ def resolve_priority(
         wanted = tier
     else:
         wanted = Priority.NORMAL
-    return wanted if wanted.rank >= cap.rank else cap
+    return wanted

@@ -2,7 +2,7 @@
 
 Queue names sort in priority order (`p1-high.<alias>` < `p2-normal.<alias>` <
 `p3-low.<alias>`): with kombu's `queue_order_strategy='sorted'` a worker's BRPOP then
-always drains high before normal before low (DESIGN.md, "Celery on Redis").
+always drains high before normal before low.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def ratelimit_key(key_id: str, dimension: str) -> str:
     return f"{PREFIX}:ratelimit:{key_id}:{dimension}"
 
 
-# --- Models across the cluster (issue 3) ----------------------------------------------
+# --- Models across the cluster ------------------------------------------------------------
 
 
 def worker_queue(worker_id: str) -> str:

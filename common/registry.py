@@ -50,7 +50,7 @@ class WorkerInfo(BaseModel):
     metrics_port: int | None = None  # the worker's own Prometheus /metrics, on `host`
     started_at: float = Field(default_factory=time.time)
     error: str | None = None
-    # Models on this worker (issue 3): one at a time, within a memory budget.
+    # Models on this worker: one at a time, within a memory budget.
     budget_mb: int | None = None  # VRAM on a GPU, RAM on the CPU
     used_mb: int | None = None  # measured use of its llama-server (reserved need while loading)
     slots_busy: int = 0

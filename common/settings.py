@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     max_swap_wait: float = Field(default=10, ge=0)  # ... unless a newcomer waited this long
     visibility_timeout: float | None = None  # default 2 x task_time_limit
     max_queue_size_per_model: int = Field(default=500, ge=1)
-    # Aging (issue 4): a low request queued longer than this (s) moves to normal. None: off.
+    # Aging: a low request queued longer than this (s) moves to normal. None: off.
     low_max_wait: float | None = Field(default=None, gt=0)
     heartbeat_interval: float = Field(default=1.0, gt=0)
     heartbeat_ttl: float = Field(default=3.0, gt=0)
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
-    # Tenancy and hardening (issue 5). The admin key is a SecretStr so it never shows in a
+    # Tenancy and hardening. The admin key is a SecretStr so it never shows in a
     # repr, a log line or a dumped config.
     admin_key: SecretStr | None = None  # CORRAL_ADMIN_KEY: every route, management included
     insecure: bool = False  # run without keys on a non-loopback address (--insecure)
@@ -143,7 +143,7 @@ class Settings(BaseSettings):
         if self.visibility_timeout is None:
             self.visibility_timeout = 2 * self.task_time_limit
         elif self.visibility_timeout < 2 * self.task_time_limit:
-            # kombu redelivers an unacked task after this, running or not (DESIGN.md).
+            # kombu redelivers an unacked task after this, running or not.
             raise ValueError("visibility_timeout must be at least 2 x task_time_limit")
         if self.heartbeat_ttl < 2 * self.heartbeat_interval:
             raise ValueError("heartbeat_ttl must be at least 2 x heartbeat_interval")
@@ -165,10 +165,22 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, yaml_source)
 
     def resolve_model_path(self, model: ModelConfig) -> Path:
+        """The model's file: its path as given if absolute, else under `models_dir`."""
         path = model.model_path.expanduser()
         if path.is_absolute():
             return path
         return (self.models_dir or self.data_dir / "models") / path
+
+    def resolved(self, model: ModelConfig) -> ModelConfig:
+        """`model` with its path resolved here (`resolve_model_path`), as it is announced
+        to the cluster and handed to llama-server."""
+        return model.model_copy(update={"model_path": self.resolve_model_path(model)})
+
+    def preloaded(self, alias: str, model: ModelConfig) -> bool:
+        """Whether `alias` is kept loaded: `preload: true`, or named in `preload_models`
+        (`"*"`: every model)."""
+        wanted = self.preload_models
+        return model.preload or "*" in wanted or alias in wanted
 
     def local_url(self) -> str:
         """The gateway's base URL for a client on this machine: an any-address bind is

@@ -1,30 +1,21 @@
-"""Child processes that never outlive their parent: own session (so a terminal's Ctrl-C
-reaches only the parent, which then stops children in order), PR_SET_PDEATHSIG so even a
-kill -9 of the parent takes them down, and stop = SIGTERM to the group, then SIGKILL."""
+"""A supervised child of a Corral process (`corral up`'s gateway and workers, the tests'
+clusters): spawned to die with its parent (`common.spawn`), stopped with a signal to the
+process (it stops its own children in order), then SIGKILL to its whole group."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from common.spawn import signal_group, spawn
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Child:
@@ -46,17 +37,10 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        parent = os.getpid()
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(self.log.open("ab")) if self.log else None
-            self.proc = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT if out is not None else None,
-                start_new_session=True,
-                preexec_fn=lambda: _die_with_parent(parent),
+            self.proc = spawn(
+                self.argv, self.env, out, subprocess.STDOUT if out is not None else None
             )
         log.info("started %s pid=%d", self.name, self.proc.pid)
 
@@ -84,8 +68,7 @@ class Child:
             deadline = time.monotonic() + grace
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group (pool children)
+        signal_group(proc.pid, signal.SIGKILL)  # stragglers of its group (pool children)
         rc = proc.wait()
         log.info("stopped %s pid=%d rc=%s", self.name, proc.pid, rc)
         return rc

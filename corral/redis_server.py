@@ -35,7 +35,7 @@ class EmbeddedRedis:
             "127.0.0.1",
             "--protected-mode",
             "yes",
-            # The broker must never drop queued tasks to make room (DESIGN.md).
+            # The broker must never drop queued tasks to make room.
             "--maxmemory-policy",
             "noeviction",
             "--save",

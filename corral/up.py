@@ -30,7 +30,7 @@ from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from gateway.tenancy.exposure import exposure_problem
-from workers.hardware.budget import GPU_RESERVE_MB, GPU_RESERVE_SHARE
+from workers.hardware.budget import gpu_budget_mb
 from workers.hardware.gpu import GPUInfo, gpus_or_none
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def collect_models(
         }
     if slots:
         found = {a: m.model_copy(update={"parallel": slots}) for a, m in found.items()}
-    return {
-        a: m.model_copy(update={"model_path": settings.resolve_model_path(m)})
-        for a, m in found.items()
-    }
+    return {a: settings.resolved(m) for a, m in found.items()}
 
 
 def address_problem(host: str, port: int) -> str | None:
@@ -112,7 +109,7 @@ def claim_data_dir(data_dir: Path) -> Iterator[int | None]:
 
 
 def gpu_flags(aliases: list[str], gpus: list[GPUInfo]) -> dict[str, list[str]]:
-    """Each model's worker on the GPUs NVML found, in turn (DESIGN.md), with its share of
+    """Each model's worker on the GPUs NVML found, in turn, with its share of
     that GPU's budget (workers sharing a GPU split it: each would take it all); no GPU:
     no flags, the CPU."""
     flags: dict[str, list[str]] = {alias: [] for alias in aliases}
@@ -123,8 +120,7 @@ def gpu_flags(aliases: list[str], gpus: list[GPUInfo]) -> dict[str, list[str]]:
         sharing.setdefault(i % len(gpus), []).append(alias)
     for slot, names in sharing.items():
         gpu = gpus[slot]
-        reserve = max(GPU_RESERVE_MB, int(gpu.total_mb * GPU_RESERVE_SHARE))
-        each = max((gpu.total_mb - reserve) // len(names), 1)
+        each = max(gpu_budget_mb(gpu.total_mb)[0] // len(names), 1)
         for alias in names:
             flags[alias] = ["--gpu", str(gpu.index), "--vram-budget", f"{each}MiB"]
     return flags

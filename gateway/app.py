@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.corral = state
         # Exempt what startup built (FastAPI, pydantic's schemas, Celery: hundreds of
         # thousands of objects) from the collector's full passes: each walked them all,
-        # stalling every request in flight for 30-80 ms.
+        # stalling every request in flight.
         gc.freeze()
         try:
             yield

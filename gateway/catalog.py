@@ -32,9 +32,7 @@ class Catalog:
         await self._redis.hset(
             redis_keys.CATALOG,
             mapping={
-                alias: m.model_copy(
-                    update={"model_path": self._settings.resolve_model_path(m)}
-                ).model_dump_json()
+                alias: self._settings.resolved(m).model_dump_json()
                 for alias, m in self._settings.models.items()
             },
         )

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
+from common.locks import RELEASE_LUA
+
 log = logging.getLogger(__name__)
 
 # KEYS: the lock. ARGV: the holder's id, the TTL in ms. Returns 1 if the caller holds it.
@@ -28,12 +30,6 @@ if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-return 0
-"""
-
-# KEYS: the lock. ARGV: the holder's id. Deletes it only if the caller holds it.
-RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 

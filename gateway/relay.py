@@ -21,12 +21,11 @@ from common.wire import WireModel
 from gateway.aio import cancel_and_wait
 from gateway.state import GatewayState
 from gateway.streaming.hub import Subscription
-from gateway.streaming.sse import SSEResponse, wait_disconnect
+from gateway.streaming.sse import GiveUp, SSEResponse, wait_disconnect
 from gateway.tenancy.admission import admit
 from gateway.tenancy.ownership import caller_of
 
-Abandon = Callable[[], Awaitable[None]]
-GiveUp = Callable[[CorralError | None], Awaitable[None]]  # why, if the request failed
+Resubmit = Callable[[], Awaitable[None]]  # queue the request once more
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ async def _gather(
     request: Request,
     sub: Subscription,
     abandon: GiveUp,
-    resubmit: Abandon,
+    resubmit: Resubmit,
     headers: dict[str, str],
 ) -> Response:
     """Wait for the whole reply, cancelling the task if the client leaves first."""
@@ -134,7 +133,7 @@ async def _gather(
     return JSONResponse(body, headers=headers)
 
 
-async def _result(sub: Subscription, resubmit: Abandon) -> dict[str, object]:
+async def _result(sub: Subscription, resubmit: Resubmit) -> dict[str, object]:
     """The result body. If the worker dies first, the request is queued once more for
     another worker (a non-streaming request has nothing sent yet, so it can run again;
     its claim makes sure it runs at most twice in all)."""

@@ -19,6 +19,38 @@ from tests.support import close_clients, corral_child, openai_client, tail, wait
 CHAT = "tiny-chat"
 EMBED = "tiny-embed"
 
+# Fixtures that run Corral's processes (a gateway, workers, llama-server children, Flower).
+# A test that uses one, however indirectly, is marked `slow`: `pytest -m "not slow"` runs
+# the units alone (a real Valkey is not slow: it starts in milliseconds). Tests that start
+# such processes themselves carry the mark explicitly.
+PROCESS_FIXTURES = frozenset(
+    {
+        "cluster",
+        "client",
+        "gw",
+        "bcluster",
+        "acluster",
+        "qcluster",
+        "limited",
+        "two_workers",
+        "one_slot",
+        "two_single_slots",
+        "stack",
+        "mc",
+        "chat_server",
+        "embed_server",
+        "gateway_schema",
+        "events",
+        "clean",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _close_openai_clients() -> Iterator[None]:

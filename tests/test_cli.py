@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from common.net import free_port
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
@@ -14,6 +16,8 @@ from corral.up import gpu_flags
 from tests.conftest import CHAT
 from tests.support import env_without_corral, shell_script
 from workers.hardware.gpu import GPUInfo
+
+pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
 
 def _corral(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

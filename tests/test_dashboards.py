@@ -1,4 +1,4 @@
-"""The Grafana dashboard and the Prometheus config match what the code exports (issue 5):
+"""The Grafana dashboard and the Prometheus config match what the code exports:
 every panel's query names only metrics that the gateway or a worker really serves."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import yaml
 
 from common.registry import WorkerInfo, WorkerState
 from gateway.monitoring.metrics import GatewayMetrics
-from workers import metrics as worker_metrics
+from workers import metrics_server as worker_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))

@@ -143,7 +143,7 @@ def test_broker_never_evicts_and_persists(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     command = [str(a) for a in redis["command"]]
     flags = dict(zip(command[1::2], command[2::2], strict=False))
-    assert flags["--maxmemory-policy"] == "noeviction"  # DESIGN.md: never drop queued tasks
+    assert flags["--maxmemory-policy"] == "noeviction"  # never drop queued tasks
     assert flags["--appendonly"] == "yes"
     named = {v.split(":")[0]: v.split(":")[1] for v in redis["volumes"]}
     assert named and all(n in compose["volumes"] for n in named)
@@ -420,7 +420,7 @@ def test_example_config_loads() -> None:
     fields = set().union(
         *(m.model_dump(exclude_unset=True).keys() for m in settings.models.values())
     )
-    # Every per-model field of DESIGN.md appears in the example.
+    # Every per-model field appears in the example.
     assert fields >= {
         "model_path",
         "flags",

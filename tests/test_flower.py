@@ -63,6 +63,7 @@ def test_unauthenticated_refused_elsewhere(address: str) -> None:
     flower.check_access("u:p", address, unauthenticated=False)
 
 
+@pytest.mark.slow
 def test_model_queues_include_the_config_when_the_catalog_is_unreachable() -> None:
     settings = Settings(models={"cfg": ModelConfig(model_path=Path("cfg.gguf"))})
     dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5, decode_responses=True)
@@ -87,6 +88,7 @@ def _corral(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_corral_flower_refuses_all_interfaces_without_credentials() -> None:
     # No broker is listening at that URL: the refusal comes before any connection.
     url = "redis://127.0.0.1:9/0"
@@ -261,7 +263,7 @@ def test_flower_requires_basic_auth(stack: Stack) -> None:
 def test_flower_lists_the_worker_and_its_queues(stack: Stack) -> None:
     info = stack.api(f"/api/workers?workername={stack.worker_id}").json()[stack.worker_id]
     consumed = {q["name"] for q in info["active_queues"]}
-    # the model's queues, plus the worker's private one (never published to; issue 3)
+    # the model's queues, plus the worker's private one (never published to)
     assert consumed == {*redis_keys.worker_queues("tiny"), redis_keys.worker_queue(stack.worker_id)}
 
 
@@ -321,6 +323,7 @@ def test_flower_lists_inference_tasks(stack: Stack) -> None:
     assert ran["received"] and ran["started"]  # the worker's task events
 
 
+@pytest.mark.slow
 def test_flower_unauthenticated_on_loopback(tmp_path: Path) -> None:
     """--unauthenticated serves the UI on loopback; Flower keeps its REST API closed unless
     its own FLOWER_UNAUTHENTICATED_API is set."""

@@ -1,4 +1,4 @@
-"""Models across the cluster (issue 3), on real parts: a gateway and three CPU workers with
+"""Models across the cluster, on real parts: a gateway and three CPU workers with
 small RAM budgets and no model at start, generated models of different sizes, real
 llama-server children, a Valkey of their own (placement must not see the session cluster).
 
@@ -37,6 +37,8 @@ from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
 from tests.support import wait_for, workers
+
+pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
 BUDGET = "110MiB"
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
@@ -359,7 +361,9 @@ def test_replicas_spread_requests_over_workers(mc: Cluster) -> None:
         20,
         0.1,
     )
-    time.sleep(1.2)  # the consumers' next BRPOP includes the new queues (DESIGN.md: ~1 s)
+    time.sleep(
+        1.2
+    )  # the consumers' next BRPOP includes the new queues (a queue change bites at the next BRPOP)
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda _: chat(mc, "small", max_tokens=64), range(12)))
     served = 0

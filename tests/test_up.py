@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from common.net import free_port
 from tests.support import alive, descendants, env_without_corral, openai_client, wait_for
 from workers.llama.binary import cpu_threads
+
+pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
 
 def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:

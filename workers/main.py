@@ -24,12 +24,12 @@ from common import redis_keys
 from common.net import free_port
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
-from workers.consumer.app import configure_app
+from workers.consumer.celery_app import configure_app
 from workers.consumer.queues import QueueControl
 from workers.hardware import gpu as gpus
 from workers.hardware.budget import resolve_budget
 from workers.llama.binary import resolve_binary
-from workers.metrics import WorkerMetrics
+from workers.metrics_server import WorkerMetrics
 from workers.models.heartbeat import Heartbeat
 from workers.models.manager import Manager, WorkerSpec
 from workers.models.reporter import Reporter
@@ -67,7 +67,7 @@ def run_worker(
         log.info("worker=%s gpu=%d name=%s total_mb=%d", worker_id, gpu, info.name, info.total_mb)
         env = gpus.child_env(gpu)
     if alias is not None and model is not None:
-        model = model.model_copy(update={"model_path": settings.resolve_model_path(model)})
+        model = settings.resolved(model)
         if not model.model_path.is_file():
             raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
     spec = WorkerSpec(

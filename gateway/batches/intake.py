@@ -64,7 +64,7 @@ class BatchRunner:
         self._dispatcher = dispatcher
         self._catalog = catalog
         self._id = gateway_id
-        self._place = place  # starts a load of a model no worker holds (issue 3's placer)
+        self._place = place  # starts a load of a model no worker holds (the placer)
         self._lines: dict[str, list[BatchLine]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 

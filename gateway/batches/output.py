@@ -9,7 +9,7 @@ import json
 import redis.asyncio as aioredis
 
 from common import redis_keys
-from common.batch import Batch, BatchLine, BatchState, FileObject
+from common.batch import RECORD_RESULT_LUA, Batch, BatchLine, BatchState, FileObject, result_line
 from gateway.batches.files import FileStore
 from gateway.batches.store import item_id
 
@@ -56,23 +56,8 @@ async def _write(files: FileStore, batch: Batch, lines: list[str]) -> FileObject
 
 
 def _expired_line(request_id: str, custom_id: str) -> dict[str, object]:
-    return {
-        "id": f"batch_req_{request_id}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": {
-            "code": "batch_expired",
-            "message": "This request could not be executed before the batch expired.",
-        },
-    }
-
-
-_RECORD_LOST = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  return redis.call('HINCRBY', KEYS[2], 'failed', 1)
-end
-return -1
-"""
+    why = "This request could not be executed before the batch expired."
+    return result_line(request_id, custom_id, error={"code": "batch_expired", "message": why})
 
 
 async def record_lost(
@@ -80,17 +65,10 @@ async def record_lost(
 ) -> None:
     """The same once-only write as a worker's (`workers.task.batch_sink`), for an item that
     kept being lost with its workers."""
-    line = {
-        "id": f"batch_req_{request_id}",
-        "custom_id": custom_id,
-        "response": None,
-        "error": {
-            "code": "worker_lost",
-            "message": f"The workers running this request were lost {tries} times.",
-        },
-    }
-    script = client.register_script(_RECORD_LOST)
+    why = f"The workers running this request were lost {tries} times."
+    line = result_line(request_id, custom_id, error={"code": "worker_lost", "message": why})
+    script = client.register_script(RECORD_RESULT_LUA)
     await script(
         keys=[redis_keys.batch_results_key(batch_id), redis_keys.batch_key(batch_id)],
-        args=[custom_id, json.dumps(line)],
+        args=[custom_id, json.dumps(line), "failed"],
     )

@@ -16,8 +16,8 @@ from starlette.middleware.cors import CORSMiddleware
 from common.settings import Settings
 from gateway.edge.auth import AuthMiddleware
 from gateway.edge.body_limit import BodyLimitMiddleware
-from gateway.edge.metrics import MetricsMiddleware
 from gateway.edge.request_id import RequestIdMiddleware
+from gateway.edge.request_metrics import MetricsMiddleware
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.tenancy.principals import KeysEpoch
 

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.apikeys import ApiKey
 from common.errors import CorralError, RateLimited
 from common.settings import Settings
-from gateway.edge.metrics import usage_of
+from gateway.edge.request_metrics import usage_of
 from gateway.errors import send_error
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.tenancy.principals import DOCS_PATHS, Authenticator, KeysEpoch

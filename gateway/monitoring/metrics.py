@@ -1,5 +1,5 @@
 """The gateway's Prometheus metrics (`GET /metrics`): what clients asked for and got, as the
-edge saw it (`gateway.edge.metrics` observes each request), and the queues and workers as
+edge saw it (`gateway.edge.request_metrics` observes each request), and the queues and workers as
 they are when Prometheus scrapes (`refresh`).
 
 Each app has its own registry (no process-wide default), so several apps in one process —

@@ -47,7 +47,7 @@ def _placement(w: WorkerInfo, alias: str) -> dict[str, Any]:
     }
 
 
-def summary(statuses: list[dict[str, Any]]) -> dict[str, int]:
+def count_by_status(statuses: list[dict[str, Any]]) -> dict[str, int]:
     out = {s.value: 0 for s in ModelState}
     for st in statuses:
         out[st["status"]] += 1

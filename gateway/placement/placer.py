@@ -27,8 +27,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import redis_keys
-from common.commands import RELEASE_LOCK, CommandOp, WorkerCommand, command_ttl
+from common.commands import CommandOp, WorkerCommand, command_ttl
 from common.errors import CorralError
+from common.locks import RELEASE_LUA
 from common.registry import ModelState, WorkerState
 from common.settings import ModelConfig, Settings
 from gateway.aio import cancel_and_wait
@@ -137,7 +138,7 @@ class Placer:
         """Plan `alias`; send its loads under its lock (re-planned there, on a fresh view, so
         two gateways never both act). None: another placement of it is in flight."""
         config = await self._catalog.get(alias)
-        config = config.model_copy(update={"model_path": self.settings.resolve_model_path(config)})
+        config = self.settings.resolved(config)
         plan: Plan | None = await self._plan(alias, config, want, waited)
         if plan is not None and plan.outcome is Outcome.LOAD:
             plan = await self._place_locked(alias, config, want, waited)
@@ -178,7 +179,7 @@ class Placer:
                 )
         finally:
             if not sent:  # the worker that takes the load releases it once its entry shows it
-                await self._redis.eval(RELEASE_LOCK, 1, lock, token)
+                await self._redis.eval(RELEASE_LUA, 1, lock, token)
         return plan
 
     async def _candidates(
@@ -277,7 +278,7 @@ class Placer:
     async def _reconcile(self) -> None:
         """Keep preloaded models at their replicas (placement decides where)."""
         models = await self._catalog.all()
-        wanted = {a: m for a, m in models.items() if self.preloaded(a, m)}
+        wanted = {a: m for a, m in models.items() if self.settings.preloaded(a, m)}
         if not wanted:
             return
         ejected = set(map(str, await self._redis.smembers(redis_keys.EJECTED)))
@@ -292,7 +293,3 @@ class Placer:
                 if self._said.get(alias) != err.message:
                     self._said[alias] = err.message
                     log.warning("model=%s cannot preload: %s", alias, err.message)
-
-    def preloaded(self, alias: str, model: ModelConfig) -> bool:
-        wanted = self.settings.preload_models
-        return model.preload or "*" in wanted or alias in wanted

@@ -2,7 +2,7 @@
 workers' registry entries, so every rule is unit-tested on plain data; `gateway.placement.placer`
 does the I/O (reading the registry, the lock, the commands).
 
-For each copy still wanted, in this order (issue 3):
+For each copy still wanted, in this order:
 1. a worker already loading it counts as a copy (ten cold requests cause one load);
 2. an empty worker whose budget fits — the smallest such budget, so big workers stay free
    for big models (the largest when the need is not known yet);

@@ -1,4 +1,4 @@
-"""Aging (issue 4's `low_max_wait`, off by default): a low request that has waited longer
+"""Aging (`low_max_wait`, off by default): a low request that has waited longer
 than `low_max_wait` seconds is promoted to its model's normal queue.
 
 Why: under strict priority a low request waits as long as any high or normal one is

@@ -4,7 +4,7 @@ The enqueue is one Redis round trip on the event loop: a script checks the model
 depth and, within the cap, writes the request's record and LPUSHes the task message; the
 task's `task-sent` event for Flower is built and PUBLISHed after it, off the path to the
 first token (`gateway.queueing.task_message` builds both as kombu would).
-`send_task` would cost a thread hop and ~2 ms more before the first token. Cancelling sets
+`send_task` would cost a thread hop and more before the first token. Cancelling sets
 a cancel key the worker checks before and while it runs, and revokes the task id (on a
 small thread pool: `revoke` blocks, in kombu) so a worker that has not fetched it yet
 discards it.

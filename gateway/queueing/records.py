@@ -41,8 +41,8 @@ def new_record(job: Job) -> RequestRecord:
 
 
 # Where a request's message is in its queue, found inside Redis a hundred messages at a
-# time: reading the whole queue out (each message carries its prompt) cost ~48 ms and
-# ~20 MB for 500 queued 40 KB prompts, on every poll of a queued request's record.
+# time: reading the whole queue out (each message carries its prompt) onto the gateway's
+# event loop, on every poll of a queued request's record, grows with the prompts queued.
 # KEYS: the queue. ARGV: the request id. Returns {index from the head or -1, length}.
 FIND_LUA = """
 local n = redis.call('LLEN', KEYS[1])

@@ -1,7 +1,7 @@
 """Celery task messages built by hand, so the gateway can enqueue in one Redis round trip.
 
 `celery.send_task` blocks (a thread hop off the event loop), then LPUSHes through kombu and
-PUBLISHes a `task-sent` event: ~2 ms on every request's path to its first token. Here the
+PUBLISHes a `task-sent` event, all on every request's path to its first token. Here the
 gateway builds the very Redis list entry kombu's Redis transport would LPUSH, and pushes
 it itself, inside the same script that checks the queue depth and writes the request's
 record (`gateway.queueing.dispatch`). The task message is Celery's own (`app.amqp.as_task_v2`);
@@ -14,12 +14,13 @@ reads or rewrites a queued entry (positions, aging) goes through `task_body` her
 
 The `task-sent` event (what Flower lists queued tasks from) is built here too, as the
 PUBLISH kombu would send on Celery's event exchange; the gateway sends it right after the
-enqueue. Sending it with Celery's own dispatcher on a thread cost the first token ~3 ms
-more, the thread holding the GIL just as the event loop needed it.
+enqueue. Sent with Celery's own dispatcher on a thread, it delayed the first token, the
+thread holding the GIL just as the event loop needed it.
 
 A task's `argsrepr` (what Flower and worker logs show as its arguments) is a one-line
 summary of the request rather than Celery's `saferepr` of the whole body: the prompt is
-not something to display, and `saferepr` cost ~0.6 ms a request.
+not something to display, and `saferepr` of a long body is slow (the costs of all three are
+in `benchmarks/README.md`, "Costs behind the code").
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class TaskMessages:
         self._hostname = anon_nodename()  # what Celery's own dispatcher calls a client
         self._event_exchange = _event_exchange_topic(app, options)
         self._event_patterns = options.get("fanout_patterns", True)
-        conf = app.conf  # read once: each lookup walks Celery's layered config (~10 us)
+        conf = app.conf  # read once: each lookup walks Celery's layered config
         self._serializer = conf.task_serializer
         self._compression = conf.task_compression
         self._send_sent_event = bool(conf.task_send_sent_event)
@@ -134,7 +135,7 @@ class TaskMessages:
             reply_to=app.thread_oid,
             create_sent_event=self._send_sent_event,
             ignore_result=None,  # what send_task passes when the caller says nothing
-            argsrepr=summary(job),
+            argsrepr=args_repr(job),
             kwargsrepr="{}",
             origin=self._hostname,  # what as_task_v2 would compute on every call
         )
@@ -164,7 +165,7 @@ class TaskMessages:
     def sent_event(self, message: TaskMessage) -> Publish | None:
         """The `task-sent` event's PUBLISH, built apart from the message: the gateway
         builds and sends it once the task is queued, off the path to the first token (it
-        is a third of the build, ~0.1 ms)."""
+        is a third of the build)."""
         if message.sent_fields is None:
             return None
         return self._event("task-sent", dict(message.sent_fields))
@@ -203,7 +204,7 @@ class TaskMessages:
         return Publish(channel, json_dumps(envelope))
 
 
-def summary(job: Job) -> str:
+def args_repr(job: Job) -> str:
     """A task's arguments as Flower shows them: what the request is, not what it says."""
     kind = "stream" if job.stream else "reply"
     return f"[{job.request_id} {job.kind.value} model={job.model} {job.priority.value} {kind}]"

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from common.registry import ModelEvent
 from gateway.cluster import queue_depths
 from gateway.deps import State
-from gateway.monitoring.model_status import model_status, summary
+from gateway.monitoring.model_status import count_by_status, model_status
 from gateway.placement.policy import Outcome, plan_error, plan_summary
 from gateway.state import GatewayState
 
@@ -45,10 +45,10 @@ async def full_status(state: GatewayState) -> dict[str, Any]:
     view = await state.placer.view(0)
     depths = await queue_depths(state.redis, list(models))
     statuses = {
-        alias: model_status(alias, m, view, depths[alias], state.placer.preloaded(alias, m))
+        alias: model_status(alias, m, view, depths[alias], state.settings.preloaded(alias, m))
         for alias, m in models.items()
     }
-    return {"models": statuses, "summary": summary(list(statuses.values()))}
+    return {"models": statuses, "summary": count_by_status(list(statuses.values()))}
 
 
 @router.get("/v1/models/status")
@@ -130,7 +130,7 @@ async def model_status_one(alias: str, state: State) -> dict[str, Any]:
     model = await state.catalog.get(alias)  # 404 if unknown
     view = await state.placer.view(0)
     depths = await queue_depths(state.redis, [alias])
-    out = model_status(alias, model, view, depths[alias], state.placer.preloaded(alias, model))
+    out = model_status(alias, model, view, depths[alias], state.settings.preloaded(alias, model))
     records = await state.placer.needs.records(alias)  # per profile: estimate vs measured
     out["memory"] = {prof: rec.model_dump() for prof, rec in sorted(records.items())}
     return out

@@ -3,10 +3,10 @@ loop's read callback.
 
 Every frame a worker publishes (every batch of tokens) arrives here. redis-py's asyncio
 `PubSub` reads them through a task waiting on a stream reader, then several parsing layers
-(one formats a debug string of every message, logged or not): ~8 µs of CPU a message when
-they come in bursts, and one event-loop turn more before the frame reaches its request.
-This protocol parses in `data_received` and hands each message to its callback in the
-same turn (~1.5 µs a message, measured here).
+(one formats a debug string of every message, logged or not), and one event-loop turn more
+before the frame reaches its request. This protocol parses in `data_received` and hands
+each message to its callback in the same turn, at a fraction of the CPU
+(`benchmarks/README.md`, "Costs behind the code").
 
 It speaks what the stream hub needs and no more: AUTH, SUBSCRIBE, PSUBSCRIBE and PING, over
 TCP, TLS (`rediss://`, with the `ssl_cert_reqs`/`ssl_ca_certs`/`ssl_check_hostname` URL

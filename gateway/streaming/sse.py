@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 
+# Give the request up (the client left, or the stream failed: why, if it failed)
+GiveUp = Callable[[CorralError | None], Awaitable[None]]
+
 
 def encode_chunks(frame: Frame) -> bytes:
     return b"".join(b"data: " + c.encode() + b"\n\n" for c in frame.chunks)
@@ -52,7 +55,7 @@ class SSEResponse(Response):
     def __init__(
         self,
         sub: Subscription,
-        on_abandon: Callable[[CorralError | None], Awaitable[None]],
+        on_abandon: GiveUp,
         headers: dict[str, str],
     ) -> None:
         super().__init__(media_type="text/event-stream")

@@ -1,4 +1,4 @@
-"""Key records and hashing (issue 5): secrets are random, stored only as digests."""
+"""Key records and hashing: secrets are random, stored only as digests."""
 
 from __future__ import annotations
 

@@ -24,11 +24,6 @@ def test_resolve(header: str | None, tier: str | None, want: Priority) -> None:
     assert resolve_priority(header, tier) is want
 
 
-def test_cap_lowers_but_never_raises() -> None:
-    assert resolve_priority("high", None, cap=Priority.NORMAL) is Priority.NORMAL
-    assert resolve_priority("low", None, cap=Priority.NORMAL) is Priority.LOW
-
-
 @pytest.mark.parametrize(("header", "tier"), [("urgent", None), (None, "scale"), ("1", None)])
 def test_invalid_values_are_400(header: str | None, tier: str | None) -> None:
     with pytest.raises(InvalidRequest) as err:

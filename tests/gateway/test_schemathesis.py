@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the gateway's own OpenAPI schema with schemathesis (issue 5):
+"""Property-based fuzzing of the gateway's own OpenAPI schema with schemathesis:
 whatever it sends, the reply is never a 5xx and always comes (bounded examples, a
 timeout on every call). Runs against the shared cluster, so valid requests reach real
 workers; `max_tokens` is clamped so that a valid request stays quick."""

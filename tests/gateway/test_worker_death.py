@@ -24,6 +24,8 @@ from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
 from tests.support import alive, busy_slots, corral_child, wait_for, workers
 
+pytestmark = pytest.mark.slow  # every test here runs Corral processes
+
 MODEL = "d-chat"
 HI = [{"role": "user", "content": "hi"}]
 

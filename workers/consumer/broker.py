@@ -7,7 +7,7 @@ again (`visibility_timeout`). Stock kombu writes them with a blocking `MULTI …
 trip twice per task, and both lie on a path users wait on:
 
 - `append` runs between BRPOP and the pool's write to a child, so every task's first
-  token waited for it (~0.7 ms here);
+  token waited for it;
 - `ack` runs between a task's end and the next BRPOP (prefetch 1 holds the fetch until the
   ack is done), so every hand-off between two tasks waited for it, and a high-priority
   request waiting for a slot waited that much longer.
@@ -21,7 +21,7 @@ leaves it to Redis all the same (the kernel delivers what was written). A write 
 cannot be sent falls back to kombu's blocking path; one whose reply shows a failure, or
 whose fate a broken connection hides, is written again with it.
 
-Selected by `broker_transport` in `workers.consumer.app.configure_app`.
+Selected by `broker_transport` in `workers.consumer.celery_app.configure_app`.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ class Channel(kombu_redis.Channel):
     @contextmanager
     def conn_or_acquire(self, client: redis.Redis | None = None) -> Iterator[redis.Redis]:
         """kombu builds a new `redis.Redis` for each command it sends outside BRPOP (the
-        PUBLISH of every batch of task events, twice per task): ~0.3 ms of Python each,
-        the constructor filling a table of ~170 reply callbacks, in the consumer's loop,
+        PUBLISH of every batch of task events, twice per task), the constructor filling a
+        table of reply callbacks each time, in the consumer's loop,
         which hands tasks to the pool. A client holds nothing but its pool, so one serves
         every command while that pool lives (kombu replaces it on reconnect)."""
         if client:

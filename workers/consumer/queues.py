@@ -4,7 +4,7 @@ what its pool is doing.
 A worker that loads a model starts consuming that model's queues itself, with remote
 control commands addressed to its own hostname (`add_consumer` / `cancel_consumer`, run on
 the consumer's own thread, so nothing here touches kombu's event loop from another thread),
-then checks with `inspect().active_queues()`: DESIGN.md records that these commands are
+then checks with `inspect().active_queues()`: these commands are
 at-most-once and take about a second to bite (the BRPOP in flight still names the old
 queues). So every change is verified and retried, and the task itself refuses a model the
 worker no longer serves (`runtime.Serving`).
@@ -58,9 +58,6 @@ class QueueControl:
         return self._last_received
 
     # -- consuming -----------------------------------------------------------------------
-    def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
-
     def consume(self, queues: list[str]) -> None:
         """Start consuming `queues` (verified)."""
         self._change(add=queues, remove=[])

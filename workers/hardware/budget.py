@@ -49,6 +49,12 @@ def parse_size(text: str) -> int:
     return int(mb)
 
 
+def gpu_budget_mb(total_mb: int) -> tuple[int, int]:
+    """(what workers may use, what is kept back) of a GPU with `total_mb` of memory."""
+    reserve = max(GPU_RESERVE_MB, int(total_mb * GPU_RESERVE_SHARE))
+    return max(total_mb - reserve, 1), reserve
+
+
 def resolve_budget(
     *, vram_budget: str | None = None, ram_budget: str | None = None, gpu: int | None = None
 ) -> tuple[int, str]:
@@ -57,8 +63,8 @@ def resolve_budget(
         return parse_size(vram_budget), "--vram-budget"
     if gpu is not None:
         info = gpus.gpu(gpu)  # fails clearly where NVML is absent
-        reserve = max(GPU_RESERVE_MB, int(info.total_mb * GPU_RESERVE_SHARE))
-        return max(info.total_mb - reserve, 1), f"GPU {gpu} ({info.name}) minus {reserve} MiB"
+        usable, reserve = gpu_budget_mb(info.total_mb)
+        return usable, f"GPU {gpu} ({info.name}) minus {reserve} MiB"
     if ram_budget:
         return parse_size(ram_budget), "--ram-budget"
     available = psutil.virtual_memory().available // 2**20

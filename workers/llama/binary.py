@@ -20,9 +20,9 @@ def cpu_threads() -> int:
     but never every CPU this process may use: one is left to Corral.
 
     llama.cpp's threads spin while they wait for each other, and with one on every CPU the
-    gateway, worker and pool children wait behind them. Measured on 2 vCPUs: c=8 throughput
-    0.46x direct with llama.cpp's default, 0.95x with one CPU left; a client's disconnect
-    freed its slot in up to 93 ms, against 22 ms. "Usable" counts a container's CPU quota
+    gateway, worker and pool children wait behind them: throughput and the time a
+    disconnect takes to free a slot both suffer (`benchmarks/README.md`). "Usable" counts a
+    container's CPU quota
     (`workers.hardware.cpus`), not only the CPUs it may be scheduled on."""
     usable = usable_cpus()
     physical = psutil.cpu_count(logical=False) or usable

@@ -3,23 +3,20 @@
 One `LlamaServer` = one llama-server process = one model. Its lifecycle is the enum
 stopped -> starting -> ready -> stopping -> stopped (or failed), after llama-swap's
 `process.go`. The child binds 127.0.0.1 on a free port and runs in its own session, so
-`stop()` can SIGTERM (then SIGKILL) the whole group, and it carries PR_SET_PDEATHSIG so it
-dies with the worker even when the worker is killed with SIGKILL: no orphans, ever.
+`stop()` can SIGTERM (then SIGKILL) the whole group, and it dies with the worker even when
+the worker is killed with SIGKILL (`common.spawn`): no orphans, ever.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
-import functools
 import logging
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,11 +26,11 @@ import psutil
 
 from common.errors import LlamaServerError
 from common.net import free_port
+from common.spawn import signal_group, spawn
 from workers.llama.binary import child_env, exit_reason, resolve_binary
 
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _LOG_RING = 200  # lines kept for error messages
 _LOG_TAIL = 20  # lines put into an error message
 
@@ -61,19 +58,6 @@ class LaunchSpec:
     env: Mapping[str, str] | None = None  # extra env, e.g. CUDA_VISIBLE_DEVICES
     log_name: str = ""  # prefix for the child's log lines, e.g. "worker=w1 model=m"
     cpu_threads: int | None = None  # --threads, unless LLAMA_ARG_THREADS is set (flags win)
-
-
-def _die_with_parent(prctl: Callable[..., int], parent_pid: int) -> None:
-    """preexec_fn: have the kernel SIGKILL this child when its parent goes away.
-
-    PDEATHSIG fires when the *thread* that forked the child exits, not the process: spawn
-    from a long-lived thread (the worker's main or supervisor thread), never from a
-    short-lived pool thread, or the child is killed when that thread ends.
-    `prctl` is looked up in the parent: dlopen() after fork() can deadlock.
-    """
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LlamaServer:
@@ -142,17 +126,8 @@ class LlamaServer:
             argv = self.command()
             self._log.clear()
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    env=child_env(Path(argv[0]), self.spec.env),
-                    start_new_session=True,  # own group: stop() signals it as a whole
-                    preexec_fn=functools.partial(
-                        _die_with_parent, ctypes.CDLL(None).prctl, os.getpid()
-                    ),
-                )
+                env = child_env(Path(argv[0]), self.spec.env)
+                proc = spawn(argv, env, subprocess.PIPE, subprocess.STDOUT)
             except (OSError, subprocess.SubprocessError) as exc:
                 raise LlamaServerError(f"cannot spawn {argv[0]}: {exc}") from exc
             self._proc = proc
@@ -211,16 +186,16 @@ class LlamaServer:
                     self._state = ServerState.STOPPED
                     return
                 self._state = ServerState.STOPPING
-            self._signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
                 logger.warning(
                     "llama-server %s ignored SIGTERM for %ss: SIGKILL", self._tag(), grace
                 )
-                self._signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
-            self._signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group
+            signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group
             self._join_reader(2.0)
             with self._lock:
                 self._state = ServerState.STOPPED
@@ -266,11 +241,6 @@ class LlamaServer:
     def _error(self, what: str) -> LlamaServerError:
         tail = "\n".join(self.last_log_lines()) or "(no output)"
         return LlamaServerError(f"llama-server {self._tag()} {what}; last log lines:\n{tail}")
-
-    @staticmethod
-    def _signal_group(pgid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
-            os.killpg(pgid, sig)
 
 
 def _listens(pid: int, port: int | None) -> bool:

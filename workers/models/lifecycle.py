@@ -136,7 +136,7 @@ class ModelHost:
         prof = profile(config, self.spec.slots, self.spec.device)
         known = usage.read(self._redis, alias, prof)
         need = config.vram_mb or (known.best_mb() if known else None)
-        keep = home or config.pinned or config.preload or self._preloaded_by_settings(alias)
+        keep = home or config.pinned or self.settings.preloaded(alias, config)
         self._report.transition(
             WorkerState.LOADING,
             model=alias,
@@ -172,9 +172,9 @@ class ModelHost:
         )
         if self._on_loaded is not None:
             self._on_loaded(alias, time.monotonic() - started)
-        return self._serve(held, consume=consume, used_mb=measured or need or est)
+        return self._go_ready(held, consume=consume, used_mb=measured or need or est)
 
-    def _serve(self, held: _Held, *, consume: bool, used_mb: int | None) -> bool:
+    def _go_ready(self, held: _Held, *, consume: bool, used_mb: int | None) -> bool:
         self._serving.set(held.alias)
         if consume:
             try:
@@ -301,7 +301,7 @@ class ModelHost:
             except LlamaServerError as exc:
                 log.warning("worker=%s model=%s restart failed: %s", wid, held.alias, _brief(exc))
         held.loaded_at = time.time()
-        self._serve(held, consume=True, used_mb=None)
+        self._go_ready(held, consume=True, used_mb=None)
 
     def idle(self, held: _Held) -> bool:
         if self._queues.reserved() > 0:
@@ -346,10 +346,6 @@ class ModelHost:
             log.info("worker=%s model=%s no estimate: %r", self.spec.worker_id, alias, exc)
             return None
         return est.total_mb
-
-    def _preloaded_by_settings(self, alias: str) -> bool:
-        wanted = self.settings.preload_models
-        return "*" in wanted or alias in wanted
 
     def _state(self) -> WorkerState:
         return WorkerState.READY if self.held is not None else WorkerState.EMPTY

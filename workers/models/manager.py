@@ -169,7 +169,7 @@ class Manager:
         the gateway's."""
         own = self.settings.models.get(cmd.model)
         if own is not None:
-            return own.model_copy(update={"model_path": self.settings.resolve_model_path(own)})
+            return self.settings.resolved(own)
         return cmd.config
 
     def _tick(self) -> None:

@@ -13,7 +13,7 @@ import logging
 import redis
 
 from common import redis_keys
-from common.commands import RELEASE_LOCK
+from common.locks import RELEASE_LUA
 from common.registry import ModelEvent, ModelState, WorkerState
 from workers.models.heartbeat import Heartbeat
 
@@ -52,7 +52,7 @@ class Reporter:
         if not token:
             return
         try:
-            self._redis.eval(RELEASE_LOCK, 1, redis_keys.placement_lock(alias), token)
+            self._redis.eval(RELEASE_LUA, 1, redis_keys.placement_lock(alias), token)
         except redis.RedisError as exc:
             log.warning(
                 "worker=%s could not release the lock of %s: %r", self.worker_id, alias, exc

@@ -1,4 +1,4 @@
-"""When to restart a crashed llama-server, and when to give up (issue 3, "Health").
+"""When to restart a crashed llama-server, and when to give up.
 
 Exponential backoff (1 s, 2 s, 4 s ... capped) between restarts; the third crash within
 five minutes marks the model `failed` on that worker, so a model that cannot run stops

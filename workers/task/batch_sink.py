@@ -1,38 +1,18 @@
-"""Where a batch item's result goes instead of a pub/sub channel: the batch's results hash.
-
-`HSETNX` on the item's `custom_id` and the matching counter increment run as one Lua
-script, so a redelivered item (kill -9 of a worker mid-batch) can never be written twice
-nor counted twice, and the counters always add up to the results present; the same script
-refuses a result once the batch is being finalized (see `_RECORD`), so the counters also
-add up to the lines of its files.
-"""
+"""Where a batch item's result goes instead of a pub/sub channel: the batch's results hash,
+written once per item by `common.batch.RECORD_RESULT_LUA` (a redelivered item is never
+written nor counted twice; nothing is recorded once the batch is being finalized)."""
 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import redis
 
 from common import redis_keys
-from common.batch import BatchState, OutputLine
+from common.batch import RECORD_RESULT_LUA, BatchState, result_line
 from common.errors import CorralError
 from common.jobs import Job
-
-# Only into a batch still running (in progress, or cancelling: running items finish and
-# are reported): once the supervisor has marked it finalizing it reads the results to write
-# the files, and a result recorded after that would be counted but in no file.
-_RECORD = f"""
-local status = redis.call('HGET', KEYS[2], 'status')
-if status ~= '{BatchState.IN_PROGRESS.value}' and status ~= '{BatchState.CANCELLING.value}' then
-  return -2
-end
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  return redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-end
-return -1
-"""
 
 STOPPED = {
     BatchState.CANCELLING.value,
@@ -47,7 +27,7 @@ def has_result(r: redis.Redis, job: Job) -> bool:
     return bool(r.hexists(redis_keys.batch_results_key(job.batch_id), job.custom_id))
 
 
-def stopped(r: redis.Redis, job: Job) -> bool:
+def is_stopped(r: redis.Redis, job: Job) -> bool:
     """The batch was cancelled or expired: items not started yet are skipped."""
     assert job.batch_id
     status = r.hget(redis_keys.batch_key(job.batch_id), "status")
@@ -56,30 +36,26 @@ def stopped(r: redis.Redis, job: Job) -> bool:
 
 def _record(r: redis.Redis, job: Job, line: dict[str, Any], counter: str) -> bool:
     assert job.batch_id and job.custom_id
-    script = r.register_script(_RECORD)
+    script = r.register_script(RECORD_RESULT_LUA)
     keys_ = [redis_keys.batch_results_key(job.batch_id), redis_keys.batch_key(job.batch_id)]
     return int(script(keys=keys_, args=[job.custom_id, json.dumps(line), counter])) >= 0
 
 
-def succeeded(r: redis.Redis, job: Job, body: dict[str, Any]) -> bool:
-    line = _line(job, {"status_code": 200, "request_id": job.request_id, "body": body}, None)
-    return _record(r, job, line, "completed")
+def record_success(r: redis.Redis, job: Job, body: dict[str, Any]) -> bool:
+    """True if this was the item's first result (False: a redelivery, or too late)."""
+    assert job.custom_id
+    response = {"status_code": 200, "request_id": job.request_id, "body": body}
+    return _record(r, job, result_line(job.request_id, job.custom_id, response), "completed")
 
 
-def failed(r: redis.Redis, job: Job, err: CorralError) -> bool:
+def record_failure(r: redis.Redis, job: Job, err: CorralError) -> bool:
+    assert job.custom_id
     response = {"status_code": err.status, "request_id": job.request_id, "body": err.envelope()}
-    line = _line(job, response, {"code": err.code or err.type, "message": err.message})
+    error = {"code": err.code or err.type, "message": err.message}
+    line = result_line(job.request_id, job.custom_id, response, error)
     return _record(r, job, line, "failed")
 
 
-def skipped(r: redis.Redis, job: Job) -> bool:
+def record_skip(r: redis.Redis, job: Job) -> bool:
     """Counted, so the batch can finish, but left out of both output files."""
     return _record(r, job, {"skipped": True}, "skipped")
-
-
-def _line(job: Job, response: dict[str, Any], error: dict[str, Any] | None) -> dict[str, Any]:
-    assert job.custom_id
-    out = OutputLine(
-        id=f"batch_req_{uuid.uuid4().hex}", custom_id=job.custom_id, response=response, error=error
-    )
-    return out.model_dump()

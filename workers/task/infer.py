@@ -27,7 +27,7 @@ from common.errors import Cancelled, CorralError, Timeout, WorkerLost
 from common.frames import FrameType, out_of_band_error
 from common.jobs import Job, JobKind
 from common.tracking import RequestState
-from workers.consumer.app import app
+from workers.consumer.celery_app import app
 from workers.task import batch_sink, ledger, runtime
 from workers.task.ledger import Claim
 from workers.task.publisher import Publisher
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 def infer(self: Task, payload: dict[str, Any]) -> None:
     job = Job.model_validate(payload)
     rt = runtime.current()
-    rt.require_serving(job.model)  # else back to its queue (issue 3)
+    rt.require_serving(job.model)  # else back to its queue
     if job.batch_id is not None:
         _run_batch_item(job)
         return
@@ -130,7 +130,7 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
         on_cancel=abort.fire,
     )
     on_sent = functools.partial(_confirm, job, claim, pub)
-    state, error, final, fields = _serve(job, claim, rt.upstream, pub, abort, on_sent)
+    state, error, final, fields = _call_upstream(job, claim, rt.upstream, pub, abort, on_sent)
     try:
         _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
     except RedisError as exc:  # whose task this is stays unknown: nothing was published yet
@@ -152,17 +152,17 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
     return state, error
 
 
-Outcome = tuple[RequestState, str | None, FrameType, dict[str, Any]]
+RunEnd = tuple[RequestState, str | None, FrameType, dict[str, Any]]
 
 
-def _serve(
+def _call_upstream(
     job: Job,
     claim: ledger.PendingClaim,
     upstream: Upstream,
     pub: Publisher,
     abort: Abort,
     on_sent: Callable[[], None],
-) -> Outcome:
+) -> RunEnd:
     body = dict(job.body, model=job.model)
     try:
         if job.stream and job.kind is not JobKind.EMBEDDING:
@@ -235,11 +235,11 @@ def _run_batch_item(job: Job) -> None:
     if batch_sink.has_result(r, job):
         log.info("job=%s batch=%s already has a result; skipped", job.request_id, job.batch_id)
         return
-    if batch_sink.stopped(r, job):
-        batch_sink.skipped(r, job)
+    if batch_sink.is_stopped(r, job):
+        batch_sink.record_skip(r, job)
         return
     if job.expired():
-        batch_sink.failed(
+        batch_sink.record_failure(
             r, job, Timeout("The batch expired before this request ran.", code="batch_expired")
         )
         return
@@ -251,7 +251,7 @@ def _run_batch_item(job: Job) -> None:
     body.pop("stream", None)
     try:
         result = rt.upstream.request(job.kind.path, body, Abort())
-        batch_sink.succeeded(r, job, result)
+        batch_sink.record_success(r, job, result)
         state, error = RequestState.DONE, None
     except CorralError as exc:
         if exc.code == UNREACHABLE or os.getppid() != parent:
@@ -260,16 +260,16 @@ def _run_batch_item(job: Job) -> None:
             log.warning("job=%s batch=%s lost: %s", job.request_id, job.batch_id, exc.message)
             ledger.given_back(r, job, rt.worker_id, exc.message)
             return
-        batch_sink.failed(r, job, exc)
+        batch_sink.record_failure(r, job, exc)
         state, error = RequestState.FAILED, exc.message
     except SoftTimeLimitExceeded:
         err = _over_time_limit()
-        batch_sink.failed(r, job, err)
+        batch_sink.record_failure(r, job, err)
         state, error = RequestState.FAILED, err.message
     except Exception:  # a bug, or a reply nobody foresaw: a failed item, not a stuck one
         log.exception("job=%s batch=%s failed unexpectedly", job.request_id, job.batch_id)
         err = CorralError("The worker failed while serving this request.")
-        batch_sink.failed(r, job, err)
+        batch_sink.record_failure(r, job, err)
         state, error = RequestState.FAILED, err.message
     ledger.finished(r, job, rt.worker_id, state, error)
     log.info(

@@ -51,11 +51,12 @@ _begin: Script | None = None  # registered lazily, once per process
 
 class PendingClaim:
     """A claim whose round trip overlaps the task's llama-server call instead of preceding
-    it (~0.6 ms of every first token): the task sends it and reads the answer (`result`)
+    it (it was on the path of every first token): the task sends it and reads the answer
+    (`result`)
     as soon as its request is on the wire, before it publishes anything, and cuts the call
     if the task is not its to run. Built before the call, it does nothing until then:
     building and sending it first (the record's fields, a pooled connection) made the
-    request reach llama-server ~0.25 ms later."""
+    request reach llama-server later."""
 
     def __init__(self, r: redis.Redis, job: Job, worker_id: str, ttl: int) -> None:
         self._r, self._job, self._worker_id, self._ttl = r, job, worker_id, ttl
@@ -137,14 +138,6 @@ class PendingClaim:
         if broken:
             conn.disconnect()
         self._r.connection_pool.release(conn)
-
-
-def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
-    """Claim `job` for `worker_id` unless it was cancelled while queued; when it is ours to
-    run (FIRST, RERUN) its record says so already. A redelivered task (kombu redelivers
-    unacked tasks after `visibility_timeout`, and the gateway resubmits a non-streaming
-    request whose worker died) must never stream twice nor run more than twice in all."""
-    return PendingClaim(r, job, worker_id, ttl).result()
 
 
 LOST = "lost:"  # a claim's value once its worker's pool child died running it: "lost:<id>"

@@ -13,8 +13,8 @@ prompt being processed) the thread polls the key on its own. A PUBLISH that reac
 subscriber means the gateway that owned the request is gone: that cancels too.
 
 Flusher threads outlive their stream: the next request's publisher takes an idle one.
-Starting a thread made the task wait ~0.2 ms (several ms on busy cores) right before its
-llama-server call, because `Thread.start` blocks until the new thread runs. They are
+Starting a thread made the task wait right before its llama-server call (longer on busy
+cores), because `Thread.start` blocks until the new thread runs. They are
 daemon threads, not a ThreadPoolExecutor's: those are joined at interpreter exit, so a
 stream that never finished would hang a pool child's exit.
 """
@@ -49,11 +49,13 @@ def _spawn(run: Callable[[], None], done: threading.Event) -> None:
         inbox = _idle.pop() if _idle else None
     if inbox is None:
         inbox = queue.SimpleQueue()
-        threading.Thread(target=_serve, args=(inbox,), name="corral-publisher", daemon=True).start()
+        threading.Thread(
+            target=_run_sends, args=(inbox,), name="corral-publisher", daemon=True
+        ).start()
     inbox.put((run, done))
 
 
-def _serve(inbox: Inbox) -> None:
+def _run_sends(inbox: Inbox) -> None:
     while True:
         run, done = inbox.get()
         try:
@@ -112,8 +114,8 @@ class Publisher:
     def start(self) -> None:
         """Announce the worker (the gateway watches its heartbeat) and start flushing, on a
         flusher thread. The task calls this once its llama-server request is on the wire:
-        started earlier, the thread's first PUBLISH competed with the request for the GIL
-        (~0.1 ms of TTFT); chunks that come before it wait in the batch. Idempotent."""
+        started earlier, the thread's first PUBLISH competed with the request for the GIL;
+        chunks that come before it wait in the batch. Idempotent."""
         if not self._started:
             self._started = True
             _spawn(self._run, self._done)
@@ -131,7 +133,7 @@ class Publisher:
     def chunk(self, *raw: str) -> None:
         """Queue chunks for the next frame; several given at once share a frame. A chunk
         after a quiet spell is sent at once by the caller itself, rather than by waking
-        the flusher (a thread wake-up, ~0.2 ms, on every first token)."""
+        the flusher (a thread wake-up on every first token)."""
         with self._cond:
             fresh = not self._chunks
             self._chunks.extend(raw)

@@ -5,7 +5,7 @@ Set once by the worker's main process before Celery forks its pool (`configure`)
 pool child inherits it. Network clients are created lazily per process: a Redis or HTTP
 connection opened before a fork must never be shared with the child.
 
-The model changes over the worker's life (issue 3) while the pool children live on, so
+The model changes over the worker's life while the pool children live on, so
 it sits in a `Serving` cell of shared memory that the main process's model manager writes
 and the children read before each task. The llama-server port is fixed for the worker's
 life, so the upstream URL the children inherited stays right across model swaps.
@@ -82,7 +82,7 @@ class Runtime:
         """Send the task back to its queue unless this worker serves `alias` right now.
 
         A worker stops consuming a model's queues before it unloads it, but the BRPOP in
-        flight may still hand it one task (DESIGN.md: cancel_consumer takes ~1 s to bite).
+        flight may still hand it one task: `cancel_consumer` bites only at the next BRPOP.
         Rejected before the claim, so another worker runs it as if it never came here."""
         held = self.serving.get()
         if held == alias:

@@ -6,8 +6,8 @@ blocked read at once and makes llama-server see the disconnect and free its slot
 
 The client is the standard library's `http.client`, one fresh connection per call:
 llama-server closes a connection after a stream even though it advertises keep-alive,
-and reusing one fails now and then (issue 2, "Known facts"). httpx cost ~0.8 ms more
-to the first token here, and more CPU per token (its pure-Python HTTP parser).
+and reusing one fails now and then. httpx cost more to the first token, and more CPU per
+token (its pure-Python HTTP parser; `benchmarks/README.md`).
 """
 
 from __future__ import annotations
@@ -101,9 +101,6 @@ class Upstream:
         url = urlsplit(base_url)
         self._host, self._port = url.hostname or "127.0.0.1", url.port
         self._read_timeout = read_timeout
-
-    def close(self) -> None:
-        """Nothing is held between calls (one connection per call)."""
 
     @contextmanager
     def _call(

@@ -22,6 +22,8 @@ from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
 from tests.support import corral_child, openai_client, wait_for, wait_healthy, workers
 
+pytestmark = pytest.mark.slow  # every test here runs Corral processes
+
 MODEL = "b-chat"
 
 
@@ -76,7 +78,7 @@ def submit(client: openai.OpenAI, content: bytes) -> Any:
     )
 
 
-def wait_final(client: openai.OpenAI, batch_id: str, timeout: float = 90) -> Any:
+def wait_final(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Any:
     final = {"completed", "failed", "cancelled", "expired"}
     assert wait_for(lambda: client.batches.retrieve(batch_id).status in final, timeout, 0.2)
     return client.batches.retrieve(batch_id)
@@ -217,7 +219,7 @@ def test_worker_killed_midway_loses_and_duplicates_nothing(
         victim = cluster.children[1]
         assert victim.pid is not None
         os.kill(victim.pid, signal.SIGKILL)
-        done = wait_final(client, batch.id, timeout=120)
+        done = wait_final(client, batch.id, timeout=60)
         assert done.status == "completed", cluster.logs()
         out = lines_of(client, done.output_file_id)
         ids = [x["custom_id"] for x in out]
@@ -254,7 +256,7 @@ def test_gateway_restarted_midway_batch_completes(
         )
         gw.start()
         wait_healthy(base, 0)
-        done = wait_final(client, batch.id, timeout=120)
+        done = wait_final(client, batch.id, timeout=60)
         assert done.status == "completed"
         assert len({x["custom_id"] for x in lines_of(client, done.output_file_id)}) == 60
     finally:

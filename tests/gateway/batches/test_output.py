@@ -86,13 +86,16 @@ def test_files_in_input_order_with_the_items_an_expired_batch_never_ran(
 
 
 def test_a_lost_item_is_reported_once(r: redis.Redis, own_redis: EmbeddedRedis) -> None:
-    r.hset(redis_keys.batch_key("batch_x"), mapping={"failed": 2})
+    r.hset(redis_keys.batch_key("batch_x"), mapping={"failed": 2, "status": "in_progress"})
+    r.hset(redis_keys.batch_key("batch_y"), mapping={"failed": 0, "status": "finalizing"})
 
     async def run() -> None:
         client = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
         try:
             for _ in range(2):  # a second supervisor round writes nothing more
                 await record_lost(client, "batch_x", "batch_x-7", "item-7", 3)
+            # one being finalized takes no more results: they would be in no file
+            await record_lost(client, "batch_y", "batch_y-1", "item-1", 3)
         finally:
             await client.aclose()
 
@@ -101,3 +104,5 @@ def test_a_lost_item_is_reported_once(r: redis.Redis, own_redis: EmbeddedRedis) 
     assert reported["error"]["code"] == "worker_lost" and "3 times" in reported["error"]["message"]
     assert reported["id"] == "batch_req_batch_x-7" and reported["response"] is None
     assert r.hget(redis_keys.batch_key("batch_x"), "failed") == "3"
+    assert not r.exists(redis_keys.batch_results_key("batch_y"))
+    assert r.hget(redis_keys.batch_key("batch_y"), "failed") == "0"

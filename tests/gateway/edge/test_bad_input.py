@@ -1,4 +1,4 @@
-"""Bad input gets a clear error in the OpenAI envelope, never a 500 or a hang (issue 5).
+"""Bad input gets a clear error in the OpenAI envelope, never a 500 or a hang.
 
 Cases already in `test_openai_e2e.py` (malformed JSON, no messages, empty messages, a
 string `max_tokens`, a bare non-UTF-8 body, an unknown model, an invalid priority, a

@@ -1,4 +1,4 @@
-"""Metrics and request ids after real traffic (issue 5): the gateway's /metrics, each
+"""Metrics and request ids after real traffic: the gateway's /metrics, each
 worker's own /metrics (found through the registry and /metrics/targets), a worker's
 series gone when it leaves, and the request id on every log line of a request."""
 

@@ -1,4 +1,4 @@
-"""Placement decisions on plain data (`gateway.placement.policy`): every rule of issue 3."""
+"""Placement decisions on plain data (`gateway.placement.policy`): every rule."""
 
 from __future__ import annotations
 

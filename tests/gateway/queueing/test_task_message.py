@@ -35,7 +35,7 @@ from common.settings import Settings
 from common.tracking import RequestRecord, RequestState
 from corral.redis_server import EmbeddedRedis
 from gateway.queueing.dispatch import Dispatcher
-from gateway.queueing.task_message import TaskMessages, summary
+from gateway.queueing.task_message import TaskMessages, args_repr
 
 T = TypeVar("T")
 PER_TASK = {"id", "root_id", "argsrepr"}  # headers that name the task itself
@@ -128,8 +128,8 @@ def test_entry_is_what_send_task_writes(
     for name in a["headers"].keys() - PER_TASK:
         assert a["headers"][name] == b["headers"][name], name
     assert (b["headers"]["id"], b["headers"]["root_id"]) == ("req_ours", "req_ours")
-    assert b["headers"]["argsrepr"] == summary(ours)  # not the prompt: what the request is
-    assert "req_ours" in summary(ours) and ours.model in summary(ours)
+    assert b["headers"]["argsrepr"] == args_repr(ours)  # not the prompt: what the request is
+    assert "req_ours" in args_repr(ours) and ours.model in args_repr(ours)
     pa, pb = a["properties"], b["properties"]
     assert pa.keys() == pb.keys()
     assert pa["delivery_info"] == pb["delivery_info"] == {"exchange": "", "routing_key": queue}

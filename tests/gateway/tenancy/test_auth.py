@@ -1,4 +1,4 @@
-"""API keys end to end (issue 5): the key lifecycle through the `corral keys` CLI, 401 and
+"""API keys end to end: the key lifecycle through the `corral keys` CLI, 401 and
 403, per-key models and priority caps (downgrade and reject), keys never in logs, and a
 keyless gateway open only on loopback. A gateway with an admin key runs beside the shared
 cluster, on its Valkey and workers."""

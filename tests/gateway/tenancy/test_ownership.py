@@ -1,4 +1,4 @@
-"""What one team's key may see of another's (issue 5, a cluster shared by teams): files,
+"""What one team's key may see of another's: files,
 batches and their results, and request records belong to the key that made them; any other
 user key gets 404 as if they did not exist, while the admin key sees everything. A key
 limited to some models lists only those. Real gateway with an admin key, on the shared

@@ -1,4 +1,4 @@
-"""Per-key rate limits (issue 5): the bucket math on a real Valkey with a fixed clock, then
+"""Per-key rate limits: the bucket math on a real Valkey with a fixed clock, then
 limits reached and reset through a real gateway."""
 
 from __future__ import annotations

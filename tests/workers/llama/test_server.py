@@ -197,6 +197,7 @@ def test_cpu_threads_unless_the_user_chose(
         assert srv.pid is not None and "--threads" in psutil.Process(srv.pid).cmdline()
 
 
+@pytest.mark.slow
 def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
     srv = LlamaServer(_spec(tmp_path / "nope.gguf"))
     srv.start()
@@ -210,6 +211,7 @@ def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
     assert srv.state is ServerState.STOPPED
 
 
+@pytest.mark.slow
 def test_illegal_instruction_names_the_cause(tmp_path: Path) -> None:
     """A build for another CPU dies of SIGILL while loading: the error says what to do."""
     fake = shell_script(tmp_path / "avx512-server", "echo 'loading model'\nkill -ILL $$\n")
@@ -223,6 +225,7 @@ def test_illegal_instruction_names_the_cause(tmp_path: Path) -> None:
     assert exit_reason(0) == "rc=0" and exit_reason(-signal.SIGSEGV) == "rc=-11 (SIGSEGV)"
 
 
+@pytest.mark.slow
 def test_llama_server_stop_during_start(models: dict[str, Path]) -> None:
     srv = LlamaServer(_spec(models["chat"]))
     errors: list[BaseException] = []
@@ -248,6 +251,7 @@ def test_llama_server_stop_during_start(models: dict[str, Path]) -> None:
         srv.ensure_ready(1)
 
 
+@pytest.mark.slow
 def test_stop_kills_whole_group(models: dict[str, Path]) -> None:
     with LlamaServer(_spec(models["chat"])) as srv:
         srv.ensure_ready(30)
@@ -257,6 +261,7 @@ def test_stop_kills_whole_group(models: dict[str, Path]) -> None:
     assert not _alive(pid) and not _group_alive(pid)
 
 
+@pytest.mark.slow
 def test_llama_server_ignores_sigterm_then_killed(tmp_path: Path) -> None:
     fake = shell_script(
         tmp_path / "stubborn-server", "trap '' TERM\nsleep 300 &\necho grandchild=$!\nwait\n"
@@ -277,6 +282,7 @@ def test_llama_server_ignores_sigterm_then_killed(tmp_path: Path) -> None:
     assert _wait_gone(grandchild, 2) and not _alive(pid)
 
 
+@pytest.mark.slow
 def test_llama_server_child_dies_with_parent(models: dict[str, Path]) -> None:
     script = textwrap.dedent(f"""
         import time
@@ -301,6 +307,7 @@ def test_llama_server_child_dies_with_parent(models: dict[str, Path]) -> None:
     assert _wait_gone(child, 5), "llama-server outlived its SIGKILLed parent"
 
 
+@pytest.mark.slow
 def test_unspawnable_binary_raises(tmp_path: Path) -> None:
     srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=tmp_path / "no-such-binary"))
     with pytest.raises(LlamaServerError, match="cannot spawn"):
@@ -320,6 +327,7 @@ def test_resolve_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert resolve_binary() == fake
 
 
+@pytest.mark.slow
 def test_ready_means_our_child_holds_the_port(
     chat_server: LlamaServer, models: dict[str, Path]
 ) -> None:

@@ -1,4 +1,4 @@
-"""Crash backoff and giving up (`workers.models.restarts`): issue 3, "Health"."""
+"""Crash backoff and giving up (`workers.models.restarts`)."""
 
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ def _batch(r: redis.Redis, status: BatchState) -> str:
 @pytest.mark.parametrize("status", [BatchState.IN_PROGRESS, BatchState.CANCELLING])
 def test_a_running_batch_takes_each_result_once(r: redis.Redis, status: BatchState) -> None:
     batch_id = _batch(r, status)
-    assert batch_sink.succeeded(r, _item(batch_id, "a"), {"choices": []})
-    assert not batch_sink.succeeded(r, _item(batch_id, "a"), {"choices": []})  # redelivered
+    assert batch_sink.record_success(r, _item(batch_id, "a"), {"choices": []})
+    assert not batch_sink.record_success(r, _item(batch_id, "a"), {"choices": []})  # redelivered
     assert r.hget(redis_keys.batch_key(batch_id), "completed") == "1"
     assert batch_sink.has_result(r, _item(batch_id, "a"))
 
@@ -62,6 +62,6 @@ def test_a_running_batch_takes_each_result_once(r: redis.Redis, status: BatchSta
 )
 def test_a_batch_being_finalized_takes_no_more_results(r: redis.Redis, status: BatchState) -> None:
     batch_id = _batch(r, status)
-    assert not batch_sink.succeeded(r, _item(batch_id, "late"), {"choices": []})
+    assert not batch_sink.record_success(r, _item(batch_id, "late"), {"choices": []})
     assert r.hget(redis_keys.batch_key(batch_id), "completed") == "0"
     assert not batch_sink.has_result(r, _item(batch_id, "late"))

@@ -164,7 +164,8 @@ def test_a_lost_llama_server_releases_the_claim_it_took(
     assert last.type is FrameType.ERROR and last.error is not None
     assert last.error.code == "worker_lost"
     assert rt.redis.get(redis_keys.claim_key(job.request_id)) is None
-    assert ledger.claim(rt.redis, job, "w-other", 60) is Claim.FIRST  # the resubmission
+    resubmission = ledger.PendingClaim(rt.redis, job, "w-other", 60).result()
+    assert resubmission is Claim.FIRST
 
 
 def test_a_duplicate_whose_llama_server_is_gone_leaves_the_owners_claim(

@@ -15,7 +15,12 @@ from common.jobs import Job, JobKind
 from common.tracking import RequestState, running_member
 from corral.redis_server import EmbeddedRedis
 from workers.task import ledger
-from workers.task.ledger import Claim, claim
+from workers.task.ledger import Claim, PendingClaim
+
+
+def claim(r: redis.Redis, job: Job, worker_id: str, ttl: int) -> Claim:
+    """A claim sent and read at once (the task sends it once its call is on the wire)."""
+    return PendingClaim(r, job, worker_id, ttl).result()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ class Consumer(CeleryConsumer):
     """Celery's consumer, with its task events sent a few milliseconds later.
 
     Celery buffers task events (`task-received`, `task-succeeded` …) and flushes them on
-    the event loop's next turn, with a blocking PUBLISH (~0.5 ms here). That turn is the
+    the event loop's next turn, with a blocking PUBLISH. That turn is the
     worst one to block: it is the one in which the pool writes a new task to a child (the
     task's first token waited for it), and the one in which the consumer, a task having
     just ended, acks and fetches the next task (the hand-off between two tasks waited for
@@ -51,7 +51,7 @@ class Consumer(CeleryConsumer):
 def _yield_to_the_consumer(**_: object) -> None:
     """Pool children relay streams; the worker's main process fetches the next task. With
     many runnable processes on few cores, a fetch stuck behind the streams leaves slots
-    idle while tasks wait in Redis (measured: c=32 TTFT p50 1.3 s → 0.6 s with this).
+    idle while tasks wait in Redis (the c=32 figures are in `benchmarks/README.md`).
     The heap a child inherits is frozen (see `_freeze_the_heap`)."""
     os.nice(5)
     gc.freeze()
@@ -61,7 +61,7 @@ def _yield_to_the_consumer(**_: object) -> None:
 def _freeze_the_heap(**_: object) -> None:
     """Exempt everything built at startup (Celery, kombu, pydantic's schemas: hundreds of
     thousands of objects) from the garbage collector's full passes. Each pass walked all of
-    them: 30-80 ms during which the consumer neither fetched nor handed over a task."""
+    them, and meanwhile the consumer neither fetched nor handed over a task."""
     gc.freeze()
 
 

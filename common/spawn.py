@@ -1,0 +1,57 @@
+"""Child processes that never outlive their parent, for every process that spawns one
+(`corral up` its gateway and workers, a worker its llama-server, tests their clusters).
+
+Each child gets its own session (a terminal's Ctrl-C reaches only the parent, which stops
+its children in order; the parent can signal the child's whole group) and
+PR_SET_PDEATHSIG, so the kernel SIGKILLs it when its parent dies, even of SIGKILL.
+PDEATHSIG fires when the *thread* that forked the child exits, not the process: spawn
+from a thread that lives as long as the child should (a main or supervisor thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(prctl: Callable[..., int] | None, parent_pid: int) -> None:
+    """preexec_fn, in the child between fork and exec: only async-signal-safe work here.
+    `prctl` was looked up in the parent (dlopen() after fork() can deadlock)."""
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def spawn(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session, to die with this process. stdin is /dev/null."""
+    prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+    return subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=functools.partial(_die_with_parent, prctl, os.getpid()),
+    )
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """`sig` to every process of the group a `spawn`ed child leads; gone is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
