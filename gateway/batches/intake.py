@@ -85,9 +85,8 @@ class BatchRunner:
             )
         if window not in WINDOWS:
             raise InvalidRequest("completion_window must be '24h'.", param="completion_window")
-        meta = await self.store.files.get(input_file_id)
-        if meta is None or not caller.sees(meta.owner):
-            raise FileNotFound(f"No file {input_file_id!r}.", param="input_file_id")
+        missing = FileNotFound(f"No file {input_file_id!r}.", param="input_file_id")
+        meta = caller.own(await self.store.files.get(input_file_id), missing)
         if meta.purpose != "batch":
             raise InvalidRequest(
                 f"File {input_file_id!r} has purpose {meta.purpose!r}, not 'batch'.",

@@ -61,6 +61,4 @@ async def cancel_batch(batch_id: str, state: State, caller: CallerDep) -> Batch:
 
 async def _visible(state: State, batch_id: str, caller: Caller) -> Batch:
     batch = await state.batches.store.load(batch_id)  # 404 if unknown
-    if not caller.sees(batch.owner):
-        raise BatchNotFound(f"No batch {batch_id!r}.", param="batch_id")
-    return batch
+    return caller.own(batch, BatchNotFound(f"No batch {batch_id!r}.", param="batch_id"))

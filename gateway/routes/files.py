@@ -66,9 +66,7 @@ async def list_files(
 
 async def _meta(state: State, file_id: str, caller: Caller) -> FileObject:
     meta = await state.batches.store.files.get(file_id)
-    if meta is None or not caller.sees(meta.owner):
-        raise FileNotFound(f"No file {file_id!r}.", param="file_id")
-    return meta
+    return caller.own(meta, FileNotFound(f"No file {file_id!r}.", param="file_id"))
 
 
 @router.get("/v1/files/{file_id}")

@@ -16,9 +16,8 @@ router = APIRouter(tags=["requests"])
 
 async def _record(state: State, request_id: str, caller: Caller) -> RequestRecord:
     record = await state.dispatcher.tracker.get(request_id)
-    if record is None or not caller.sees(record.owner):
-        raise RequestNotFound(f"No request {request_id!r} (unknown, or finished over an hour ago).")
-    return record
+    why = f"No request {request_id!r} (unknown, or finished over an hour ago)."
+    return caller.own(record, RequestNotFound(why))
 
 
 @router.get("/v1/requests/{request_id}")

@@ -11,12 +11,21 @@ everything; what they make has no owner, so no user key sees it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Request
 
 from common.apikeys import ApiKey
+from common.errors import NotFound
 from gateway.tenancy.principals import principal_of
+
+
+class Owned(Protocol):
+    @property
+    def owner(self) -> str | None: ...
+
+
+OwnedT = TypeVar("OwnedT", bound=Owned)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,12 @@ class Caller:
 
     def sees(self, owner: str | None) -> bool:
         return self.key is None or owner == self.key.id
+
+    def own(self, found: OwnedT | None, missing: NotFound) -> OwnedT:
+        """`found` if this caller may see it; else `missing`, exactly as if it did not exist."""
+        if found is None or not self.sees(found.owner):
+            raise missing
+        return found
 
     def allows_model(self, alias: str) -> bool:
         return self.key is None or self.key.allows_model(alias)
