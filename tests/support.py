@@ -18,6 +18,7 @@ import redis
 from common import redis_keys
 from common.registry import WorkerInfo
 from corral.procs import Child
+from corral.tinymodel import make_model
 
 _CLIENTS: list[openai.OpenAI] = []  # closed at the end of the session (conftest)
 
@@ -139,13 +140,19 @@ def env_without_corral() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
 
 
-class Blocker:
-    """A long streaming generation holding the model's only slot until cancelled.
+def slow_model(path: Path) -> Path:
+    """A generated model for tests that need a generation to last: trained for a long
+    context (llama-server caps a slot at the training context, so 8000 tokens asked of the
+    default tiny model end after 2048) and large enough to decode only a few hundred tokens
+    a second on one CPU thread (the default tiny model decodes thousands a second on a fast
+    core, and a 256-wide one two thousand: a long request ended before the test was done
+    with it). Serve it with `--ctx-size` of 16384 or more."""
+    return make_model(path, n_embd=384, n_layer=6, n_ff=1024, ctx=32768)
 
-    llama-server caps a slot's context at the model's training context: with the tiny
-    model's default (2048) the 8000 tokens asked for end after ~2000, in about 2 s on one
-    CPU thread, sometimes before the test is done with the slot. Serve a model made with
-    `ctx=16384` (and `--ctx-size 16384`): 8000 tokens then take tens of seconds."""
+
+class Blocker:
+    """A long streaming generation holding the model's only slot until cancelled. Serve a
+    `slow_model`, or the generation may end before the test is done with the slot."""
 
     def __init__(self, base_url: str, model: str) -> None:
         self.base_url = base_url

@@ -13,10 +13,9 @@ import pytest
 
 from common.celery_config import soft_time_limit
 from corral.redis_server import EmbeddedRedis
-from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
 from tests.gateway.test_worker_death import Call
-from tests.support import busy_slots, wait_for, workers
+from tests.support import busy_slots, slow_model, wait_for, workers
 
 MODEL = "t-chat"  # its own: another module's leftover tasks must not reach this worker
 LIMIT_S = 4.0
@@ -24,7 +23,7 @@ LIMIT_S = 4.0
 
 @pytest.fixture
 def limited(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
+    model = slow_model(tmp_path / f"{MODEL}.gguf")
     args = ["--model", str(model), "--slots", "2", "--ctx-size", "32768"]
     cluster = start_cluster(
         redis_server.url, tmp_path / "logs", [args], CORRAL_TASK_TIME_LIMIT=str(LIMIT_S)

@@ -20,9 +20,8 @@ import redis
 from common import redis_keys
 from common.registry import WorkerInfo
 from corral.redis_server import EmbeddedRedis
-from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
-from tests.support import alive, busy_slots, corral_child, wait_for, workers
+from tests.support import alive, busy_slots, corral_child, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
@@ -43,11 +42,8 @@ def _no_tasks_left(redis_url: str) -> None:
 @pytest.fixture
 def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[Cluster, Path]]:
     _no_tasks_left(redis_server.url)
-    # Wider and deeper than the default tiny model, so it decodes a few hundred tokens/s
-    # (~340 alone on one thread of a 2-vCPU VM), and trained for a long context (llama-server
-    # caps a slot at the training context: 2048 would end an 8000-token stream after ~2000):
-    # the long requests must still be running on A when B has started and A is killed.
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
+    # The long requests must still be running on A when B has started and A is killed.
+    model = slow_model(tmp_path / f"{MODEL}.gguf")
     cluster = start_cluster(
         redis_server.url,
         tmp_path / "logs",
@@ -169,7 +165,7 @@ def _llama_children(pid: int | None) -> list[int]:
 @pytest.fixture
 def one_slot(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
     _no_tasks_left(redis_server.url)
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
+    model = slow_model(tmp_path / f"{MODEL}.gguf")
     args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
     cluster = start_cluster(redis_server.url, tmp_path / "logs", [args])
     yield cluster
@@ -199,7 +195,7 @@ def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
 @pytest.fixture
 def two_single_slots(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Cluster]:
     _no_tasks_left(redis_server.url)
-    model = make_model(tmp_path / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=32768)
+    model = slow_model(tmp_path / f"{MODEL}.gguf")
     args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
     cluster = start_cluster(redis_server.url, tmp_path / "logs", [args, args])
     yield cluster

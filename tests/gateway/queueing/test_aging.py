@@ -26,13 +26,12 @@ from common.net import free_port
 from common.priority import Priority
 from common.settings import ModelConfig, Settings
 from corral.redis_server import EmbeddedRedis
-from corral.tinymodel import make_model
 from gateway.catalog import Catalog
 from gateway.leader import LeaderLock
 from gateway.queueing.aging import PROMOTE_LUA, Promoter
 from gateway.queueing.records import Tracker, enqueued_at, new_record
 from tests.conftest import Cluster, start_cluster
-from tests.support import Blocker, corral_child, wait_for, wait_healthy
+from tests.support import Blocker, corral_child, slow_model, wait_for, wait_healthy
 
 LOW, NORMAL = redis_keys.queue_name("m", Priority.LOW), redis_keys.queue_name("m", Priority.NORMAL)
 
@@ -186,7 +185,7 @@ def acluster(
 ) -> Iterator[Cluster]:
     """One worker with one slot; its gateway does not age (an aging one is added per test)."""
     root = tmp_path_factory.mktemp("aging")
-    model = make_model(root / f"{MODEL}.gguf", ctx=16384)  # a Blocker lasts (see it)
+    model = slow_model(root / f"{MODEL}.gguf")  # a Blocker lasts
     worker = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
     running = start_cluster(redis_server.url, root / "logs", [worker])
     yield running

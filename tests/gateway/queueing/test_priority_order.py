@@ -20,10 +20,9 @@ import pytest
 
 from common.net import free_port
 from corral.redis_server import EmbeddedRedis
-from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
 from tests.gateway.helpers import samples, value
-from tests.support import Blocker, busy_slots, corral_child, wait_for, workers
+from tests.support import Blocker, busy_slots, corral_child, slow_model, wait_for, workers
 
 MODEL = "q-chat"
 HI = [{"role": "user", "content": "hi"}]
@@ -34,7 +33,7 @@ def qcluster(
     redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("queueing")
-    model = make_model(root / f"{MODEL}.gguf", ctx=16384)  # a Blocker lasts (see it)
+    model = slow_model(root / f"{MODEL}.gguf")  # a Blocker lasts
     running = start_cluster(
         redis_server.url,
         root / "logs",
