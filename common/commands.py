@@ -32,5 +32,8 @@ class WorkerCommand(BaseModel):
     model: str
     config: ModelConfig | None = None  # as the gateway knows it (the worker's config wins)
     evict: str | None = None  # the idle model the placer chose to swap out
+    # UNLOAD only: an eviction to make room for this model, done only if `model` is still
+    # idle and unpinned here (the placer saw an older picture); None: an operator's eject
+    room_for: str | None = None
     lock: str | None = None  # placement lock token, released once the load is visible
     sent_at: float = Field(default_factory=time.time)

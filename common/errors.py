@@ -22,6 +22,7 @@
 
     Faults inside a worker, never sent to a client as they are:
     LlamaServerError                 llama-server would not start, or died
+    ModelBroken                      a model no worker could load (its file, its size)
     QueueError                       the Celery consumer did not take the wanted queues
     GPUUnavailable                   NVML is absent, or the GPU is not there
 
@@ -186,6 +187,16 @@ class Timeout(CorralError):
 
 class LlamaServerError(RuntimeError):
     """llama-server could not be started, or exited before it was ready."""
+
+
+class ModelBroken(RuntimeError):
+    """A model that cannot be loaded (its file is missing, not a GGUF, too big for every
+    device). `public` says why without paths or log lines, fit for API clients; the
+    exception's message has the whole story, for the log and the admin API."""
+
+    def __init__(self, public: str, detail: str | None = None) -> None:
+        super().__init__(detail or public)
+        self.public = public
 
 
 class QueueError(RuntimeError):

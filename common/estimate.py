@@ -17,17 +17,24 @@ prefers it); `corral models estimate` prints both.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from common.gguf_header import read_header
+from common.errors import ModelBroken
+from common.gguf_header import GGUFError, read_header
 
 MIB = 2**20
 CPU_OVERHEAD_MB = 26.0
 GPU_OVERHEAD_MB = 300.0
 COMPUTE_BASE_MB = 1.0
+AUTO_MIN_PER_SLOT = 2048  # `ctx_size: auto` never gives a slot less (or its training context)
+
+Ctx = int | Literal["auto"]
 
 # Bytes per element of each llama.cpp KV cache type (-ctk / -ctv).
 CACHE_TYPE_BYTES = {
@@ -57,6 +64,13 @@ class ModelShape:
     n_vocab: int
     n_ctx_train: int
     weights_bytes: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelShape:
+        return cls(**json.loads(text))
 
 
 @dataclass(frozen=True)
@@ -126,17 +140,88 @@ def flag_value(flags: list[str] | tuple[str, ...], *names: str) -> str | None:
     return found
 
 
+def read_checked(path: str | Path) -> ModelShape:
+    """`read_shape`, with what makes a file unloadable raised as `ModelBroken` (a reason
+    without paths, fit for clients). OSError (unreadable, gone) passes through."""
+    try:
+        return read_shape(path)
+    except (GGUFError, KeyError, ValueError, TypeError) as exc:
+        raise ModelBroken(f"not a loadable GGUF model: {exc}") from None
+
+
+def cache_value(shape: ModelShape | ModelBroken) -> str:
+    """How a file's reading is kept in Redis (`redis_keys.gguf_shape_key`): its shape, or
+    why it cannot load."""
+    if isinstance(shape, ModelBroken):
+        return json.dumps({"error": shape.public})
+    return shape.to_json()
+
+
+def from_cache(text: str | bytes) -> ModelShape:
+    """A kept reading; raises `ModelBroken` for a file found unloadable."""
+    data = json.loads(text)
+    if "error" in data:
+        raise ModelBroken(data["error"])
+    return ModelShape(**data)
+
+
+def file_identity(path: str | Path) -> str:
+    """A name for this version of the file at `path` (its path, size and modification
+    time): what a cached reading of its header is keyed by. Raises OSError if it is gone."""
+    p = Path(path)
+    st = p.stat()
+    where = hashlib.sha1(str(p.absolute()).encode()).hexdigest()[:16]
+    return f"{where}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def context_of(shape: ModelShape, ctx_size: Ctx, slots: int) -> int:
+    """The context llama-server is given: `ctx_size`, or for `auto` the least it may get
+    (`AUTO_MIN_PER_SLOT` a slot, or the training context if shorter)."""
+    if ctx_size != "auto":
+        return int(ctx_size)
+    return min(shape.n_ctx_train, AUTO_MIN_PER_SLOT) * slots
+
+
+def fit_context(
+    shape: ModelShape,
+    free_mb: int,
+    *,
+    slots: int,
+    flags: list[str] | tuple[str, ...] = (),
+    device: str = "cpu",
+) -> int:
+    """`ctx_size: auto`: the largest context (256-cell steps per slot, up to the training
+    context per slot) whose estimate fits `free_mb`; the least auto context if none does."""
+    lo = math.ceil(context_of(shape, "auto", slots) / slots / 256)
+    hi = max(lo, shape.n_ctx_train // 256)
+
+    def fits(cells: int) -> bool:
+        need = estimate(
+            shape, ctx_size=cells * 256 * slots, slots=slots, flags=flags, device=device
+        )
+        return need.total_mb <= free_mb
+
+    if not fits(lo):
+        return lo * 256 * slots
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * 256 * slots
+
+
 def estimate(
     shape: ModelShape,
     *,
-    ctx_size: int,
+    ctx_size: Ctx,
     slots: int,
     flags: list[str] | tuple[str, ...] = (),
     device: str = "cpu",
 ) -> Estimate:
     """The memory one llama-server needs for `shape` with this context, slots and flags.
     `flags` win over `ctx_size`/`slots`, as they do on llama-server's command line."""
-    ctx = int(flag_value(flags, "-c", "--ctx-size") or ctx_size) or shape.n_ctx_train * slots
+    flagged = flag_value(flags, "-c", "--ctx-size")
+    ctx = int(flagged) if flagged else context_of(shape, ctx_size, slots)
+    ctx = ctx or shape.n_ctx_train * slots
     slots = int(flag_value(flags, "-np", "--parallel") or slots)
     ubatch = int(flag_value(flags, "-ub", "--ubatch-size") or 512)
     k_bytes = CACHE_TYPE_BYTES.get(flag_value(flags, "-ctk", "--cache-type-k") or "f16", 2.0)
@@ -158,7 +243,7 @@ def estimate(
 def estimate_file(
     path: str | Path,
     *,
-    ctx_size: int,
+    ctx_size: Ctx,
     slots: int,
     flags: list[str] | tuple[str, ...] = (),
     device: str = "cpu",

@@ -124,6 +124,33 @@ def memory_key(alias: str) -> str:
     return f"{PREFIX}:mem:{alias}"
 
 
+def device_key(device: str) -> str:
+    """Hash: one device's memory ledger (`common.devices`): `budget:<worker>` -> the MiB the
+    device holds as each worker on it sees it, `reserved:<worker>` -> MiB that worker's model
+    holds or is loading into. Every worker on the device reserves from it atomically."""
+    return f"{PREFIX}:device:{device}"
+
+
+# Hash alias -> why: models found unloadable before any worker tried (not a GGUF, a split
+# file missing, bigger than every device), until `POST /v1/models/{alias}/reset`.
+MODELS_FAILED = f"{PREFIX}:models:failed"
+
+# Sorted set alias -> when a gateway last announced it from its config or models_dir: an
+# entry nobody announces and no live worker holds leaves the catalog.
+CATALOG_SEEN = f"{PREFIX}:catalog:seen"
+
+# Hash alias -> JSON of request defaults set at run time (`POST /v1/models/{alias}/defaults`),
+# over the config's `defaults`.
+MODEL_DEFAULTS = f"{PREFIX}:models:defaults"
+
+
+def gguf_shape_key(identity: str) -> str:
+    """String: the GGUF header facts of one file version (`common.estimate.ModelShape` JSON,
+    or `{"error": ...}`), shared by every gateway and worker; `identity` names the file
+    version (path, size, mtime)."""
+    return f"{PREFIX}:gguf:{identity}"
+
+
 # Pub/sub channel of ModelEvent JSON: a model changed state on a worker.
 EVENTS = f"{PREFIX}:events"
 

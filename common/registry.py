@@ -46,12 +46,13 @@ class WorkerInfo(BaseModel):
     slots: int
     state: WorkerState
     gpu: str | None = None  # "cpu", or the GPU index it is pinned to
+    device: str | None = None  # its device's memory ledger (`common.devices`)
     upstream: str | None = None  # the llama-server base URL, on the worker's host
     metrics_port: int | None = None  # the worker's own Prometheus /metrics, on `host`
     started_at: float = Field(default_factory=time.time)
     error: str | None = None
     # Models on this worker: one at a time, within a memory budget.
-    budget_mb: int | None = None  # VRAM on a GPU, RAM on the CPU
+    budget_mb: int | None = None  # its device's budget as it sees it: VRAM, or RAM on the CPU
     used_mb: int | None = None  # measured use of its llama-server (reserved need while loading)
     slots_busy: int = 0
     next_model: str | None = None  # loads once `model` has unloaded (a swap)
@@ -60,6 +61,9 @@ class WorkerInfo(BaseModel):
     last_used: float | None = None
     restarts: int = 0  # crashes of `model`'s llama-server, each restarted
     failed: dict[str, str] = Field(default_factory=dict)  # alias -> why, until reset
+    # alias -> the whole story (llama-server's last lines, paths): for admins, never clients
+    failed_detail: dict[str, str] = Field(default_factory=dict)
+    ctx_size: int | None = None  # the context `model` was loaded with (`ctx_size: auto`)
 
     def model_state(self, alias: str) -> ModelState:
         """`alias`'s state on this worker."""

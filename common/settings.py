@@ -40,7 +40,9 @@ class ModelConfig(BaseModel):
 
     model_path: Path
     flags: list[str] = Field(default_factory=list)  # passed to llama-server as is
-    ctx_size: int = Field(default=4096, ge=64)
+    # the context llama-server gets (all slots together); "auto": the most that fits the
+    # room on the device it is loaded on, up to the training context per slot
+    ctx_size: Annotated[int, Field(ge=64)] | Literal["auto"] = 4096
     parallel: int = Field(default=2, ge=1, le=256)  # llama-server slots = worker concurrency
     embedding: bool = False  # served with --embeddings --pooling mean
     preload: bool = False  # loaded at start (and kept loaded: no idle_ttl), `replicas` copies
@@ -48,6 +50,10 @@ class ModelConfig(BaseModel):
     idle_ttl: float = Field(default=300, ge=0)  # unload after this long unused; 0 = never
     vram_mb: int | None = Field(default=None, ge=1)  # memory need override (else estimated)
     replicas: int = Field(default=1, ge=1)  # copies placed when it is loaded
+    mmproj: Path | None = None  # a vision projector GGUF (llama-server's --mmproj)
+    # request fields a request does not set itself: temperature, top_p, top_k, min_p,
+    # repeat_penalty, max_tokens...; the request's own values win
+    defaults: dict[str, Any] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -71,6 +77,9 @@ class Settings(BaseSettings):
     task_time_limit: float = Field(default=900, gt=0)
     load_timeout: float = Field(default=120, gt=0)  # a model load, and a request waiting on it
     preload_models: list[str] = Field(default_factory=list)  # aliases to preload; "*" = all
+    # `corral up`: floating workers per device, so at most this many models are resident on
+    # one GPU (or the CPU) at once; how many fit is the device's memory's say
+    max_models_per_device: int = Field(default=3, ge=1, le=64)
     min_residency: float = Field(default=30, ge=0)  # a loaded model is not swapped out sooner
     max_swap_wait: float = Field(default=10, ge=0)  # ... unless a newcomer waited this long
     visibility_timeout: float | None = None  # default 2 x task_time_limit

@@ -96,11 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wk.add_argument(
         "--vram-budget",
-        help="memory budget, e.g. 20GiB (default: the GPU's "
-        "memory minus a reserve, or on the CPU the --ram-budget)",
+        help="the GPU's memory Corral may use, shared by every worker on that GPU, e.g. "
+        "20GiB (default: its memory minus a reserve)",
     )
     wk.add_argument(
-        "--ram-budget", help="CPU memory budget, e.g. 4GiB (default: half of the available RAM)"
+        "--ram-budget",
+        help="the host's memory CPU workers may use, shared by every CPU worker of the "
+        "host, e.g. 4GiB (default: half of the available RAM)",
+    )
+    wk.add_argument(
+        "--device",
+        help="the device whose memory this worker shares (default: its GPU's UUID, or the "
+        "host's CPU); workers given the same name share one budget",
     )
     wk.add_argument("--embedding", action="store_true", help="with a path: an embedding model")
     wk.add_argument("--ctx-size", type=int, help="with a path: context size (default 4096)")
@@ -231,22 +238,21 @@ def resolve_worker_model(
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from common.errors import LlamaServerError
-    from workers.main import run_worker
+    from workers.main import WorkerOptions, run_worker
 
     settings = _settings(args, redis_url=args.redis_url)
     setup_logging(settings.log_level, "worker", settings.log_format)
     alias, model = resolve_worker_model(settings, args)
     try:
-        run_worker(
-            settings,
-            alias,
-            model,
+        options = WorkerOptions(
             slots=args.slots,
             gpu=args.gpu,
             vram_budget=args.vram_budget,
             ram_budget=args.ram_budget,
+            device=args.device,
             banner=not args.no_banner,
         )
+        run_worker(settings, alias, model, options)
     except LlamaServerError as exc:  # its message says why (and the child's last lines)
         print(f"corral worker: {exc}", file=sys.stderr)
         return 1

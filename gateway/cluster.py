@@ -15,6 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from common import redis_keys
+from common.devices import Room, read_room
 from common.priority import Priority
 from common.registry import ModelState, WorkerInfo, WorkerState
 from common.tracking import split_running_member
@@ -24,6 +25,8 @@ from common.tracking import split_running_member
 class View:
     workers: list[WorkerInfo]
     queued: dict[str, int] = field(default_factory=dict)  # alias -> tasks waiting (all queues)
+    rooms: dict[str, Room] = field(default_factory=dict)  # device -> its memory ledger
+    broken: dict[str, str] = field(default_factory=dict)  # alias -> why no worker may load it
     taken_at: float = field(default_factory=time.monotonic)
 
     def ready(self, alias: str) -> list[WorkerInfo]:
@@ -32,6 +35,8 @@ class View:
     def state_of(self, alias: str) -> ModelState:
         """The cluster-wide state: ready if one copy is; else loading, unloading, failed, off."""
         states = {w.model_state(alias) for w in self.workers}
+        if alias in self.broken:
+            states.add(ModelState.FAILED)
         for s in (ModelState.READY, ModelState.LOADING, ModelState.UNLOADING, ModelState.FAILED):
             if s in states:
                 return s
@@ -95,11 +100,26 @@ async def running(client: aioredis.Redis, model: str) -> tuple[list[str], list[s
     return live, gone
 
 
+async def read_rooms(client: aioredis.Redis, workers: list[WorkerInfo]) -> dict[str, Room]:
+    """The memory ledger of each device the live `workers` are on (`common.devices`)."""
+    devices = sorted({w.device for w in workers if w.device})
+    if not devices:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for device in devices:
+        pipe.hgetall(redis_keys.device_key(device))
+    live = {w.id for w in workers}
+    ledgers = await pipe.execute()
+    return {d: read_room(raw, live) for d, raw in zip(devices, ledgers, strict=True)}
+
+
 async def read_view(client: aioredis.Redis, aliases: list[str] | None = None) -> View:
     workers = await read_workers(client)
     held = {w.model for w in workers if w.model} | set(aliases or [])
     depths = await queue_depths(client, sorted(held)) if held else {}
-    return View(workers, {a: sum(d.values()) for a, d in depths.items()})
+    rooms = await read_rooms(client, workers)
+    broken = {str(k): str(v) for k, v in (await client.hgetall(redis_keys.MODELS_FAILED)).items()}
+    return View(workers, {a: sum(d.values()) for a, d in depths.items()}, rooms, broken)
 
 
 def worker_summary(w: WorkerInfo) -> dict[str, Any]:
@@ -113,6 +133,7 @@ def worker_summary(w: WorkerInfo) -> dict[str, Any]:
         "next_model": w.next_model,
         "slots": w.slots,
         "slots_busy": w.slots_busy,
+        "device": w.device,
         "budget_mb": w.budget_mb,
         "used_mb": w.used_mb,
         "pinned": w.pinned,
@@ -120,4 +141,5 @@ def worker_summary(w: WorkerInfo) -> dict[str, Any]:
         "last_used": w.last_used,
         "restarts": w.restarts,
         "failed": dict(w.failed),
+        "ctx_size": w.ctx_size,
     }

@@ -76,7 +76,8 @@ def mc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         running = start_cluster(
             server.url,
             root / "logs",
-            [["--ram-budget", BUDGET]] * 3,
+            # three "machines": each worker a device of its own, with its own budget
+            [["--ram-budget", BUDGET, "--device", f"machine{i}"] for i in range(3)],
             worker_states=("empty",),
             CORRAL_CONFIG=str(path),
         )
@@ -192,7 +193,7 @@ def test_model_bigger_than_every_budget_is_503_naming_need_and_budget(mc: Cluste
     assert body["code"] == "no_capacity"
     need = estimate_file(Path(mc.log_dir).parent / "huge.gguf", ctx_size=2048, slots=2)
     assert f"needs {need.total_mb} MiB" in body["message"], body
-    assert "largest worker budget is 110 MiB" in body["message"], body
+    assert "largest device budget is 110 MiB" in body["message"], body
 
 
 def test_lru_idle_model_is_evicted_never_a_pinned_one(mc: Cluster, events: Events) -> None:
@@ -274,15 +275,17 @@ def test_corrupt_gguf_fails_then_reset_clears_it(mc: Cluster, events: Events) ->
     assert time.monotonic() - started < 10, "the load failure must not wait for a timeout"
     assert err.value.status_code == 503
     body = err.value.response.json()["error"]
-    assert body["code"] == "model_failed" and "load failed" in body["message"], body
+    assert body["code"] == "model_failed" and "not a loadable GGUF" in body["message"], body
+    assert str(Path(mc.log_dir).parent) not in body["message"]  # no server paths to clients
     failed = httpx.get(f"{mc.base_url}/v1/models/failed", timeout=5).json()["failed_models"]
     assert [f["model"] for f in failed] == ["corrupt"]
+    assert not any(w.model for w in workers(mc.redis_url)), "nothing was loaded nor evicted"
     with pytest.raises(openai.APIStatusError) as again, mc.client() as client:
         client.chat.completions.create(model="corrupt", messages=HI, max_tokens=2)
     assert again.value.status_code == 503
-    assert events.states("corrupt") == ["loading", "failed"], "a failed model is not retried"
+    assert events.states("corrupt") == ["failed"], "found broken before any load, not retried"
     reset = httpx.post(f"{mc.base_url}/v1/models/corrupt/reset", timeout=5).json()
-    assert reset["status"] == "success" and "load failed" in reset["previous_error"]
+    assert reset["status"] == "success" and "not a loadable" in reset["previous_error"]
     assert wait_for(
         lambda: not httpx.get(f"{mc.base_url}/v1/models/failed", timeout=5).json()["failed_models"],
         5,

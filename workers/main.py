@@ -16,11 +16,13 @@ import os
 import socket
 import uuid
 import warnings
+from dataclasses import dataclass
 
 import redis
 from celery.exceptions import SecurityWarning
 
 from common import redis_keys
+from common.devices import cpu_device
 from common.net import free_port
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
@@ -28,10 +30,11 @@ from workers.consumer.celery_app import configure_app
 from workers.consumer.queues import QueueControl
 from workers.hardware import gpu as gpus
 from workers.hardware.budget import resolve_budget
+from workers.hardware.ledger import DeviceLedger
 from workers.llama.binary import resolve_binary
 from workers.metrics_server import WorkerMetrics
 from workers.models.heartbeat import Heartbeat
-from workers.models.manager import Manager, WorkerSpec
+from workers.models.manager import Manager, Parts, WorkerSpec
 from workers.models.reporter import Reporter
 from workers.task import runtime, tasklog
 
@@ -44,99 +47,120 @@ def new_worker_id(alias: str | None = None) -> str:
     return f"{alias or 'worker'}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
 
 
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What `corral worker` was asked for on its command line."""
+
+    slots: int | None = None
+    gpu: int | None = None
+    vram_budget: str | None = None  # the device's budget (default: measured)
+    ram_budget: str | None = None
+    device: str | None = None  # the device's ledger name (default: its GPU's, or the host's)
+    worker_id: str | None = None
+    banner: bool = True
+
+
 def run_worker(
     settings: Settings,
     alias: str | None = None,
     model: ModelConfig | None = None,
-    *,
-    slots: int | None = None,
-    gpu: int | None = None,
-    vram_budget: str | None = None,
-    ram_budget: str | None = None,
-    worker_id: str | None = None,
-    banner: bool = True,
+    options: WorkerOptions | None = None,
 ) -> None:
     """Register, preload `alias` if given, then consume until told to stop."""
+    opts = options or WorkerOptions()
     redis_url = settings.require_redis_url()
-    slots = slots or (model.parallel if model else DEFAULT_SLOTS)
-    worker_id = worker_id or new_worker_id(alias)
-    budget_mb, source = resolve_budget(vram_budget=vram_budget, ram_budget=ram_budget, gpu=gpu)
-    env: dict[str, str] = {}
-    if gpu is not None:
-        info = gpus.gpu(gpu)  # fails clearly where NVML is absent
-        log.info("worker=%s gpu=%d name=%s total_mb=%d", worker_id, gpu, info.name, info.total_mb)
-        env = gpus.child_env(gpu)
     if alias is not None and model is not None:
         model = settings.resolved(model)
         if not model.model_path.is_file():
             raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
+    spec = _spec(settings, alias, model, opts)
+    client = redis.Redis.from_url(redis_url)
+    if alias is not None and model is not None:
+        client.hset(redis_keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
+    tasklog.install()  # the request id on every log line of a task
+    manager: Manager | None = None
+    ledger = DeviceLedger(client, spec.device, spec.worker_id, spec.budget_mb)
+    metrics = WorkerMetrics(lambda: hb.info, lambda: manager.child_pid() if manager else None)
+    metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
+    initial = [redis_keys.worker_queue(spec.worker_id)]
+    initial += redis_keys.worker_queues(alias) if alias else []
+    queues = QueueControl(configure_app(settings, redis_url), spec.worker_id, initial)
+    info = WorkerInfo(
+        id=spec.worker_id,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        slots=spec.slots,
+        state=WorkerState.STARTING,
+        gpu="cpu" if spec.gpu is None else str(spec.gpu),
+        device=spec.device,
+        metrics_port=metrics.port,
+        budget_mb=spec.budget_mb,
+    )
+    hb = Heartbeat(
+        client,
+        info,
+        settings.heartbeat_interval,
+        settings.heartbeat_ttl,
+        sample=lambda: manager.sample() if manager else {},
+        also=ledger.announce,
+    )
+    serving = runtime.Serving()  # before the pool forks: the children share it
+    upstream = f"http://127.0.0.1:{spec.port}"
+    runtime.configure(runtime.Runtime(settings, redis_url, spec.worker_id, upstream, serving))
+    parts = Parts(
+        settings, spec, client, Reporter(client, hb), queues, serving, ledger, metrics.model_loaded
+    )
+    manager = Manager(parts)
+    hb.start()
+    try:
+        manager.start((alias, model) if alias is not None and model is not None else None)
+        manager.wait_preloaded()
+        _consume(settings, redis_url, initial, spec.slots, spec.worker_id, opts.banner)
+    finally:
+        manager.stop()
+        hb.stop()
+        metrics.stop()
+        client.close()
+
+
+def _spec(
+    settings: Settings, alias: str | None, model: ModelConfig | None, opts: WorkerOptions
+) -> WorkerSpec:
+    """The worker's fixed facts: its id, slots, device and budget, llama-server's port."""
+    slots = opts.slots or (model.parallel if model else DEFAULT_SLOTS)
+    worker_id = opts.worker_id or new_worker_id(alias)
+    budget_mb, source = resolve_budget(
+        vram_budget=opts.vram_budget, ram_budget=opts.ram_budget, gpu=opts.gpu
+    )
+    env: dict[str, str] = {}
+    device = opts.device or cpu_device(socket.gethostname())
+    if opts.gpu is not None:
+        info = gpus.gpu(opts.gpu)  # fails clearly where NVML is absent
+        log.info(
+            "worker=%s gpu=%d name=%s total_mb=%d", worker_id, opts.gpu, info.name, info.total_mb
+        )
+        env = gpus.child_env(opts.gpu)
+        device = opts.device or info.device
     spec = WorkerSpec(
         worker_id=worker_id,
         slots=slots,
         budget_mb=budget_mb,
         port=free_port(),
         binary=resolve_binary(settings.llama_server),
-        gpu=gpu,
+        device=device,
+        gpu=opts.gpu,
         env=env,
     )
     log.info(
-        "worker=%s slots=%d budget_mb=%d (%s) port=%d",
+        "worker=%s slots=%d device=%s budget_mb=%d (%s) port=%d",
         worker_id,
         slots,
+        device,
         budget_mb,
         source,
         spec.port,
     )
-    client = redis.Redis.from_url(redis_url)
-    if alias is not None and model is not None:
-        client.hset(redis_keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
-    tasklog.install()  # the request id on every log line of a task
-    manager: Manager | None = None
-    metrics = WorkerMetrics(lambda: hb.info, lambda: manager.child_pid() if manager else None)
-    metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
-    initial = [redis_keys.worker_queue(worker_id)] + (
-        redis_keys.worker_queues(alias) if alias else []
-    )
-    queues = QueueControl(configure_app(settings, redis_url), worker_id, initial)
-    hb = Heartbeat(
-        client,
-        WorkerInfo(
-            id=worker_id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            slots=slots,
-            state=WorkerState.STARTING,
-            gpu="cpu" if gpu is None else str(gpu),
-            metrics_port=metrics.port,
-            budget_mb=budget_mb,
-        ),
-        settings.heartbeat_interval,
-        settings.heartbeat_ttl,
-        sample=lambda: manager.sample() if manager else {},
-    )
-    serving = runtime.Serving()  # before the pool forks: the children share it
-    runtime.configure(
-        runtime.Runtime(settings, redis_url, worker_id, f"http://127.0.0.1:{spec.port}", serving)
-    )
-    manager = Manager(
-        settings,
-        spec,
-        client,
-        Reporter(client, hb),
-        queues,
-        serving,
-        on_loaded=metrics.model_loaded,
-    )
-    hb.start()
-    try:
-        manager.start((alias, model) if alias is not None and model is not None else None)
-        manager.wait_preloaded()
-        _consume(settings, redis_url, initial, slots, worker_id, banner)
-    finally:
-        manager.stop()
-        hb.stop()
-        metrics.stop()
-        client.close()
+    return spec
 
 
 def _consume(

@@ -29,7 +29,8 @@ def model_status(
         "pinned": model.pinned,
         "idle_ttl": model.idle_ttl,
         "workers": [_placement(w, alias) for w in holders],
-        "failed": {w.id: w.failed[alias] for w in view.workers if alias in w.failed},
+        "failed": {w.id: w.failed[alias] for w in view.workers if alias in w.failed}
+        | ({"cluster": view.broken[alias]} if alias in view.broken else {}),
     }
 
 

@@ -1,33 +1,50 @@
-"""How much memory a model needs on a given worker, as placement should believe it.
+"""How much memory a model needs on a given worker, as placement should believe it, and
+whether its file can load at all.
 
 In order: what a worker measured for the same profile (device, ctx, slots, flags) — the
-estimates of other tools are off by large factors, a measurement is not; else the
-config's `vram_mb`; else the GGUF estimate (read here when this gateway can see the file,
-cached by file identity); else unknown (placement then prefers the largest budget, and the
-first load measures it).
+estimates of other tools are off by large factors, a measurement is not; else the config's
+`vram_mb`; else the GGUF estimate; else unknown (placement then prefers the roomiest
+device, and the worker that loads it works the need out itself).
+
+The estimate comes from the file's header, read where this gateway can see the file: once
+per file version for the whole cluster (kept in Redis, `redis_keys.gguf_shape_key`, where
+workers read it too) and once at a time here (concurrent cold requests share one reading),
+off the event loop. A file that is not a loadable GGUF raises `ModelBroken` here, before
+placement evicts anything for it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from common import redis_keys
-from common.estimate import Estimate, estimate_file
+from common.errors import ModelBroken
+from common.estimate import (
+    ModelShape,
+    cache_value,
+    estimate,
+    file_identity,
+    from_cache,
+    read_checked,
+)
 from common.memory import MemoryRecord, device_of, profile
 from common.registry import WorkerInfo
 from common.settings import ModelConfig
 
 log = logging.getLogger(__name__)
 
+SHAPE_TTL_S = 7 * 24 * 3600
+
 
 class Needs:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._estimates: dict[tuple[object, ...], Estimate | None] = {}
+        self._shapes: dict[str, ModelShape] = {}  # file identity -> its header's facts
+        self._reading: dict[str, asyncio.Future[ModelShape | None]] = {}
 
     async def records(self, alias: str) -> dict[str, MemoryRecord]:
         raw = await self._redis.hgetall(redis_keys.memory_key(alias))
@@ -38,39 +55,67 @@ class Needs:
     ) -> int | None:
         device = device_of(worker.gpu)
         rec = records.get(profile(model, worker.slots, device))
-        if rec is not None and (rec.measured_mb or rec.peak_mb):
+        if rec is not None and (rec.measured_mb or rec.peak_mb) and model.ctx_size != "auto":
             return rec.best_mb()
         if model.vram_mb:
             return model.vram_mb
-        est = await self.estimate(model, worker.slots, device)
-        return est.total_mb if est else None
+        shape = await self.shape(model)
+        if shape is None:
+            return None
+        slots = worker.slots
+        return estimate(
+            shape, ctx_size=model.ctx_size, slots=slots, flags=model.flags, device=device
+        ).total_mb
 
-    async def estimate(self, model: ModelConfig, slots: int, device: str) -> Estimate | None:
-        path = Path(model.model_path)
+    async def shape(self, model: ModelConfig) -> ModelShape | None:
+        """The file's header facts; None if this gateway cannot see the file (the worker
+        will read it). Raises `ModelBroken` for a file that cannot load."""
         try:
-            st = path.stat()
+            identity = file_identity(model.model_path)
         except OSError:
-            return None  # not visible from this gateway: the worker will measure it
-        key = (
-            str(path),
-            st.st_size,
-            st.st_mtime_ns,
-            model.ctx_size,
-            slots,
-            device,
-            tuple(model.flags),
-        )
-        if key not in self._estimates:
+            return None
+        known = self._shapes.get(identity)
+        if known is not None:
+            return known
+        reading = self._reading.get(identity)
+        if reading is None:
+            reading = asyncio.get_running_loop().create_future()
+            self._reading[identity] = reading
             try:
-                self._estimates[key] = await asyncio.to_thread(
-                    estimate_file,
-                    path,
-                    ctx_size=model.ctx_size,
-                    slots=slots,
-                    flags=model.flags,
-                    device=device,
-                )
-            except Exception as exc:  # not a GGUF we can read: llama-server will say why
-                log.info("model=%s no estimate from %s: %r", path.stem, path, exc)
-                self._estimates[key] = None
-        return self._estimates[key]
+                shape = await self._read(model, identity)
+            except BaseException as exc:
+                reading.set_exception(exc)
+                reading.exception()  # retrieved: the waiters (if any) get it too
+                raise
+            finally:
+                self._reading.pop(identity, None)
+            reading.set_result(shape)
+            if shape is not None:
+                self._shapes[identity] = shape
+            return shape
+        return await asyncio.shield(reading)
+
+    async def _read(self, model: ModelConfig, identity: str) -> ModelShape | None:
+        key = redis_keys.gguf_shape_key(identity)
+        cached = None
+        try:
+            cached = await self._redis.get(key)
+        except RedisError as exc:
+            log.warning("cannot read the cached header of %s: %r", model.model_path.name, exc)
+        if cached is not None:
+            return from_cache(cached)
+        try:
+            shape = await asyncio.to_thread(read_checked, model.model_path)
+        except OSError:
+            return None  # gone or unreadable here: the worker will say
+        except ModelBroken as err:
+            await self._keep(key, cache_value(err))
+            raise
+        await self._keep(key, cache_value(shape))
+        return shape
+
+    async def _keep(self, key: str, value: str) -> None:
+        try:
+            await self._redis.set(key, value, ex=SHAPE_TTL_S)
+        except RedisError as exc:
+            log.warning("could not cache a GGUF header reading: %r", exc)

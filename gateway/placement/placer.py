@@ -28,9 +28,9 @@ from redis.exceptions import RedisError
 
 from common import redis_keys
 from common.commands import CommandOp, WorkerCommand, command_ttl
-from common.errors import CorralError
+from common.errors import CorralError, ModelBroken
 from common.locks import RELEASE_LUA
-from common.registry import ModelState, WorkerState
+from common.registry import ModelEvent, ModelState, WorkerState
 from common.settings import ModelConfig, Settings
 from gateway.aio import cancel_and_wait
 from gateway.catalog import Catalog
@@ -117,10 +117,15 @@ class Placer:
         return targets
 
     async def reset(self, alias: str) -> dict[str, str]:
-        """Clear `alias`'s failed state on every worker; returns worker -> previous error."""
+        """Clear `alias`'s failed state on every worker and the cluster's; returns where it
+        was cleared -> the previous error ("cluster": found unloadable before a load)."""
         await self._catalog.get(alias)
         view = await self.view(0)
         cleared = {w.id: w.failed[alias] for w in view.workers if alias in w.failed}
+        if alias in view.broken:
+            await self._redis.hdel(redis_keys.MODELS_FAILED, alias)
+            cleared["cluster"] = view.broken[alias]
+            self._view = None
         for wid in cleared:
             await self._send(wid, WorkerCommand(op=CommandOp.RESET, model=alias))
         return cleared
@@ -139,7 +144,9 @@ class Placer:
         two gateways never both act). None: another placement of it is in flight."""
         config = await self._catalog.get(alias)
         config = self.settings.resolved(config)
-        plan: Plan | None = await self._plan(alias, config, want, waited)
+        plan: Plan | None = await self._unloadable(alias, config)
+        if plan is None:
+            plan = await self._plan(alias, config, want, waited)
         if plan is not None and plan.outcome is Outcome.LOAD:
             plan = await self._place_locked(alias, config, want, waited)
         if plan is None:
@@ -148,10 +155,39 @@ class Placer:
             raise plan_error(alias, plan)
         return plan
 
+    async def _unloadable(self, alias: str, config: ModelConfig) -> Plan | None:
+        """A FAILED plan for a model no worker may load (its file is not a loadable GGUF),
+        found before any eviction is planned for it; None if it may load."""
+        why = (await self.view(VIEW_MAX_AGE_S)).broken.get(alias)
+        if why is None:
+            try:
+                await self.needs.shape(config)
+                return None
+            except ModelBroken as err:
+                why = err.public
+                await self._mark_broken(alias, why, config)
+        return Plan(Outcome.FAILED, reason=f"to load: {why}")
+
+    async def _mark_broken(self, alias: str, why: str, config: ModelConfig) -> None:
+        log.warning("model=%s cannot load: %s (%s)", alias, why, config.model_path)
+        event = ModelEvent(model=alias, worker="", state=ModelState.FAILED, error=why)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(redis_keys.MODELS_FAILED, alias, why)
+        pipe.publish(redis_keys.EVENTS, event.model_dump_json())
+        await pipe.execute()
+        self._view = None
+
     async def _plan(self, alias: str, config: ModelConfig, want: int, waited: float) -> Plan:
-        candidates = await self._candidates(alias, config, await self.view(0))
+        view = await self.view(0)
+        candidates = await self._candidates(alias, config, view)
         return policy.plan(
-            alias, candidates, want=want, now=time.time(), waited=waited, policy=self._policy
+            alias,
+            candidates,
+            want=want,
+            now=time.time(),
+            waited=waited,
+            policy=self._policy,
+            rooms=view.rooms,
         )
 
     async def _place_locked(
@@ -163,6 +199,10 @@ class Placer:
         sent = False
         try:
             plan = await self._plan(alias, config, want, waited)
+            for out in plan.unloads:  # room on the device, before the load asks for it
+                evict = WorkerCommand(op=CommandOp.UNLOAD, model=out.model, room_for=alias)
+                await self._send(out.worker, evict)
+                log.info("model=%s evicts model=%s worker=%s", alias, out.model, out.worker)
             for load in plan.loads:
                 cmd = WorkerCommand(
                     op=CommandOp.LOAD, model=alias, config=config, evict=load.evict, lock=token
@@ -189,6 +229,8 @@ class Placer:
         await self._drop_picked_up()
         out = []
         for w in view.workers:
+            room = view.rooms.get(w.device) if w.device else None
+            held = room.reserved.get(w.id) if room is not None else None
             cand = policy.Candidate(
                 id=w.id,
                 state=w.state,
@@ -201,6 +243,8 @@ class Placer:
                 last_used=w.last_used,
                 failed=w.failed,
                 busy=w.slots_busy > 0 or view.queued.get(w.model or "", 0) > 0,
+                device=w.device,
+                held_mb=held if held is not None else (w.used_mb if w.model else None),
             )
             out.append(self._with_pending(cand))
         return out

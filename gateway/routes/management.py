@@ -85,11 +85,17 @@ async def models_status_stream(state: State) -> StreamingResponse:
 
 @router.get("/v1/models/failed")
 async def models_failed(state: State) -> dict[str, Any]:
+    """Every failure on record: per worker (`detail`: llama-server's own last lines), and
+    models found unloadable before any worker tried (`worker`: null)."""
     view = await state.placer.view(0)
     failed = [
-        {"model": alias, "worker": w.id, "error": error}
+        {"model": alias, "worker": w.id, "error": error, "detail": w.failed_detail.get(alias)}
         for w in view.workers
         for alias, error in sorted(w.failed.items())
+    ]
+    failed += [
+        {"model": alias, "worker": None, "error": why, "detail": why}
+        for alias, why in sorted(view.broken.items())
     ]
     return {"failed_models": failed}
 

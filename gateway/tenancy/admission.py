@@ -62,7 +62,7 @@ def admit(
 def check_max_tokens(model: ModelConfig, body: WireModel) -> None:
     for param in ("max_tokens", "max_completion_tokens"):
         wanted = getattr(body, param, None)
-        if isinstance(wanted, int) and wanted > model.ctx_size:
+        if isinstance(wanted, int) and isinstance(model.ctx_size, int) and wanted > model.ctx_size:
             raise InvalidRequest(
                 f"{param}={wanted} is more than this model's context of {model.ctx_size} tokens.",
                 param=param,

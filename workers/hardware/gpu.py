@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from common.devices import gpu_device
 from common.errors import GPUUnavailable
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,12 @@ class GPUInfo:
     name: str
     total_mb: int
     used_mb: int
+    uuid: str = ""  # NVML's GPU-… id: the same whichever index or container sees the GPU
+
+    @property
+    def device(self) -> str:
+        """Its memory ledger's name (`common.devices`)."""
+        return gpu_device(self.uuid or f"index-{self.index}")
 
 
 def _nvml() -> Any:
@@ -46,12 +53,14 @@ def list_gpus() -> list[GPUInfo]:
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
             name = nvml.nvmlDeviceGetName(handle)
+            uuid = nvml.nvmlDeviceGetUUID(handle)
             out.append(
                 GPUInfo(
                     index=i,
                     name=name.decode() if isinstance(name, bytes) else str(name),
                     total_mb=int(mem.total) // 2**20,
                     used_mb=int(mem.used) // 2**20,
+                    uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
                 )
             )
         return out

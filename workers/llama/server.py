@@ -58,6 +58,7 @@ class LaunchSpec:
     env: Mapping[str, str] | None = None  # extra env, e.g. CUDA_VISIBLE_DEVICES
     log_name: str = ""  # prefix for the child's log lines, e.g. "worker=w1 model=m"
     cpu_threads: int | None = None  # --threads, unless LLAMA_ARG_THREADS is set (flags win)
+    mmproj: Path | None = None  # a vision projector (--mmproj)
 
 
 class LlamaServer:
@@ -113,6 +114,8 @@ class LlamaServer:
             argv += ["--threads", str(s.cpu_threads)]
         if s.embedding:
             argv += ["--embeddings", "--pooling", "mean"]
+        if s.mmproj is not None:
+            argv += ["--mmproj", str(s.mmproj)]
         return argv + list(s.flags)
 
     # -- lifecycle -------------------------------------------------------------------

@@ -32,10 +32,12 @@ class Heartbeat:
         interval: float,
         ttl: float,
         sample: Callable[[], dict[str, object]] | None = None,
+        also: Callable[[redis.client.Pipeline], None] | None = None,
     ):
         self._redis = client
         self._info = info
         self._sample = sample
+        self._also = also  # more writes for each beat's round trip (the device ledger's)
         self._interval = interval
         self._ttl_ms = int(ttl * 1000)
         self._lock = threading.Lock()
@@ -78,6 +80,8 @@ class Heartbeat:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(redis_keys.worker_key(worker_id), payload, px=self._ttl_ms)
         pipe.sadd(redis_keys.WORKERS, worker_id)
+        if self._also is not None:
+            self._also(pipe)
         pipe.execute()
 
     def _run(self) -> None:

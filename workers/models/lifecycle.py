@@ -1,16 +1,17 @@
 """The model a worker holds and its llama-server child: every transition of one worker's
 model state — load, serve, unload, fail, restart after a crash — as one state machine.
 
-Only the model manager's thread calls it (`workers.models.manager`), which makes that thread the
-single owner of the child (spawned from it, so PR_SET_PDEATHSIG is tied to a thread that
-outlives it). Other threads only read (`child_pid`, `sample`).
+Only the model manager's thread calls it (`workers.models.manager`), which makes that thread
+the single owner of the child (spawned from it, so PR_SET_PDEATHSIG is tied to a thread that
+outlives it) and of the worker's reservation on its device's ledger. Other threads only
+read (`child_pid`, `sample`).
 
-Load:   LOADING -> spawn on the worker's fixed port -> ready -> measure memory -> serve
-        (`runtime.Serving`) -> consume the model's queues (verified) -> READY.
+Load:   (checked first: `workers.models.preflight`) LOADING -> room reserved on the device
+        (waiting for evictions under way) -> spawn on the worker's fixed port -> ready ->
+        measure memory -> serve (`runtime.Serving`) -> consume its queues (verified) -> READY.
 Unload: UNLOADING -> stop serving (late tasks go back to their queue) -> stop consuming
-        -> wait until no task runs -> stop the child -> EMPTY (or LOADING the next model).
-Crash:  stop consuming (replicas take the work) -> restart with backoff -> READY, or after
-        the third crash in five minutes `failed` on this worker until reset.
+        -> wait until no task runs -> stop the child -> release the room -> EMPTY.
+Crash:  `workers.models.restarts`: restart with backoff, or `failed` here until reset.
 """
 
 from __future__ import annotations
@@ -25,20 +26,22 @@ from pathlib import Path
 import redis
 
 from common import redis_keys
-from common.errors import LlamaServerError, QueueError
-from common.estimate import estimate_file
-from common.memory import MemoryRecord, device_of, profile
+from common.errors import LlamaServerError, ModelBroken, QueueError
+from common.memory import MemoryRecord, device_of
 from common.registry import ModelState, WorkerState
 from common.settings import ModelConfig, Settings
 from workers.consumer.queues import QueueControl
 from workers.hardware import usage
+from workers.hardware.ledger import DeviceLedger
 from workers.llama.binary import cpu_threads
 from workers.llama.server import LaunchSpec, LlamaServer, ServerState
+from workers.models import preflight
 from workers.models.reporter import Reporter
-from workers.models.restarts import CrashHistory
 from workers.task.runtime import Serving
 
 log = logging.getLogger(__name__)
+
+ROOM_WAIT_S = 15.0  # how long a load waits for models being evicted to free their memory
 
 
 @dataclass(frozen=True)
@@ -50,20 +53,36 @@ class WorkerSpec:
     budget_mb: int
     port: int  # llama-server's port for the worker's life: pool children know the URL
     binary: Path
+    device: str  # its device's ledger (`common.devices`)
     gpu: int | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     @property
-    def device(self) -> str:
+    def kind(self) -> str:
+        """ "cpu" or "gpu": what its memory figures mean (`common.memory.device_of`)."""
         return device_of(None if self.gpu is None else str(self.gpu))
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What the model manager and its state machine work with, built once at boot."""
+
+    settings: Settings
+    spec: WorkerSpec
+    redis: redis.Redis
+    report: Reporter
+    queues: QueueControl
+    serving: Serving
+    ledger: DeviceLedger
+    on_loaded: Callable[[str, float], None] | None = None
+
+
 @dataclass
-class _Held:
+class Held:
     """The model held now."""
 
     alias: str
-    config: ModelConfig
+    config: ModelConfig  # as launched: path resolved, context a number
     server: LlamaServer
     profile: str
     estimate_mb: int | None
@@ -76,28 +95,19 @@ class _Held:
 class ModelHost:
     """One worker's model slot: what it holds, what failed here, and every transition."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        spec: WorkerSpec,
-        client: redis.Redis,
-        reporter: Reporter,
-        queues: QueueControl,
-        serving: Serving,
-        stop: threading.Event,
-        on_loaded: Callable[[str, float], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.spec = spec
-        self._redis = client
-        self._report = reporter
-        self._queues = queues
-        self._serving = serving
+    def __init__(self, parts: Parts, stop: threading.Event) -> None:
+        self.parts = parts
+        self.settings = parts.settings
+        self.spec = parts.spec
+        self._redis = parts.redis
+        self._report = parts.report
+        self._queues = parts.queues
+        self._serving = parts.serving
+        self._ledger = parts.ledger
         self._stop = stop
-        self._on_loaded = on_loaded
-        self.held: _Held | None = None
-        self.failed: dict[str, str] = {}  # alias -> why, until reset
-        self._crashes = CrashHistory()
+        self.held: Held | None = None
+        self.failed: dict[str, str] = {}  # alias -> why, fit for clients, until reset
+        self.failed_detail: dict[str, str] = {}  # alias -> the whole story, for admins
         self._last_busy = 0.0
 
     # -- read from other threads ---------------------------------------------------------
@@ -117,40 +127,55 @@ class ModelHost:
                     out["used_mb"] = used
         return out
 
-    def last_used(self, held: _Held) -> float:
+    def last_used(self, held: Held) -> float:
         if self._queues.reserved() > 0:
             self._last_busy = time.time()
         return max(held.loaded_at, self._last_busy, self._queues.last_received())
 
     # -- transitions (the manager thread only) -------------------------------------------
+    def prepare(self, alias: str, config: ModelConfig) -> preflight.Prepared:
+        """Check `alias` can load here before anything is unloaded for it (raises
+        `ModelBroken`)."""
+        return preflight.prepare(
+            self.settings,
+            self._redis,
+            alias,
+            config,
+            slots=self.spec.slots,
+            device=self.spec.kind,
+            free_mb=self._ledger.room().free_mb,
+        )
+
     def load(
         self,
         alias: str,
-        config: ModelConfig,
+        ready: preflight.Prepared,
         *,
         consume: bool,
         home: bool = False,
         lock: str | None = None,
     ) -> bool:
-        """Load `alias` and serve it; on failure mark it failed here. True if served."""
-        prof = profile(config, self.spec.slots, self.spec.device)
-        known = usage.read(self._redis, alias, prof)
-        need = config.vram_mb or (known.best_mb() if known else None)
+        """Load a prepared `alias` and serve it. True if served; False if it failed here
+        (marked so) or the device had no room for it in time (not a failure: placement
+        decides again)."""
+        config = ready.config
         keep = home or config.pinned or self.settings.preloaded(alias, config)
         self._report.transition(
             WorkerState.LOADING,
             model=alias,
             next_model=None,
-            used_mb=need,
+            used_mb=ready.need_mb,
             upstream=None,
             pinned=keep,
             restarts=0,
             loaded_at=None,
             error=None,
+            ctx_size=int(config.ctx_size),
         )
         self._report.event(alias, ModelState.LOADING)
         self._report.release(alias, lock)  # the load is visible: other placements see it
-        est = self._estimate(alias, config)
+        if not self._reserve(alias, ready):
+            return False
         server = LlamaServer(self._launch_spec(alias, config))
         started = time.monotonic()
         try:
@@ -158,23 +183,43 @@ class ModelHost:
             server.ensure_ready(self.settings.load_timeout)
         except LlamaServerError as exc:
             server.stop()
-            self.fail(alias, f"load failed: {_brief(exc)}")
+            self.fail(alias, f"llama-server could not load it ({_first_words(exc)})", str(exc))
             return False
         measured = usage.used_mb(server.pid or 0, self.spec.gpu)
-        held = _Held(alias, config, server, prof, est, keep, measured)
+        if measured is not None and measured > (ready.need_mb or 0):
+            self._ledger.reserve(measured)  # the truth, when it is more than was asked
+        held = Held(alias, config, server, ready.profile, ready.estimate_mb, keep, measured)
         self.held = held
-        self._crashes.reset()
-        usage.record(
-            self._redis,
-            alias,
-            prof,
-            MemoryRecord(estimate_mb=est, measured_mb=measured, worker=self.spec.worker_id),
+        record = MemoryRecord(
+            estimate_mb=ready.estimate_mb, measured_mb=measured, worker=self.spec.worker_id
         )
-        if self._on_loaded is not None:
-            self._on_loaded(alias, time.monotonic() - started)
-        return self._go_ready(held, consume=consume, used_mb=measured or need or est)
+        usage.record(self._redis, alias, ready.profile, record)
+        if self.parts.on_loaded is not None:
+            self.parts.on_loaded(alias, time.monotonic() - started)
+        return self.go_ready(held, consume=consume, used_mb=measured or ready.need_mb)
 
-    def _go_ready(self, held: _Held, *, consume: bool, used_mb: int | None) -> bool:
+    def _reserve(self, alias: str, ready: preflight.Prepared) -> bool:
+        """Room on the device for the load, waiting while evictions for it finish."""
+        need = ready.need_mb or 1
+        answer = self._ledger.wait_for_room(need, ROOM_WAIT_S, self._stop)
+        if answer.reserved:
+            return True
+        log.info(
+            "worker=%s model=%s no room: needs %d MiB, device %s has %s MiB free",
+            self.spec.worker_id,
+            alias,
+            need,
+            self.spec.device,
+            answer.free_mb,
+        )
+        # Not a failure of the model: placement decides again, knowing the need.
+        record = MemoryRecord(estimate_mb=ready.estimate_mb, worker=self.spec.worker_id)
+        usage.record(self._redis, alias, ready.profile, record)
+        self._report.event(alias, ModelState.OFF)
+        self._report.transition(WorkerState.EMPTY, model=None, used_mb=0, pinned=False)
+        return False
+
+    def go_ready(self, held: Held, *, consume: bool, used_mb: int | None) -> bool:
         self._serving.set(held.alias)
         if consume:
             try:
@@ -182,7 +227,7 @@ class ModelHost:
             except QueueError as exc:
                 log.error("worker=%s model=%s %s", self.spec.worker_id, held.alias, exc)
                 self.unload()
-                self.fail(held.alias, f"could not consume its queues: {exc}")
+                self.fail(held.alias, "the worker could not consume its queues", str(exc))
                 return False
         self._report.transition(
             WorkerState.READY,
@@ -212,20 +257,9 @@ class ModelHost:
             log.error("worker=%s model=%s %s", wid, held.alias, exc)
         if not self._queues.drain(self.settings.task_time_limit, self._stop):
             log.warning("worker=%s model=%s unloading with tasks still running", wid, held.alias)
-        if held.server.pid is not None and self.spec.gpu is None:
-            peak = usage.peak_rss_mb(held.server.pid)
-            usage.record(
-                self._redis,
-                held.alias,
-                held.profile,
-                MemoryRecord(
-                    estimate_mb=held.estimate_mb,
-                    measured_mb=held.measured_mb,
-                    peak_mb=peak,
-                    worker=wid,
-                ),
-            )
+        self._record_peak(held)
         held.server.stop()
+        self._ledger.release()
         self.held = None
         self._report.event(held.alias, ModelState.OFF)
         if next_model is None:
@@ -237,11 +271,16 @@ class ModelHost:
                 pinned=False,
                 loaded_at=None,
                 restarts=0,
+                ctx_size=None,
             )
 
-    def fail(self, alias: str, why: str) -> None:
+    def fail(self, alias: str, why: str, detail: str | None = None) -> None:
+        """`alias` cannot run here until reset: `why` for clients, `detail` for admins."""
+        log.warning("worker=%s model=%s failed: %s", self.spec.worker_id, alias, detail or why)
         self.failed[alias] = why
+        self.failed_detail[alias] = detail or why
         self._serving.set(None)
+        self._ledger.release()
         self.held = None
         self._report.transition(
             WorkerState.EMPTY,
@@ -251,59 +290,25 @@ class ModelHost:
             used_mb=0,
             pinned=False,
             loaded_at=None,
+            ctx_size=None,
             failed=dict(self.failed),
+            failed_detail=dict(self.failed_detail),
         )
         self._report.event(alias, ModelState.FAILED, error=why)
 
+    def broken(self, alias: str, err: ModelBroken) -> None:
+        """A model found unloadable before anything was unloaded for it."""
+        self.fail(alias, err.public, str(err))
+
     def reset(self, alias: str) -> None:
         if self.failed.pop(alias, None) is not None:
-            self._report.transition(self._state(), failed=dict(self.failed))
-            self._report.event(alias, ModelState.OFF)
-        if self.held is not None and self.held.alias == alias:
-            self._crashes.reset()
-
-    # -- health ----------------------------------------------------------------------------
-    def on_crash(self, held: _Held) -> None:
-        """Restart a crashed child with backoff, or give up: `failed` on this worker."""
-        wid = self.spec.worker_id
-        self._serving.set(None)
-        try:  # let other replicas take the queued work meanwhile
-            self._queues.stop_consuming(redis_keys.worker_queues(held.alias))
-        except QueueError as exc:
-            log.error("worker=%s model=%s %s", wid, held.alias, exc)
-        while True:
-            rc, tail = held.server.returncode, held.server.last_log_lines(3)
-            held.server.stop()
-            delay = self._crashes.record(time.monotonic())
-            log.warning(
-                "worker=%s model=%s llama-server crashed rc=%s (%d recent); %s",
-                wid,
-                held.alias,
-                rc,
-                self._crashes.recent,
-                "giving up" if delay is None else f"restart in {delay:.0f}s",
+            self.failed_detail.pop(alias, None)
+            self._report.transition(
+                self._state(), failed=dict(self.failed), failed_detail=dict(self.failed_detail)
             )
-            if delay is None:
-                window = f"{self._crashes.window:.0f}s"
-                why = f"llama-server crashed {self._crashes.limit} times within {window} "
-                why += f"(last rc={rc}): " + " | ".join(tail)
-                self.fail(held.alias, why)
-                return
-            held.restarts += 1
-            self._report.transition(WorkerState.LOADING, upstream=None, restarts=held.restarts)
-            self._report.event(held.alias, ModelState.LOADING)
-            if self._stop.wait(delay):
-                return
-            try:
-                held.server.start()
-                held.server.ensure_ready(self.settings.load_timeout)
-                break
-            except LlamaServerError as exc:
-                log.warning("worker=%s model=%s restart failed: %s", wid, held.alias, _brief(exc))
-        held.loaded_at = time.time()
-        self._go_ready(held, consume=True, used_mb=None)
+            self._report.event(alias, ModelState.OFF)
 
-    def idle(self, held: _Held) -> bool:
+    def idle(self, held: Held) -> bool:
         if self._queues.reserved() > 0:
             return False
         pipe = self._redis.pipeline(transaction=False)
@@ -311,44 +316,11 @@ class ModelHost:
             pipe.llen(q)
         return sum(pipe.execute()) == 0
 
-    def idle_expired(self, held: _Held) -> bool:
+    def idle_expired(self, held: Held) -> bool:
         ttl = held.config.idle_ttl
         if held.keep or ttl <= 0:
             return False
         return time.time() - self.last_used(held) >= ttl and self.idle(held)
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _launch_spec(self, alias: str, config: ModelConfig) -> LaunchSpec:
-        return LaunchSpec(
-            model_path=self.settings.resolve_model_path(config),
-            alias=alias,
-            ctx_size=config.ctx_size,
-            parallel=self.spec.slots,
-            embedding=config.embedding,
-            flags=tuple(config.flags),
-            port=self.spec.port,
-            binary=self.spec.binary,
-            env=self.spec.env,
-            log_name=f"worker={self.spec.worker_id}",
-            cpu_threads=cpu_threads() if self.spec.gpu is None else None,
-        )
-
-    def _estimate(self, alias: str, config: ModelConfig) -> int | None:
-        try:
-            est = estimate_file(
-                self.settings.resolve_model_path(config),
-                ctx_size=config.ctx_size,
-                slots=self.spec.slots,
-                flags=config.flags,
-                device=self.spec.device,
-            )
-        except Exception as exc:  # a corrupt file: llama-server will say why, better
-            log.info("worker=%s model=%s no estimate: %r", self.spec.worker_id, alias, exc)
-            return None
-        return est.total_mb
-
-    def _state(self) -> WorkerState:
-        return WorkerState.READY if self.held is not None else WorkerState.EMPTY
 
     def shutdown(self) -> None:
         held = self.held
@@ -358,10 +330,47 @@ class ModelHost:
             held.server.stop()
             self.held = None
             self._report.event(held.alias, ModelState.OFF)
+        self._ledger.leave()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _record_peak(self, held: Held) -> None:
+        if held.server.pid is None or self.spec.gpu is not None:
+            return
+        peak = usage.peak_rss_mb(held.server.pid)
+        record = MemoryRecord(
+            estimate_mb=held.estimate_mb,
+            measured_mb=held.measured_mb,
+            peak_mb=peak,
+            worker=self.spec.worker_id,
+        )
+        usage.record(self._redis, held.alias, held.profile, record)
+
+    def _launch_spec(self, alias: str, config: ModelConfig) -> LaunchSpec:
+        return LaunchSpec(
+            model_path=config.model_path,
+            alias=alias,
+            ctx_size=int(config.ctx_size),
+            parallel=self.spec.slots,
+            embedding=config.embedding,
+            flags=tuple(config.flags),
+            port=self.spec.port,
+            binary=self.spec.binary,
+            env=self.spec.env,
+            log_name=f"worker={self.spec.worker_id}",
+            mmproj=config.mmproj,
+            cpu_threads=cpu_threads() if self.spec.gpu is None else None,
+        )
+
+    def _state(self) -> WorkerState:
+        return WorkerState.READY if self.held is not None else WorkerState.EMPTY
 
 
-def _brief(exc: BaseException, lines: int = 6) -> str:
-    """An error message short enough for a registry entry and an HTTP reply."""
-    text = str(exc).splitlines()
-    head, tail = text[:1], [t for t in text[1:] if t.strip()][-lines:]
-    return "\n".join(head + tail)[:1500]
+def _first_words(exc: BaseException) -> str:
+    """What went wrong, without paths or the child's log lines: "exited with rc=1 before it
+    was ready", "not ready after 120.0s"."""
+    head = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    head = head.split("; last log lines:")[0]
+    for marker in (" exited ", " not ready ", " was stopped ", " failed "):
+        if marker in head:
+            return marker.strip() + head.split(marker, 1)[1]
+    return "it did not start"

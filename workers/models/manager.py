@@ -8,7 +8,8 @@ and, between them, ticks: a crashed child is restarted with backoff, an idle mod
 
 A load the placer asked for on an older picture of the cluster is refused (the model it
 meant to evict is busy now, or pinned, or another load got here first) and the placement
-lock is released, so the placer decides again a tick later.
+lock is released, so the placer decides again a tick later. A load is checked before
+anything is unloaded for it (`workers.models.preflight`): a broken model evicts nothing.
 """
 
 from __future__ import annotations
@@ -16,48 +17,35 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
 
 import redis
 from pydantic import ValidationError
 
 from common import redis_keys
 from common.commands import CommandOp, WorkerCommand
-from common.errors import LlamaServerError
+from common.errors import LlamaServerError, ModelBroken
 from common.registry import WorkerState
-from common.settings import ModelConfig, Settings
-from workers.consumer.queues import QueueControl
+from common.settings import ModelConfig
 from workers.llama.server import ServerState
-from workers.models.lifecycle import ModelHost, WorkerSpec
-from workers.models.reporter import Reporter
-from workers.task.runtime import Serving
+from workers.models.lifecycle import ModelHost, Parts, WorkerSpec
+from workers.models.restarts import CrashHistory, restart_after_crash
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 
-__all__ = ["Manager", "WorkerSpec"]
+__all__ = ["Manager", "Parts", "WorkerSpec"]
 
 
 class Manager:
-    def __init__(
-        self,
-        settings: Settings,
-        spec: WorkerSpec,
-        client: redis.Redis,
-        reporter: Reporter,
-        queues: QueueControl,
-        serving: Serving,
-        on_loaded: Callable[[str, float], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.spec = spec
-        self._redis = client
-        self._report = reporter
+    def __init__(self, parts: Parts) -> None:
+        self.settings = parts.settings
+        self.spec = parts.spec
+        self._redis = parts.redis
+        self._report = parts.report
         self._stop = threading.Event()
-        self.host = ModelHost(
-            settings, spec, client, reporter, queues, serving, self._stop, on_loaded
-        )
+        self.host = ModelHost(parts, self._stop)
+        self._crashes = CrashHistory()
         self._preloaded = threading.Event()
         self._preload_error: str | None = None
         self._preload: tuple[str, ModelConfig] | None = None
@@ -90,8 +78,8 @@ class Manager:
         try:
             if self._preload is not None:
                 alias, config = self._preload
-                if not self.host.load(alias, config, consume=False, home=True):
-                    self._preload_error = self.host.failed.get(alias, "load failed")
+                if not self._load(alias, config, consume=False, home=True):
+                    self._preload_error = self.host.failed_detail.get(alias, "load failed")
                     return
         finally:
             self._preloaded.set()
@@ -128,9 +116,18 @@ class Manager:
         log.info("worker=%s command=%s model=%s evict=%s", wid, cmd.op.value, cmd.model, cmd.evict)
         if cmd.op is CommandOp.RESET:
             host.reset(cmd.model)
+            self._crashes.reset()
         elif cmd.op is CommandOp.UNLOAD:
-            if host.held is not None and host.held.alias == cmd.model:
-                host.unload()
+            held = host.held
+            if held is None or held.alias != cmd.model:
+                return
+            refusal = self._refuse_eviction() if cmd.room_for else None
+            if refusal:
+                log.info(
+                    "worker=%s keeps %s (room for %s): %s", wid, held.alias, cmd.room_for, refusal
+                )
+                return
+            host.unload()
         elif cmd.op is CommandOp.LOAD:
             refusal = self._refuse(cmd)
             config = self._config_for(cmd)
@@ -143,9 +140,29 @@ class Manager:
                 )
                 self._report.release(cmd.model, cmd.lock)
                 return
-            if host.held is not None:
-                host.unload(next_model=cmd.model, lock=cmd.lock)
-            host.load(cmd.model, config, consume=True, lock=cmd.lock)
+            self._load(cmd.model, config, consume=True, lock=cmd.lock)
+
+    def _load(
+        self,
+        alias: str,
+        config: ModelConfig,
+        *,
+        consume: bool,
+        home: bool = False,
+        lock: str | None = None,
+    ) -> bool:
+        """Check `alias`, then (only then) unload what is held, then load it."""
+        host = self.host
+        try:
+            ready = host.prepare(alias, config)
+        except ModelBroken as err:
+            host.broken(alias, err)
+            self._report.release(alias, lock)
+            return False
+        if host.held is not None:
+            host.unload(next_model=alias, lock=lock)
+        self._crashes.reset()
+        return host.load(alias, ready, consume=consume, home=home, lock=lock)
 
     def _refuse(self, cmd: WorkerCommand) -> str | None:
         """Why this load must not happen (the placer saw an older picture), or None."""
@@ -158,6 +175,13 @@ class Manager:
             return "already loaded"
         if cmd.evict != held.alias:
             return f"holds {held.alias}, not {cmd.evict}"
+        return self._refuse_eviction()
+
+    def _refuse_eviction(self) -> str | None:
+        """Why the held model must stay (pinned, busy), or None."""
+        held = self.host.held
+        if held is None:
+            return None
         if held.keep or held.config.pinned:
             return f"{held.alias} is pinned"
         if not self.host.idle(held):
@@ -177,7 +201,7 @@ class Manager:
         if held is None:
             return
         if held.server.state is ServerState.FAILED:
-            self.host.on_crash(held)
+            restart_after_crash(self.host, held, self._crashes, self._stop)
         elif self.host.idle_expired(held):
             log.info(
                 "worker=%s model=%s idle for %.0fs (idle_ttl): unloading",

@@ -9,7 +9,20 @@ users complain about; here a crash older than the window is forgotten.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
+from threading import Event
+from typing import TYPE_CHECKING
+
+from common import redis_keys
+from common.errors import LlamaServerError, QueueError
+from common.registry import ModelState, WorkerState
+
+if TYPE_CHECKING:
+    from workers.models.lifecycle import Held, ModelHost
+
+log = logging.getLogger(__name__)
 
 
 class CrashHistory:
@@ -37,3 +50,43 @@ class CrashHistory:
     @property
     def recent(self) -> int:
         return len(self._crashes)
+
+
+def restart_after_crash(host: ModelHost, held: Held, crashes: CrashHistory, stop: Event) -> None:
+    """The held model's llama-server died: stop consuming its queues (replicas take the
+    work), restart it with backoff on the same port, or give up and mark it failed here."""
+    wid, alias = host.spec.worker_id, held.alias
+    host.parts.serving.set(None)
+    try:
+        host.parts.queues.stop_consuming(redis_keys.worker_queues(alias))
+    except QueueError as exc:
+        log.error("worker=%s model=%s %s", wid, alias, exc)
+    while True:
+        rc, tail = held.server.returncode, held.server.last_log_lines(3)
+        held.server.stop()
+        delay = crashes.record(time.monotonic())
+        log.warning(
+            "worker=%s model=%s llama-server crashed rc=%s (%d recent); %s",
+            wid,
+            alias,
+            rc,
+            crashes.recent,
+            "giving up" if delay is None else f"restart in {delay:.0f}s",
+        )
+        if delay is None:
+            why = f"llama-server crashed {crashes.limit} times within {crashes.window:.0f}s"
+            host.fail(alias, why, f"{why} (last rc={rc}): " + " | ".join(tail))
+            return
+        held.restarts += 1
+        host.parts.report.transition(WorkerState.LOADING, upstream=None, restarts=held.restarts)
+        host.parts.report.event(alias, ModelState.LOADING)
+        if stop.wait(delay):
+            return
+        try:
+            held.server.start()
+            held.server.ensure_ready(host.settings.load_timeout)
+            break
+        except LlamaServerError as exc:
+            log.warning("worker=%s model=%s restart failed: %s", wid, alias, exc)
+    held.loaded_at = time.time()
+    host.go_ready(held, consume=True, used_mb=None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from common.devices import Room
 from common.registry import WorkerState
 from gateway.placement.policy import Candidate, Outcome, Plan, Policy, plan
 
@@ -144,3 +146,72 @@ def test_workers_in_transition_are_not_taken() -> None:
         Candidate(id="w2", state=WorkerState.LOADING, budget_mb=100, need_mb=50, model="x"),
     ]
     assert decide(ws).outcome is Outcome.WAIT
+
+
+# -- workers sharing a device: memory is the device's -----------------------------------------
+GPU = "gpu:GPU-1"
+
+
+def room(budget: int, **reserved: int) -> dict[str, Room]:
+    return {GPU: Room(budget, reserved)}
+
+
+def on_gpu(c: Candidate, held: int | None = None) -> Candidate:
+    return dataclasses.replace(c, device=GPU, held_mb=held)
+
+
+def decide_on(workers: list[Candidate], rooms: dict[str, Room], waited: float = 0.0) -> Plan:
+    return plan("m", workers, now=NOW, waited=waited, policy=POLICY, rooms=rooms)
+
+
+def test_a_shared_device_with_room_takes_the_newcomer_beside_what_it_holds() -> None:
+    ws = [
+        on_gpu(holding("w1", "x"), 40),
+        on_gpu(empty("w2", 100, need=40)),
+        on_gpu(empty("w3", 100)),
+    ]
+    p = decide_on(ws, room(100, w1=40))
+    assert [(ld.worker, ld.evict) for ld in p.loads] == [("w2", None)] and not p.unloads
+
+
+def test_no_room_on_the_device_evicts_the_lru_model_and_loads_on_an_empty_worker() -> None:
+    ws = [
+        on_gpu(holding("w1", "x", need=60, used_ago=100), 50),
+        on_gpu(holding("w2", "y", need=60, used_ago=10), 30),
+        on_gpu(empty("w3", 100, need=60)),
+    ]
+    p = decide_on(ws, room(100, w1=50, w2=30))  # 20 free: x (the LRU) must go
+    assert [(ld.worker, ld.evict) for ld in p.loads] == [("w3", None)]
+    assert [(u.worker, u.model) for u in p.unloads] == [("w1", "x")]
+
+
+def test_one_big_model_evicts_as_many_small_ones_as_it_needs() -> None:
+    ws = [on_gpu(holding(f"w{i}", f"s{i}", need=90, used_ago=100 - i), 30) for i in range(3)]
+    p = decide_on(ws, room(100, w0=30, w1=30, w2=30))  # 10 free, 90 needed: all three go
+    assert [(ld.worker, ld.evict) for ld in p.loads] == [("w0", "s0")]
+    assert sorted(u.model for u in p.unloads) == ["s1", "s2"]
+
+
+def test_a_busy_neighbour_is_never_evicted_so_the_newcomer_waits() -> None:
+    ws = [
+        on_gpu(holding("w1", "x", need=80, busy=True), 60),
+        on_gpu(empty("w2", 100, need=80)),
+    ]
+    p = decide_on(ws, room(100, w1=60))
+    assert p.outcome is Outcome.WAIT and "busy" in p.reason
+
+
+def test_the_device_budget_bounds_what_can_ever_fit() -> None:
+    p = decide_on([on_gpu(empty("w1", 1000, need=150))], room(100))
+    assert p.outcome is Outcome.NO_CAPACITY and p.largest_budget_mb == 100
+
+
+def test_two_devices_the_one_with_room_is_chosen_without_eviction() -> None:
+    other = "gpu:GPU-2"
+    ws = [
+        on_gpu(holding("a1", "x", need=50), 80),
+        on_gpu(empty("a2", 100, need=50)),
+        dataclasses.replace(empty("b1", 100, need=50), device=other),
+    ]
+    p = decide_on(ws, {GPU: Room(100, {"a1": 80}), other: Room(100, {})})
+    assert [(ld.worker, ld.evict) for ld in p.loads] == [("b1", None)] and not p.unloads
