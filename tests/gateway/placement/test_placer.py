@@ -86,7 +86,7 @@ def test_too_big_for_every_budget_raises_at_once(own_redis: EmbeddedRedis, r: re
     register(r, id="w1", state=WorkerState.EMPTY, budget_mb=100)
 
     async def body(placer: Placer) -> None:
-        with pytest.raises(NoCapacity, match=r"needs 5000 MiB .* largest worker budget is 100"):
+        with pytest.raises(NoCapacity, match=r"needs 5000 MiB .* largest device budget is 100"):
             await placer.ensure("big", sub())
 
     run(own_redis, body)
