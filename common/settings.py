@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from common.errors import InvalidRequest
+from common.wire import RequestDefaults
 
 DEFAULT_CONFIG = "corral.yaml"
 
@@ -124,7 +125,18 @@ class Settings(BaseSettings):
             if len(named) == 1 and isinstance(models[named[0]], dict):
                 merged[named[0]] = {**merged[named[0]], **fields}
                 del merged[name]
+        for name, fields in merged.items():
+            # no path: the model of that name under models_dir (`common.discovery`)
+            if isinstance(fields, dict) and "model_path" not in fields:
+                merged[name] = {**fields, "model_path": f"{name}.gguf"}
         return {**data, "models": merged}
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _check_defaults(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for model in models.values():
+            model.defaults = RequestDefaults.model_validate(model.defaults).fields()
+        return models
 
     @field_validator("admin_key", mode="before")
     @classmethod

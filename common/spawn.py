@@ -6,14 +6,21 @@ its children in order; the parent can signal the child's whole group) and
 PR_SET_PDEATHSIG, so the kernel SIGKILLs it when its parent dies, even of SIGKILL.
 PDEATHSIG fires when the *thread* that forked the child exits, not the process: spawn
 from a thread that lives as long as the child should (a main or supervisor thread).
+
+The death signal is set by util-linux's `setpriv --pdeathsig KILL`, which then execs the
+command (same pid), where it exists (it does on every Debian and Ubuntu: util-linux is
+essential there). Elsewhere a `preexec_fn` sets it, which Python documents as unsafe in a
+process with threads (the child may deadlock between fork and exec), as a worker is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,13 +39,29 @@ def _die_with_parent(prctl: Callable[..., int] | None, parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+
+
 def spawn(
     argv: Sequence[str],
     env: Mapping[str, str],
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` in its own session, to die with this process. stdin is /dev/null."""
+    """Start `argv` in its own session, to die with this process. stdin is /dev/null.
+    Raises FileNotFoundError at once if `argv[0]` is not an executable."""
+    if SETPRIV is not None:
+        program = shutil.which(argv[0])
+        if program is None:  # setpriv would only fail after the fork: say it here
+            raise FileNotFoundError(errno.ENOENT, "no such executable", argv[0])
+        return subprocess.Popen(
+            [SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
     prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
     return subprocess.Popen(
         list(argv),

@@ -69,6 +69,30 @@ class EmbeddingRequest(WireModel):
     user: str | None = None
 
 
+class RequestDefaults(BaseModel):
+    """A model's request defaults (`defaults:` in its config, or set at run time): sampling
+    fields a request does not set itself. Only these, so a default can never change what a
+    request asks for (its model, its messages, whether it streams)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0, le=5)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    typical_p: float | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: float | None = Field(default=None, ge=0)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class ModelCard(WireModel):
     id: str
     object: Literal["model"] = "model"

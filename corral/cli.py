@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run Redis, a gateway and one worker per model here")
+    up = sub.add_parser(
+        "up", help="run Redis, a gateway and workers that load models on demand, here"
+    )
     _common(up)
     up.add_argument(
         "--model",
@@ -67,6 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
     up.add_argument("--slots", type=_positive, help="parallel slots per model (default: config, 2)")
     up.add_argument("--data-dir", type=Path, help="demo models, Redis data, run files")
+    up.add_argument(
+        "--ram-budget",
+        help="the memory models may use on the CPU, shared by every model, e.g. 8GiB "
+        "(default: half of the available RAM)",
+    )
+    up.add_argument(
+        "--vram-budget",
+        help="the memory models may use on each GPU, e.g. 20GiB (default: each GPU's memory "
+        "minus a reserve)",
+    )
+    up.add_argument(
+        "--models-per-device",
+        type=_positive,
+        help="models resident at once on each GPU (or the CPU), memory allowing (default 3)",
+    )
     up.add_argument(
         "--insecure",
         action="store_true",
@@ -165,9 +182,15 @@ def _positive(text: str) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from corral.up import Cluster, address_problem, claim_data_dir, collect_models
+    from workers.hardware.budget import parse_size
 
     settings = _settings(
-        args, host=args.host, port=args.port, data_dir=args.data_dir, insecure=args.insecure
+        args,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        insecure=args.insecure,
+        max_models_per_device=args.models_per_device,
     )
     setup_logging(settings.log_level, "up", settings.log_format)
     if settings.port == 0:
@@ -188,7 +211,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
             return 1
         models = collect_models(settings, args.model, args.embedding_model, args.slots)
-        return Cluster(settings, models).run()
+        budget = args.vram_budget or args.ram_budget
+        if budget:
+            try:
+                parse_size(budget)
+            except ValueError as exc:
+                print(f"corral up: {exc}", file=sys.stderr)
+                return 1
+        return Cluster(settings, models, budget).run()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

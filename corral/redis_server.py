@@ -82,6 +82,9 @@ class EmbeddedRedis:
             return ""
         return f"; last log lines ({self._log}):\n" + "\n".join(last) if last else ""
 
+    def alive(self) -> bool:
+        return self._child.poll() is None
+
     def stop(self) -> None:
         self._child.stop(grace=5.0)
 

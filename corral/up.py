@@ -1,9 +1,13 @@
-"""`corral up`: the whole cluster on this machine.
+"""`corral up`: the whole cluster on this machine, as a model manager.
 
-An embedded Valkey (unless `CORRAL_REDIS_URL` is set), one gateway and one worker per
-model, each a child process in its own session; demo models are generated when none is
-configured. Ctrl-C or SIGTERM stops the workers (each stops its llama-server), then the
-gateway, then Valkey; a child that dies on its own brings the rest down with a message.
+An embedded Valkey (unless `CORRAL_REDIS_URL` is set), one gateway, and on each device (each
+GPU NVML finds, else the CPU) `max_models_per_device` floating workers that share the
+device's memory: preloaded models are placed at start, every other configured or
+discovered model when a request names it, unloaded after `idle_ttl`, evicted least
+recently used first when a newcomer needs room. Demo models are generated when there is
+nothing to serve. Every child runs in its own session and is started again if it dies
+(`corral.supervise`); only the gateway failing for good, or Valkey, stops the run. Ctrl-C
+or SIGTERM stops the workers (each stops its llama-server), then the gateway, then Valkey.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ from types import FrameType
 from typing import Any
 
 import httpx
+import redis
 import yaml
 
+from common import redis_keys
+from common.discovery import discover
 from common.net import is_loopback
 from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
+from corral.supervise import Supervised, Supervisor
 from gateway.tenancy.exposure import exposure_problem
-from workers.hardware.budget import gpu_budget_mb
+from workers.hardware.budget import resolve_budget
 from workers.hardware.gpu import GPUInfo, gpus_or_none
 
 log = logging.getLogger(__name__)
@@ -54,15 +62,16 @@ def collect_models(
         with p.open("rb") as f:
             if (head := f.read(4)) != b"GGUF":
                 raise SystemExit(f"corral up: {p} is not a GGUF file (it starts with {head!r})")
-        found[p.stem] = ModelConfig(model_path=p, embedding=embedding)
-    if not found:
+        found[p.stem] = ModelConfig(model_path=p, embedding=embedding, preload=True)
+    models_dir = settings.models_dir or settings.data_dir / "models"
+    if not found and not discover(models_dir):
         from corral.tinymodel import ensure_demo_models
 
         chat, embed = ensure_demo_models(settings.data_dir)
         print(DEMO_NOTE, flush=True)
         found = {
-            "corral-demo": ModelConfig(model_path=chat),
-            "corral-demo-embed": ModelConfig(model_path=embed, embedding=True),
+            "corral-demo": ModelConfig(model_path=chat, preload=True),
+            "corral-demo-embed": ModelConfig(model_path=embed, embedding=True, preload=True),
         }
     if slots:
         found = {a: m.model_copy(update={"parallel": slots}) for a, m in found.items()}
@@ -108,22 +117,17 @@ def claim_data_dir(data_dir: Path) -> Iterator[int | None]:
         yield None
 
 
-def gpu_flags(aliases: list[str], gpus: list[GPUInfo]) -> dict[str, list[str]]:
-    """Each model's worker on the GPUs NVML found, in turn, with its share of
-    that GPU's budget (workers sharing a GPU split it: each would take it all); no GPU:
-    no flags, the CPU."""
-    flags: dict[str, list[str]] = {alias: [] for alias in aliases}
-    if not gpus:
-        return flags
-    sharing: dict[int, list[str]] = {}
-    for i, alias in enumerate(aliases):
-        sharing.setdefault(i % len(gpus), []).append(alias)
-    for slot, names in sharing.items():
-        gpu = gpus[slot]
-        each = max(gpu_budget_mb(gpu.total_mb)[0] // len(names), 1)
-        for alias in names:
-            flags[alias] = ["--gpu", str(gpu.index), "--vram-budget", f"{each}MiB"]
-    return flags
+def worker_flags(settings: Settings, gpus: list[GPUInfo], budget: str | None) -> list[list[str]]:
+    """The floating workers' flags: `max_models_per_device` per GPU NVML found, sharing
+    that GPU's memory (each measures it), else as many on the CPU sharing `budget` (the
+    host's memory Corral may use; default: half of what is available now, decided once
+    here so that every worker agrees)."""
+    per = settings.max_models_per_device
+    if gpus:
+        extra = ["--vram-budget", budget] if budget else []
+        return [["--gpu", str(g.index), *extra] for g in gpus for _ in range(per)]
+    ram = budget or f"{resolve_budget()[0]}MiB"
+    return [["--ram-budget", ram] for _ in range(per)]
 
 
 def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: str) -> Path:
@@ -142,11 +146,15 @@ def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: st
 
 
 class Cluster:
-    def __init__(self, settings: Settings, models: dict[str, ModelConfig]) -> None:
+    def __init__(
+        self, settings: Settings, models: dict[str, ModelConfig], budget: str | None = None
+    ) -> None:
         self.settings = settings
         self.models = models
+        self.budget = budget  # --ram-budget / --vram-budget: the device's memory for Corral
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []
+        self._supervisor = Supervisor([])
         self._stop = threading.Event()
 
     def run(self) -> int:
@@ -169,6 +177,7 @@ class Cluster:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
             url = self.redis.url
             log.info("embedded valkey at %s", url)
+            forget_other_models(url, set(self.models))  # this run's Valkey: its config rules
         if not is_loopback(self.settings.host):  # loopback may run open (the gateway says so)
             problem = exposure_problem(self.settings.model_copy(update={"redis_url": url}))
             if problem:  # API keys live in Redis: checked once it runs, before the workers
@@ -182,41 +191,59 @@ class Cluster:
         env |= {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
         if self.settings.admin_key is not None:
             env["CORRAL_ADMIN_KEY"] = self.settings.admin_key.get_secret_value()
-        self.children.append(
-            Child("gateway", [*exe, "gateway", "--config", str(config)], env, inherit=False)
-        )
+        gateway = Child("gateway", [*exe, "gateway", "--config", str(config)], env, inherit=False)
+        watched = [Supervised(gateway, essential=True)]
         found = gpus_or_none()
         listed = ", ".join(f"{g.index} {g.name} {g.total_mb} MiB" for g in found)
         log.info("GPUs (NVML): %s", listed or "none: workers on the CPU")
-        devices = gpu_flags(list(self.models), found)
-        for alias in self.models:
-            argv = [*exe, "worker", "--config", str(config), "--model", alias, "--no-banner"]
-            argv += devices[alias]
-            self.children.append(Child(f"worker {alias}", argv, env, inherit=False))
+        slots = ["--slots", str(worker_slots(self.models))]
+        for i, flags in enumerate(worker_flags(self.settings, found, self.budget), start=1):
+            argv = [*exe, "worker", "--config", str(config), "--no-banner", *slots, *flags]
+            watched.append(Supervised(Child(f"worker {i}", argv, env, inherit=False)))
+        self.children = [w.child for w in watched]
+        self._supervisor = Supervisor(watched)
         for child in self.children:
             child.start()
         self._wait_ready()
 
     def _wait_ready(self) -> None:
+        """Until the gateway answers and every preloaded model is ready (or failed)."""
         deadline = time.monotonic() + self.settings.load_timeout
-        url = f"{self.settings.local_url()}/health"
+        wanted = {a for a, m in self.models.items() if self.settings.preloaded(a, m)}
         while not self._stop.is_set():
-            self._check_children()
-            try:
-                health = httpx.get(url, timeout=1).json()
-                if health.get("ready_workers", 0) >= len(self.models):
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
+            reason = self._supervisor.check()
+            if reason:
+                raise SystemExit(f"corral up: {reason}; stopping everything")
+            if self._settled(wanted):
+                return
             if time.monotonic() > deadline:
                 raise SystemExit("corral up: the cluster did not become ready in time")
             self._stop.wait(0.2)
 
+    def _settled(self, wanted: set[str]) -> bool:
+        """Whether the gateway answers and each of `wanted` is ready or failed."""
+        key = self.settings.admin_key
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key else {}
+        try:
+            reply = httpx.get(
+                f"{self.settings.local_url()}/v1/models/status", headers=headers, timeout=1
+            )
+            if reply.status_code in (401, 403):  # user keys and no admin key: health only
+                return bool(httpx.get(f"{self.settings.local_url()}/health", timeout=1).is_success)
+            models = reply.json()["models"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+        return all(models.get(a, {}).get("status") in ("ready", "failed") for a in wanted)
+
     def _announce(self) -> None:
         base = f"{self.settings.local_url()}/v1"
         chat = next((a for a, m in self.models.items() if not m.embedding), None)
+        preloaded = [a for a, m in self.models.items() if self.settings.preloaded(a, m)]
+        on_demand = [a for a in self.models if a not in preloaded]
         print(f"\nCorral is up: {base}", flush=True)
-        print(f"  models: {', '.join(self.models)}", flush=True)
+        print(f"  loaded:    {', '.join(preloaded) or 'none'}", flush=True)
+        if on_demand:
+            print(f"  on demand: {', '.join(on_demand)}", flush=True)
         if chat:
             print(
                 f"  try:    curl {base}/chat/completions -H 'Content-Type: application/json' "
@@ -225,15 +252,15 @@ class Cluster:
             )
         print("  stop:   Ctrl-C\n", flush=True)
 
-    def _check_children(self) -> None:
-        for child in self.children:
-            rc = child.poll()
-            if rc is not None:
-                raise SystemExit(f"corral up: {child.name} exited (rc={rc}); stopping everything")
-
     def _watch(self) -> int:
         while not self._stop.wait(0.5):
-            self._check_children()
+            reason = self._supervisor.check()
+            if reason:
+                print(f"corral up: {reason}; stopping everything", file=sys.stderr, flush=True)
+                return 1
+            if self.redis is not None and not self.redis.alive():
+                print("corral up: Valkey stopped; stopping everything", file=sys.stderr, flush=True)
+                return 1
         return 0
 
     def shutdown(self) -> None:
@@ -248,3 +275,25 @@ class Cluster:
             self.redis.stop()
             self.redis = None
         log.info("corral up: stopped")
+
+
+def worker_slots(models: dict[str, ModelConfig]) -> int:
+    """The slots of the floating workers: the most `parallel` any model asks for."""
+    return max((m.parallel for m in models.values()), default=2)
+
+
+def forget_other_models(url: str, keep: set[str]) -> None:
+    """The catalog of this run's own Valkey holds this run's models only: an earlier run's
+    config, or a worker of an earlier run, announced the rest. (With a shared Redis the
+    gateways prune what nobody announces any more, after a while.)"""
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        gone = [str(a) for a in client.hkeys(redis_keys.CATALOG) if str(a) not in keep]
+        if gone:
+            pipe = client.pipeline(transaction=False)
+            pipe.hdel(redis_keys.CATALOG, *gone)
+            pipe.zrem(redis_keys.CATALOG_SEEN, *gone)
+            pipe.execute()
+            log.info("models of an earlier run left the catalog: %s", ", ".join(sorted(gone)))
+    finally:
+        client.close()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -15,7 +16,7 @@ from common.errors import CorralError, InvalidRequest, WorkerLost
 from common.frames import FrameType
 from common.jobs import Job, JobKind
 from common.priority import resolve_priority
-from common.settings import Settings
+from common.settings import ModelConfig, Settings
 from common.tracking import RequestState
 from common.wire import WireModel
 from gateway.aio import cancel_and_wait
@@ -54,7 +55,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         request_id=request_id,
         kind=kind,
         model=model_name,
-        body=body.model_dump(exclude_unset=True),
+        body=with_defaults(body.model_dump(exclude_unset=True), model, kind),
         stream=bool(getattr(body, "stream", False)),
         priority=priority,
         channel=state.hub.channel(request_id),
@@ -87,6 +88,14 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         await state.dispatcher.submit(job, resubmit=True)
 
     return await _gather(request, sub, abandon, resubmit, headers)
+
+
+def with_defaults(fields: dict[str, Any], model: ModelConfig, kind: JobKind) -> dict[str, Any]:
+    """The request's fields over its model's defaults (sampling fields only; none for
+    embeddings): what the client sent always wins."""
+    if not model.defaults or kind is JobKind.EMBEDDING:
+        return fields
+    return {**model.defaults, **fields}
 
 
 def request_timeout(header: str | None, settings: Settings) -> float:

@@ -75,7 +75,9 @@ class GatewayState:
         supervisor = BatchSupervisor(client, batches, dispatcher, catalog, hub.gateway_id)
         feed = StatusFeed(client)
         state = cls(settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed)
-        await state.catalog.publish_config()
+        await catalog.announce()
+        view = await placer.view(0)
+        await catalog.prune({w.model for w in view.workers if w.model})
         await placer.start()
         state._background.append(asyncio.create_task(supervisor.run(), name="corral-batches"))
         if settings.low_max_wait is not None:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from common.net import free_port
+from common.settings import Settings
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from corral.up import gpu_flags
+from corral.up import worker_flags
 from tests.conftest import CHAT
 from tests.support import env_without_corral, shell_script
 from workers.hardware.gpu import GPUInfo
@@ -137,15 +138,19 @@ def test_up_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
     assert anywhere.returncode == 1 and "--port 0" in anywhere.stderr
 
 
-def test_up_spreads_its_workers_over_the_gpus() -> None:
-    """Units (NVML cannot run here): `corral up` puts its workers on the GPUs NVML finds,
-    in turn, and workers sharing a GPU split its budget; no GPU, no flags (the CPU)."""
+def test_up_puts_floating_workers_on_every_device() -> None:
+    """Units (NVML cannot run here): `corral up` starts `max_models_per_device` workers on
+    each GPU NVML finds, sharing that GPU's memory (each measures it, unless a budget is
+    given); with no GPU, as many on the CPU, all told the same share of the host's RAM."""
     gpus = [
         GPUInfo(index=0, name="A", total_mb=24576, used_mb=0),
         GPUInfo(index=1, name="B", total_mb=16384, used_mb=0),
     ]
-    flags = gpu_flags(["chat", "embed", "code"], gpus)
-    assert flags["chat"] == ["--gpu", "0", "--vram-budget", f"{(24576 - 1228) // 2}MiB"]
-    assert flags["embed"] == ["--gpu", "1", "--vram-budget", f"{16384 - 819}MiB"]
-    assert flags["code"] == flags["chat"]
-    assert gpu_flags(["chat"], []) == {"chat": []}
+    settings = Settings(max_models_per_device=2)
+    assert worker_flags(settings, gpus, None) == [["--gpu", "0"]] * 2 + [["--gpu", "1"]] * 2
+    assert (
+        worker_flags(settings, gpus[:1], "20GiB") == [["--gpu", "0", "--vram-budget", "20GiB"]] * 2
+    )
+    cpu = worker_flags(Settings(), [], None)
+    assert len(cpu) == 3 and len({tuple(f) for f in cpu}) == 1 and cpu[0][0] == "--ram-budget"
+    assert worker_flags(Settings(), [], "6GiB") == [["--ram-budget", "6GiB"]] * 3

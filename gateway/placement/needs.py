@@ -45,6 +45,7 @@ class Needs:
         self._redis = client
         self._shapes: dict[str, ModelShape] = {}  # file identity -> its header's facts
         self._reading: dict[str, asyncio.Future[ModelShape | None]] = {}
+        self._seen: set[str] = set()  # file identities read here, loadable or not
 
     async def records(self, alias: str) -> dict[str, MemoryRecord]:
         raw = await self._redis.hgetall(redis_keys.memory_key(alias))
@@ -77,6 +78,7 @@ class Needs:
         known = self._shapes.get(identity)
         if known is not None:
             return known
+        self._seen.add(identity)
         reading = self._reading.get(identity)
         if reading is None:
             reading = asyncio.get_running_loop().create_future()
@@ -94,6 +96,13 @@ class Needs:
                 self._shapes[identity] = shape
             return shape
         return await asyncio.shield(reading)
+
+    def seen(self, model: ModelConfig) -> bool:
+        """Whether this version of the model's file was read here already."""
+        try:
+            return file_identity(model.model_path) in self._seen
+        except OSError:
+            return False
 
     async def _read(self, model: ModelConfig, identity: str) -> ModelShape | None:
         key = redis_keys.gguf_shape_key(identity)

@@ -106,9 +106,11 @@ class Placer:
                 return plan or Plan(Outcome.LOADING, reason="a placement is in progress")
             await asyncio.sleep(0.1)
 
-    async def eject(self, alias: str) -> list[str]:
-        """Unload `alias` everywhere; preload will not bring it back until a load."""
-        await self._catalog.get(alias)
+    async def eject(self, alias: str, known: bool = True) -> list[str]:
+        """Unload `alias` everywhere; preload will not bring it back until a load. `known`:
+        it must be in the catalog (404 if not)."""
+        if known:
+            await self._catalog.get(alias)
         await self._redis.sadd(redis_keys.EJECTED, alias)
         view = await self.view(0)
         targets = [w.id for w in view.workers if alias in (w.model, w.next_model)]
@@ -167,6 +169,18 @@ class Placer:
                 why = err.public
                 await self._mark_broken(alias, why, config)
         return Plan(Outcome.FAILED, reason=f"to load: {why}")
+
+    async def _check_files(self, view: View) -> None:
+        """Read the header of each of this gateway's own models (once per file version):
+        a broken one is listed failed before anyone asks for it. (After a reset it is
+        checked again when a request asks for it, or when its file changes.)"""
+        for alias, config in self._catalog.own.items():
+            if alias in view.broken or self.needs.seen(config):
+                continue
+            try:
+                await self.needs.shape(config)
+            except ModelBroken as err:
+                await self._mark_broken(alias, err.public, config)
 
     async def _mark_broken(self, alias: str, why: str, config: ModelConfig) -> None:
         log.warning("model=%s cannot load: %s (%s)", alias, why, config.model_path)
@@ -320,7 +334,14 @@ class Placer:
             self.waiters.expire(alias, waiting)
 
     async def _reconcile(self) -> None:
-        """Keep preloaded models at their replicas (placement decides where)."""
+        """Keep the catalog to the running configs (a new GGUF in models_dir appears, a
+        model nobody announces goes) and preloaded models at their replicas."""
+        self._catalog.rescan()
+        await self._catalog.announce()
+        view = await self.view(TICK_S)
+        held = {m for w in view.workers for m in (w.model, w.next_model) if m}
+        await self._catalog.prune(held)
+        await self._check_files(view)
         models = await self._catalog.all()
         wanted = {a: m for a, m in models.items() if self.settings.preloaded(a, m)}
         if not wanted:

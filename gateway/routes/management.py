@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from common.registry import ModelEvent
+from common.wire import RequestDefaults
 from gateway.cluster import queue_depths
 from gateway.deps import State
 from gateway.monitoring.model_status import count_by_status, model_status
@@ -38,6 +39,14 @@ class LoadBody(BaseModel):
 
 class EjectBody(BaseModel):
     model: str = Field(min_length=1)
+
+
+@router.post("/v1/models/scan")
+async def models_scan(state: State) -> dict[str, Any]:
+    """Read `models_dir` again now (it is also read every few seconds when it changes)."""
+    changed = state.catalog.rescan()
+    await state.catalog.announce()
+    return {"changed": changed, "models": sorted(state.catalog.own)}
 
 
 async def full_status(state: GatewayState) -> dict[str, Any]:
@@ -140,6 +149,29 @@ async def model_status_one(alias: str, state: State) -> dict[str, Any]:
     records = await state.placer.needs.records(alias)  # per profile: estimate vs measured
     out["memory"] = {prof: rec.model_dump() for prof, rec in sorted(records.items())}
     return out
+
+
+@router.get("/v1/models/{alias:path}/defaults")
+async def model_defaults(alias: str, state: State) -> dict[str, Any]:
+    """The request defaults a request for `alias` gets (its config's, and those set here)."""
+    return {"model": alias, "defaults": (await state.catalog.get(alias)).defaults}
+
+
+@router.post("/v1/models/{alias:path}/defaults")
+async def set_model_defaults(alias: str, body: RequestDefaults, state: State) -> dict[str, Any]:
+    """Set request defaults at run time, over the config's ({}: back to the config's).
+    Sampling fields only; a request's own values always win."""
+    model = await state.catalog.set_defaults(alias, body.fields())
+    return {"model": alias, "defaults": model.defaults}
+
+
+@router.delete("/v1/models/{alias:path}")
+async def model_remove(alias: str, state: State) -> dict[str, Any]:
+    """Forget a model announced by an earlier config (`corral models rm`); one that is
+    loaded is ejected first."""
+    await state.catalog.remove(alias)
+    ejected = await state.placer.eject(alias, known=False)
+    return {"status": "removed", "model": alias, "ejected_from": ejected}
 
 
 @router.post("/v1/models/{alias:path}/reset")
