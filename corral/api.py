@@ -34,6 +34,9 @@ class Api:
     def post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return self._call("POST", path, body)
 
+    def delete(self, path: str) -> dict[str, Any]:
+        return self._call("DELETE", path)
+
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             resp = self._http.request(method, path, json=body)

@@ -1,4 +1,4 @@
-"""`corral models list|load|eject|reset|estimate` and `corral status`.
+"""`corral models list|load|eject|reset|rm|scan|defaults|estimate` and `corral status`.
 
 All but `estimate` talk to a gateway's management API (they need its placer); `estimate`
 reads the GGUF header here and the measured figures from Redis, so it also works before
@@ -8,10 +8,12 @@ any gateway runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -47,6 +49,21 @@ def add_parsers(
     rs = ms.add_parser("reset", help="clear a model's failed state")
     client_flags(rs)
     rs.add_argument("model")
+    rm = ms.add_parser("rm", help="forget a model an earlier config announced (ejects it)")
+    client_flags(rm)
+    rm.add_argument("model")
+    sc = ms.add_parser("scan", help="look for new GGUF files in models_dir now")
+    client_flags(sc)
+    df = ms.add_parser("defaults", help="show or set a model's request defaults at run time")
+    client_flags(df)
+    df.add_argument("model")
+    df.add_argument(
+        "settings",
+        nargs="*",
+        metavar="FIELD=VALUE",
+        help="e.g. temperature=0.2 max_tokens=256 (none: show them; --clear: the config's)",
+    )
+    df.add_argument("--clear", action="store_true", help="drop what was set at run time")
     es = ms.add_parser("estimate", help="memory estimate (GGUF header) vs measured")
     common(es)
     es.add_argument("model", help="a configured alias, or a GGUF path")
@@ -75,9 +92,56 @@ def run_models(settings: Settings, args: argparse.Namespace) -> int:
             args,
             lambda api: load(api, args.model, args.replicas, not args.no_wait, settings),
         )
+    if action == "rm":
+        return _with_api(
+            settings, args, lambda api: _removed(api.delete(f"/v1/models/{args.model}"))
+        )
+    if action == "scan":
+        return _with_api(settings, args, lambda api: _scanned(api.post("/v1/models/scan")))
+    if action == "defaults":
+        return _with_api(
+            settings, args, lambda api: defaults(api, args.model, args.settings, args.clear)
+        )
     path = "/v1/models/eject" if action == "eject" else f"/v1/models/{args.model}/reset"
     body = {"model": args.model} if action == "eject" else None
     return _with_api(settings, args, lambda api: _say(api.post(path, body)))
+
+
+def _removed(reply: dict[str, Any]) -> int:
+    where = ", ".join(reply.get("ejected_from") or [])
+    print(f"{reply['model']}: removed" + (f" (unloading on {where})" if where else ""))
+    return 0
+
+
+def _scanned(reply: dict[str, Any]) -> int:
+    print(
+        ("new files found; " if reply["changed"] else "no change; ")
+        + "models_dir models: "
+        + (", ".join(reply["models"]) or "none")
+    )
+    return 0
+
+
+def defaults(api: Api, alias: str, pairs: list[str], clear: bool) -> int:
+    """Show `alias`'s request defaults, or set FIELD=VALUE ones (values read as JSON where
+    they parse: numbers, lists; else as text)."""
+    path = f"/v1/models/{alias}/defaults"
+    if not pairs and not clear:
+        reply = api.get(path)
+    else:
+        body: dict[str, Any] = {}
+        for pair in pairs:
+            field, sep, value = pair.partition("=")
+            if not sep or not field:
+                raise ApiError(f"not FIELD=VALUE: {pair!r}")
+            try:
+                body[field] = json.loads(value)
+            except ValueError:
+                body[field] = value
+        reply = api.post(path, body)
+    shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(reply["defaults"].items()))
+    print(f"{alias}: {shown or 'no defaults'}")
+    return 0
 
 
 def _with_api(settings: Settings, args: argparse.Namespace, fn: Callable[[Api], int]) -> int:

@@ -109,6 +109,7 @@ def up(root: Path, budget: str) -> Iterator[Up]:
     for seed, alias in enumerate(MODELS):
         make_model(models_dir / f"{alias}.gguf", seed=seed)
     (models_dir / "broken.gguf").write_bytes(b"this is not a model")
+    make_model(models_dir / "longctx.gguf", seed=7, ctx=32768)
     config = {
         "models_dir": str(models_dir),
         "min_residency": 0,  # the test swaps models as fast as it asks for them
@@ -122,6 +123,7 @@ def up(root: Path, budget: str) -> Iterator[Up]:
                 "pinned": True,
             },
             "broken": {},
+            "longctx": {"ctx_size": "auto"},
         },
     }
     running = start_up(root, config, "--ram-budget", budget, "--models-per-device", "3")
@@ -196,6 +198,15 @@ def test_request_defaults_apply_under_the_requests_own(up: Up) -> None:
     assert bad.status_code == 400
 
 
+def test_ctx_size_auto_grows_into_the_room_the_device_has(up: Up) -> None:
+    reply = up.client().chat.completions.create(model="longctx", messages=HI, max_tokens=2)
+    assert reply.choices[0].message.content is not None
+    (placed,) = up.status()["longctx"]["workers"]
+    least = 2 * 2048  # `auto` gives each of the 2 slots at least 2048
+    assert least < placed["ctx_size"] < 2 * 32768, placed  # more, but not all it was trained for
+    assert placed["ctx_size"] % 512 == 0
+
+
 def test_a_broken_model_is_listed_failed_evicts_nothing_and_stops_nothing(up: Up) -> None:
     failed = httpx.get(f"{up.base}/v1/models/failed", timeout=10).json()["failed_models"]
     assert [f["model"] for f in failed] == ["broken"]
@@ -262,3 +273,27 @@ def test_an_earlier_runs_models_leave_the_catalog(tmp_path: Path) -> None:
         assert time.monotonic() - started < 5  # at once, not after a load timeout
     finally:
         second.stop()
+
+
+def _corral(up: Up, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args, "--url", up.base],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env_without_corral(),
+    )
+
+
+def test_the_cli_changes_defaults_scans_and_refuses_to_remove_a_configured_model(up: Up) -> None:
+    shown = _corral(up, "models", "defaults", "m2", "temperature=0.5", 'stop=["x"]')
+    assert shown.returncode == 0, shown.stderr
+    assert 'm2: stop=["x"], temperature=0.5' in shown.stdout
+    cleared = _corral(up, "models", "defaults", "m2", "--clear")
+    assert cleared.returncode == 0 and "m2: no defaults" in cleared.stdout, cleared.stderr
+    scanned = _corral(up, "models", "scan")
+    assert scanned.returncode == 0 and "m3" in scanned.stdout, scanned.stderr
+    configured = _corral(up, "models", "rm", "m3")
+    assert configured.returncode == 1 and "remove it from its config" in configured.stderr
+    unknown = _corral(up, "models", "rm", "nosuch")
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr

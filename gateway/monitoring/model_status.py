@@ -44,6 +44,7 @@ def _placement(w: WorkerInfo, alias: str) -> dict[str, Any]:
         "slots": w.slots,
         "slots_busy": w.slots_busy if w.model == alias else 0,
         "restarts": w.restarts if w.model == alias else 0,
+        "ctx_size": w.ctx_size if w.model == alias else None,
         "error": w.failed.get(alias),
     }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common.estimate import estimate, flag_value, read_shape
+from common.estimate import estimate, fit_context, flag_value, read_shape
 from corral.tinymodel import make_model
 
 
@@ -88,3 +88,14 @@ def test_corrupt_file_raises(tmp_path: Path) -> None:
     bad.write_bytes(b"not a gguf at all" * 10)
     with pytest.raises(Exception):  # noqa: B017 - whatever gguf raises; callers catch all
         read_shape(bad)
+
+
+def test_auto_context_is_the_largest_that_fits(tmp_path: Path) -> None:
+    shape = read_shape(make_model(tmp_path / "long.gguf", ctx=32768))
+    floor = estimate(shape, ctx_size="auto", slots=2).total_mb  # 2 x 2048 at the least
+    assert fit_context(shape, 1, slots=2) == 4096  # no room: still the least it may get
+    assert fit_context(shape, 10**6, slots=2) == 65536  # all of its training context a slot
+    middle = fit_context(shape, floor + 8, slots=2)
+    assert 4096 < middle < 65536 and middle % 512 == 0
+    assert estimate(shape, ctx_size=middle, slots=2).total_mb <= floor + 8
+    assert estimate(shape, ctx_size=middle + 512, slots=2).total_mb > floor + 8

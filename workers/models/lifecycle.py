@@ -143,7 +143,6 @@ class ModelHost:
             config,
             slots=self.spec.slots,
             device=self.spec.kind,
-            free_mb=self._ledger.room().free_mb,
         )
 
     def load(
@@ -158,8 +157,7 @@ class ModelHost:
         """Load a prepared `alias` and serve it. True if served; False if it failed here
         (marked so) or the device had no room for it in time (not a failure: placement
         decides again)."""
-        config = ready.config
-        keep = home or config.pinned or self.settings.preloaded(alias, config)
+        keep = home or ready.config.pinned or self.settings.preloaded(alias, ready.config)
         self._report.transition(
             WorkerState.LOADING,
             model=alias,
@@ -170,12 +168,14 @@ class ModelHost:
             restarts=0,
             loaded_at=None,
             error=None,
-            ctx_size=int(config.ctx_size),
+            ctx_size=int(ready.config.ctx_size),
         )
         self._report.event(alias, ModelState.LOADING)
         self._report.release(alias, lock)  # the load is visible: other placements see it
         if not self._reserve(alias, ready):
             return False
+        ready = self._grown(ready)
+        config = ready.config
         server = LlamaServer(self._launch_spec(alias, config))
         started = time.monotonic()
         try:
@@ -218,6 +218,19 @@ class ModelHost:
         self._report.event(alias, ModelState.OFF)
         self._report.transition(WorkerState.EMPTY, model=None, used_mb=0, pinned=False)
         return False
+
+    def _grown(self, ready: preflight.Prepared) -> preflight.Prepared:
+        """An `auto` context grown into the room its device has, now that its least is held."""
+        free = self._ledger.room().free_mb
+        if ready.shape is None or free is None:
+            return ready
+        grown = preflight.grow(ready, free, slots=self.spec.slots, device=self.spec.kind)
+        if grown.need_mb and self._ledger.reserve(grown.need_mb).reserved:
+            self._report.transition(
+                WorkerState.LOADING, used_mb=grown.need_mb, ctx_size=int(grown.config.ctx_size)
+            )
+            return grown
+        return ready
 
     def go_ready(self, held: Held, *, consume: bool, used_mb: int | None) -> bool:
         self._serving.set(held.alias)

@@ -9,6 +9,7 @@ file is read once for every gateway and worker; a file that is not a GGUF is cac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class Prepared:
     profile: str
     need_mb: int | None
     estimate_mb: int | None
+    shape: ModelShape | None = None  # kept for `ctx_size: auto`, which grows once room is held
 
 
 def shape_of(client: redis.Redis, config: ModelConfig) -> ModelShape:
@@ -77,23 +79,34 @@ def prepare(
     *,
     slots: int,
     device: str,
-    free_mb: int | None,
 ) -> Prepared:
-    """Check the file and work out the load (raises `ModelBroken`). `free_mb` is the room
-    the device has for it now (None: unknown), which an `auto` context grows into."""
+    """Check the file and work out the load (raises `ModelBroken`)."""
     config = settings.resolved(config)
     shape = shape_of(client, config)
     auto = config.ctx_size == "auto"
-    if auto:
-        room = free_mb if free_mb is not None else 0
-        ctx = fit_context(shape, room, slots=slots, flags=config.flags, device=device)
-    else:
-        ctx = context_of(shape, config.ctx_size, slots)
+    ctx = context_of(shape, config.ctx_size, slots)  # auto: the least it may get, for now
     est = estimate(shape, ctx_size=ctx, slots=slots, flags=config.flags, device=device).total_mb
     prof = profile(config, slots, device)
     known = None if auto else usage.read(client, alias, prof)  # auto: its ctx varies
     need = config.vram_mb or (known.best_mb() if known else None) or est
-    return Prepared(config.model_copy(update={"ctx_size": ctx}), prof, need, est)
+    fixed = config.model_copy(update={"ctx_size": ctx})
+    return Prepared(fixed, prof, need, est, shape if auto else None)
+
+
+def grow(ready: Prepared, free_mb: int, *, slots: int, device: str) -> Prepared:
+    """`ctx_size: auto`, once the least it needs is held: the largest context that the
+    room the device has for it (`free_mb`, its own share included) holds."""
+    if ready.shape is None:
+        return ready
+    flags = ready.config.flags
+    ctx = fit_context(ready.shape, free_mb, slots=slots, flags=flags, device=device)
+    est = estimate(ready.shape, ctx_size=ctx, slots=slots, flags=flags, device=device).total_mb
+    return dataclasses.replace(
+        ready,
+        config=ready.config.model_copy(update={"ctx_size": ctx}),
+        need_mb=est,
+        estimate_mb=est,
+    )
 
 
 def _cached(client: redis.Redis, key: str) -> str | None:
