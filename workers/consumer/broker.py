@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from time import time
@@ -153,9 +154,52 @@ class QoS(kombu_redis.QoS):
             self.channel.pool.release(conn)  # taken with `get_connection`: give it back
 
 
+class Listening:
+    """The queues of each channel's latest BRPOP, for the model manager's thread: a queue
+    the consumer was told to take is being listened to only once a BRPOP of the consumer's
+    channel names it (the one in flight when it was told names the old set until it times
+    out). The consumer's channel is the one whose BRPOPs name the worker's private queue
+    (`anchor`); others (an `inspect()` reply queue) do not count."""
+
+    def __init__(self) -> None:
+        self._latest: dict[int, frozenset[str]] = {}  # id(channel) -> its latest BRPOP's
+        self._cond = threading.Condition()
+
+    def note(self, channel: object, queues: frozenset[str]) -> None:
+        with self._cond:
+            self._latest[id(channel)] = queues
+            self._cond.notify_all()
+
+    def forget(self, channel: object) -> None:
+        with self._cond:
+            self._latest.pop(id(channel), None)
+
+    @property
+    def active(self) -> bool:
+        """Whether this transport is the one in use (else kombu's own: TLS, Sentinel)."""
+        return bool(self._latest)
+
+    def wait(self, anchor: str, add: set[str], remove: set[str], timeout: float) -> bool:
+        """Until a BRPOP of the consumer's channel names all of `add` and none of `remove`."""
+
+        def done() -> bool:
+            return any(anchor in q and add <= q and not remove & q for q in self._latest.values())
+
+        with self._cond:
+            return self._cond.wait_for(done, timeout)
+
+
+LISTENING = Listening()
+
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _sync_client: redis.Redis | None = None  # the client `conn_or_acquire` hands out
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        super()._brpop_start(timeout)
+        if self._in_poll:
+            LISTENING.note(self, frozenset(self.active_queues))
 
     @contextmanager
     def conn_or_acquire(self, client: redis.Redis | None = None) -> Iterator[redis.Redis]:
@@ -177,6 +221,7 @@ class Channel(kombu_redis.Channel):
         reset right after the last ack's write could beat that write to Redis."""
         if isinstance(self._qos, QoS):
             self._qos.collect()
+        LISTENING.forget(self)
         super().close()
         # kombu disconnects its pools and only then restores what is still unacked, which
         # opens new connections in a new pool that nobody closes: close that one too.

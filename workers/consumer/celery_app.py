@@ -65,8 +65,17 @@ def _freeze_the_heap(**_: object) -> None:
     gc.freeze()
 
 
+# How long an idle consumer's BRPOP waits before the next (kombu's default: 1 s). A queue
+# the worker starts consuming (a model it just loaded) is heard only by the next BRPOP, so
+# this bounds how long a loaded model waits for its first task; idle, it costs a few cheap
+# round trips a second.
+BRPOP_TIMEOUT_S = 0.05
+
+
 def configure_app(settings: Settings, redis_url: str) -> Celery:
     app.conf.update(celery_config(settings, redis_url=redis_url))
+    options = dict(app.conf.broker_transport_options)
+    app.conf.broker_transport_options = {**options, "polling_interval": BRPOP_TIMEOUT_S}
     app.conf.worker_consumer = f"{__name__}:Consumer"
     if redis_url.startswith("redis://"):  # TLS and Sentinel URLs keep kombu's own transport
         app.conf.broker_transport = "workers.consumer.broker:Transport"  # acks written unblocked

@@ -26,11 +26,14 @@ from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
+from common import redis_keys
 from common.errors import QueueError
+from workers.consumer.broker import LISTENING
 
 log = logging.getLogger(__name__)
 
 BRPOP_CYCLE_S = 1.2  # kombu's BRPOP timeout (1 s) + margin: when a cancelled queue is gone
+LISTEN_WAIT_S = 3.0  # for the consumer's next BRPOP to name a changed set of queues
 VERIFY_ATTEMPTS = 5
 
 
@@ -41,6 +44,7 @@ class QueueControl:
         self.queues: set[str] = set(initial)  # what we asked for; verified after each change
         self._ready = threading.Event()
         self._last_received = 0.0
+        self._confirmed = False  # the last change was seen in the consumer's own BRPOP
         worker_ready.connect(self._on_ready, weak=False)
         task_received.connect(self._on_received, weak=False)
 
@@ -68,8 +72,11 @@ class QueueControl:
         self._change(add=[], remove=queues)
 
     def drain(self, timeout: float, stop: threading.Event | None = None) -> bool:
-        """Wait until no task is reserved (after a BRPOP cycle): True if drained."""
-        time.sleep(BRPOP_CYCLE_S)
+        """Wait until no task is reserved: True if drained. A BRPOP already in flight may
+        still deliver one task from the queues just left; once the consumer's next BRPOP
+        was seen (`broker.LISTENING`) none is in flight, else a whole cycle is waited."""
+        if not self._confirmed:
+            time.sleep(BRPOP_CYCLE_S)
         deadline = time.monotonic() + timeout
         while self.reserved() > 0:
             if time.monotonic() > deadline or (stop is not None and stop.is_set()):
@@ -81,6 +88,9 @@ class QueueControl:
         if not self._ready.wait(60):
             raise QueueError("the Celery consumer did not start within 60 s")
         want = (self.queues | set(add)) - set(remove)
+        self._confirmed = False
+        if LISTENING.active and self._listened(want, add, remove):
+            return
         for attempt in range(1, VERIFY_ATTEMPTS + 1):
             try:
                 got = self._apply(want, remove)
@@ -105,6 +115,30 @@ class QueueControl:
         # Always a QueueError, whatever failed: the callers unload or retry on it, and any
         # other error left the worker LOADING with nobody consuming its model's queues.
         raise QueueError(f"could not change the consumed queues (+{add} -{remove})")
+
+    def _listened(self, want: set[str], add: list[str], remove: list[str]) -> bool:
+        """The change, sent without waiting for replies and confirmed by the consumer's own
+        next BRPOP (no `inspect` round trips, and it is then truly listening); False if
+        that was not seen in time (the caller then goes the verified way)."""
+        control = self._app.control
+        try:
+            for q in sorted(set(add) - self.queues):
+                control.add_consumer(q, destination=[self._hostname], reply=False)
+            for q in sorted(set(remove) & self.queues):
+                control.cancel_consumer(q, destination=[self._hostname], reply=False)
+        except (OperationalError, RedisError, OSError) as exc:
+            log.warning("worker=%s queue change failed: %r", self._hostname, exc)
+            return False
+        anchor = redis_keys.worker_queue(self._hostname)
+        if not LISTENING.wait(anchor, set(add), set(remove), LISTEN_WAIT_S):
+            log.warning(
+                "worker=%s queue change not heard in a BRPOP: +%s -%s", self._hostname, add, remove
+            )
+            return False
+        self.queues = want
+        self._confirmed = True
+        log.info("worker=%s queues=%s", self._hostname, ",".join(sorted(want)))
+        return True
 
     def _apply(self, want: set[str], remove: list[str]) -> set[str]:
         """Ask for the changes the consumer lacks; the queues it consumes afterwards."""

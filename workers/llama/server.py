@@ -32,6 +32,7 @@ from workers.llama.binary import child_env, exit_reason, resolve_binary
 logger = logging.getLogger(__name__)
 
 _LOG_RING = 200  # lines kept for error messages
+HEALTH_POLL_S = 0.005  # a small model is ready in tens of milliseconds: ask often
 _LOG_TAIL = 20  # lines put into an error message
 
 
@@ -172,7 +173,7 @@ class LlamaServer:
                     err = self._error(f"not ready after {timeout:.1f}s")
                     self.stop()
                     raise err
-                time.sleep(0.05)
+                time.sleep(HEALTH_POLL_S)
         with self._lock:
             if self._state is not ServerState.STARTING:
                 raise self._error("was stopped while starting")
