@@ -36,7 +36,12 @@ from common.settings import Settings
 CACHE_S = 5.0
 CACHE_MAX = 4096  # lookups kept (secrets, right or wrong); all are dropped when full
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-USER_TAGS = frozenset({"openai", "requests", "batch"})
+STATUS_TAG = "status"  # the model status stream: user keys watch their own part of it
+USER_TAGS = frozenset({"openai", "requests", "batch", STATUS_TAG})
+# The status page and its assets: open, like the docs (they hold no data; the page asks
+# for a key and sends it with every data request).
+UI_PAGES = frozenset({"/", "/ui"})
+UI_ASSETS = "/ui/static/"
 
 
 class KeysEpoch:
