@@ -314,15 +314,23 @@ function syncRows(table, items, keyOf, fill) {
   document.querySelector(`[data-empty="${table}"]`).hidden = items.length > 0 || !view.status;
 }
 
+// A cell's content sits in one <span class="v">, so a phone's card layout can put the
+// column's label beside it whatever the content is made of.
 function cell(tr, i, content, cls = "") {
   const td = tr.cells[i];
+  let v = td.firstElementChild;
+  if (!v || !v.classList.contains("v")) {
+    v = document.createElement("span");
+    v.className = "v";
+    td.replaceChildren(v);
+  }
   const text = typeof content === "string" ? content : null;
   if (text !== null) {
-    if (td.textContent !== text || td.childElementCount) td.textContent = text;
+    if (v.textContent !== text || v.childElementCount) v.textContent = text;
   } else {
-    td.replaceChildren(...[].concat(content));
+    v.replaceChildren(...[].concat(content));
   }
-  td.className = [cls, td.dataset.label === "Actions" ? "admin" : ""].join(" ").trim();
+  td.className = cls;
   td.classList.toggle("empty-cell", text === "—" || text === "");
   return td;
 }
@@ -398,8 +406,10 @@ function renderModels() {
     cell(tr, 2, `${m.replicas} / ${m.replicas_wanted ?? 1}`, "num");
     cell(tr, 3, used || budget ? [meter, ...withSub(` ${mib(used)} / ${mib(budget)}`)] : "—", "num");
     const sp = m.speed || {};
-    const speed = sp.requests ? `${rate(sp.prompt_tokens_per_s)} · ${rate(sp.gen_tokens_per_s)}` : "—";
-    cell(tr, 4, sp.requests ? withSub(speed, `${sp.requests} req / ${Math.round(sp.window_s / 60)} min`) : "—", "num");
+    const timed = sp.prompt_tokens_per_s != null || sp.gen_tokens_per_s != null;
+    const speed = timed ? `${rate(sp.prompt_tokens_per_s)} · ${rate(sp.gen_tokens_per_s)}` : "—";
+    const served = `${sp.requests} req / ${Math.round(sp.window_s / 60)} min`;
+    cell(tr, 4, sp.requests ? withSub(speed, served) : "—", "num");
     const q = m.queued || {};
     cell(tr, 5, `${PRIORITIES.map((p) => q[p] || 0).join("/")} · ${q.batch || 0}`, "num");
     const last = m.last_used;
@@ -496,7 +506,7 @@ function renderBatches() {
 
 function tick() {
   for (const td of document.querySelectorAll("td.ago")) {
-    if (td.dataset.ts) td.textContent = ago(Number(td.dataset.ts));
+    if (td.dataset.ts) td.firstElementChild.textContent = ago(Number(td.dataset.ts));
   }
   $("updated").textContent = view.updatedAt ? `Updated ${ago(view.updatedAt)}.` : "";
 }
