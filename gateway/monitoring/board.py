@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from common.registry import ModelEvent
 from gateway.aio import cancel_and_wait
-from gateway.monitoring.model_events import LISTENER_BUFFER, StatusFeed
+from gateway.monitoring.model_events import LISTENER_BUFFER, StatusFeed, offer
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +126,7 @@ class Board:
             self._offer(watcher, item)
 
     def _offer(self, watcher: Watcher, item: Item) -> None:
-        try:
-            watcher.put_nowait(item)
-        except asyncio.QueueFull:  # too far behind: dropped, and told so
-            self._watchers.discard(watcher)
-            while not watcher.empty():
-                watcher.get_nowait()
-            watcher.put_nowait(None)
+        offer(self._watchers, watcher, item)
 
 
 def _same(a: Item, b: Item) -> bool:
