@@ -1,8 +1,9 @@
 """The status page (`GET /ui`) in a real headless Chromium against a running cluster: a
 gateway with the admin key, a one-slot worker serving a generated demo model slow enough
 to hold its slot, and an embedding worker. Nothing without a key; a user key watches
-read-only; the admin sees a queued request's position and ETA, ejects the demo model and
-sees it turn off without a reload; screenshots at desktop and phone width are saved under
+read-only; the admin sees a queued request's position and ETA, ejects the demo model with
+the keyboard (its button keeps the focus while the page updates) and sees it turn off
+without a reload; screenshots at desktop and phone width are saved under
 the test's tmp dir. Then a page whose Redis, and then whose gateway, goes away says so."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import openai
 import pytest
 from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
 from corral.redis_server import EmbeddedRedis
@@ -160,7 +162,11 @@ def test_the_admin_watches_the_queue_and_ejects_live(
     queued.join(30)
 
     browser.execute_script("window.corralNoReload = true")
-    browser.find_element(By.CSS_SELECTOR, f'button[aria-label="Eject {DEMO}"]').click()
+    eject = browser.find_element(By.CSS_SELECTOR, f'button[aria-label="Eject {DEMO}"]')
+    browser.execute_script("arguments[0].focus()", eject)
+    time.sleep(1.5)  # snapshots come and go (the queued request ended): the focus stays
+    assert browser.switch_to.active_element == eject
+    eject.send_keys(Keys.ENTER)  # by keyboard
     browser.switch_to.alert.accept()
     api_off, page_off = _when_off(browser, base)
     assert page_off - api_off <= 1.0, f"page off {page_off - api_off:.2f} s after the API"
