@@ -2,7 +2,8 @@
 
 - The admin key (`CORRAL_ADMIN_KEY`) may do everything, management routes included.
 - A user key (`corral keys create`) may use the OpenAI, batch and request routes, on what
-  it made itself (`gateway.tenancy.ownership`); every other route answers it 403. Routes
+  it made itself (`gateway.tenancy.ownership`), and watch the model status stream (its own
+  part of it); every other route answers it 403. Routes
   are told apart by their tags, so a route added later without one of `USER_TAGS` is
   admin-only: closed unless opened on purpose.
 - No key configured at all (no admin key, no user key in Redis): the gateway is open, but
