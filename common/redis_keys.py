@@ -82,6 +82,18 @@ def running_key(model: str) -> str:
     return f"{PREFIX}:running:{model}"
 
 
+def telemetry_key(model: str, span: int, index: int) -> str:
+    """Hash of one model's request counters for the `span`-second bucket number `index`
+    (epoch seconds // span), written by workers as requests end (`common.telemetry`)."""
+    return f"{PREFIX}:tel:{model}:{span}:{index}"
+
+
+# List of the latest request ids, newest first (capped at `RECENT_MAX` by the enqueue
+# script): the status page's "recent requests".
+RECENT_REQUESTS = f"{PREFIX}:recent"
+RECENT_MAX = 200
+
+
 # Set of worker ids that registered; entries whose key expired are pruned by readers.
 WORKERS = f"{PREFIX}:workers"
 

@@ -18,6 +18,7 @@ from common.priority import Priority
 from common.redis_keys import text
 
 RECORD_TTL_S = 3600  # how long a finished request stays visible
+QUEUE_VIEW = frozenset({"position", "estimated_start_at"})  # read from the queue, not stored
 
 
 class RequestState(StrEnum):
@@ -49,13 +50,19 @@ class RequestRecord(BaseModel):
     promoted_at: float | None = None  # moved from low to normal after `low_max_wait`
     owner: str | None = None  # the API key that sent it: only that key may read or cancel it
     position: int | None = None  # 1 = next to start; only while queued
+    # When it should start (epoch s), from the slots free and its model's recent service
+    # times; only while queued, and only once the model has served something lately.
+    estimated_start_at: float | None = None
+    ttft_ms: float | None = None  # enqueued -> first token, as its worker measured it
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> RequestRecord:
         return cls.model_validate({text(k): text(v) for k, v in raw.items() if v})
 
     def to_hash(self) -> dict[Any, Any]:
-        data = self.model_dump(mode="json", exclude_none=True, exclude={"position"})
+        data = self.model_dump(mode="json", exclude_none=True, exclude=set(QUEUE_VIEW))
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in data.items()}
 
 

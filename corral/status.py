@@ -1,5 +1,6 @@
 """`corral status`: the cluster at a glance — a table of workers (GPU, budget used/total,
-model, state, slots busy) and one of models (state, replicas, queue depths) — from the
+model, state, slots busy) and one of models (state, replicas, queue depths, recent
+prompt/generation tokens per second) — from the
 gateway's `GET /v1/workers` and `GET /v1/models/status`; `--watch` redraws it every second.
 """
 
@@ -44,16 +45,30 @@ def render(workers: list[dict[str, Any]], models: dict[str, dict[str, Any]]) -> 
             f"{m['replicas']}/{m.get('replicas_wanted', 1)}",
             "/".join(str(m["queued"].get(p, 0)) for p in ("high", "normal", "low")),
             str(m["queued"].get("batch", 0)),
+            _speed(m.get("speed") or {}),
             ", ".join(w["worker"] for w in m["workers"]) or "-",
         ]
         for alias, m in models.items()
     ]
     out = [table(wrows, ["WORKER", "GPU", "MEM MiB used/budget", "MODEL", "STATE", "SLOTS"])]
-    out += ["", table(mrows, ["MODEL", "STATUS", "REPLICAS", "QUEUED h/n/l", "BATCH", "ON"])]
+    header = ["MODEL", "STATUS", "REPLICAS", "QUEUED h/n/l", "BATCH", "TOK/S prompt/gen", "ON"]
+    out += ["", table(mrows, header)]
     failed = [(a, w, e) for a, m in models.items() for w, e in m.get("failed", {}).items()]
     if failed:
         out += ["", "FAILED:"] + [f"  {a} on {w}: {e.splitlines()[0]}" for a, w, e in failed]
     return "\n".join(out)
+
+
+def _speed(speed: dict[str, Any]) -> str:
+    """llama-server's prompt/generation tokens per second over the recent window."""
+    if not speed.get("requests"):
+        return "-"
+    return "/".join(
+        "-" if v is None else str(round(v)) for v in (speed.get(k) for k in SPEED_FIELDS)
+    )
+
+
+SPEED_FIELDS = ("prompt_tokens_per_s", "gen_tokens_per_s")
 
 
 def _state(w: dict[str, Any]) -> str:

@@ -22,6 +22,8 @@ from gateway.routes import (
     models,
     queue,
     requests,
+    telemetry,
+    ui,
     workers,
 )
 from gateway.routes import metrics as metrics_route
@@ -67,6 +69,8 @@ def create_app(settings: Settings) -> FastAPI:
         metrics_route,
         files,
         batches,
+        telemetry,
+        ui,
     )
     for module in routers:
         app.include_router(module.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from dataclasses import dataclass, field
 
@@ -16,8 +17,10 @@ from gateway.batches.intake import BatchRunner
 from gateway.batches.store import BatchStore
 from gateway.batches.supervisor import BatchSupervisor
 from gateway.catalog import Catalog
+from gateway.monitoring.board import Board
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.monitoring.model_events import StatusFeed
+from gateway.monitoring.overview import overview
 from gateway.placement.placer import Placer
 from gateway.queueing.aging import Promoter
 from gateway.queueing.dispatch import Dispatcher
@@ -52,6 +55,10 @@ class GatewayState:
     feed: StatusFeed
     promoter: Promoter | None = None  # aging, if `low_max_wait` is set
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    board: Board = field(init=False)  # the status page's feed, read only while watched
+
+    def __post_init__(self) -> None:
+        self.board = Board(self.feed, functools.partial(overview, self))
 
     @classmethod
     async def start(
@@ -98,6 +105,7 @@ class GatewayState:
             await self.promoter.stop()
         await self.batches.stop()
         await self.placer.stop()
+        await self.board.stop()
         await self.feed.stop()
         await self.hub.stop()
         self.dispatcher.close()

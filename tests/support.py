@@ -154,9 +154,10 @@ class Blocker:
     """A long streaming generation holding the model's only slot until cancelled. Serve a
     `slow_model`, or the generation may end before the test is done with the slot."""
 
-    def __init__(self, base_url: str, model: str) -> None:
+    def __init__(self, base_url: str, model: str, key: str | None = None) -> None:
         self.base_url = base_url
         self.model = model
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.request_id = ""
         self.events: list[str] = []
         self._started = threading.Event()
@@ -176,14 +177,19 @@ class Blocker:
             "ignore_eos": True,
         }
         with httpx.stream(
-            "POST", f"{self.base_url}/v1/chat/completions", json=body, timeout=60
+            "POST",
+            f"{self.base_url}/v1/chat/completions",
+            json=body,
+            headers=self.headers,
+            timeout=60,
         ) as resp:
             self.request_id = resp.headers["x-request-id"]
             self._started.set()
             self.events = [line for line in resp.iter_lines() if line.startswith("data:")]
 
     def cancel(self) -> None:
-        r = httpx.post(f"{self.base_url}/v1/requests/{self.request_id}/cancel")
+        url = f"{self.base_url}/v1/requests/{self.request_id}/cancel"
+        r = httpx.post(url, headers=self.headers)
         assert r.status_code == 200, r.text
 
     def __exit__(self, *exc: object) -> None:

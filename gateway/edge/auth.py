@@ -19,7 +19,13 @@ from common.settings import Settings
 from gateway.edge.request_metrics import usage_of
 from gateway.errors import send_error
 from gateway.monitoring.metrics import GatewayMetrics
-from gateway.tenancy.principals import DOCS_PATHS, Authenticator, KeysEpoch
+from gateway.tenancy.principals import (
+    DOCS_PATHS,
+    UI_ASSETS,
+    UI_PAGES,
+    Authenticator,
+    KeysEpoch,
+)
 from gateway.tenancy.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -43,11 +49,12 @@ class AuthMiddleware:
         self._redis = redis
         self._epoch = epoch
         self._metrics = metrics
-        self._open = DOCS_PATHS | {"/health"} | ({"/metrics"} if settings.metrics_public else set())
+        public = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
+        self._open = DOCS_PATHS | UI_PAGES | public
         self._limiter = RateLimiter(redis)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._open:
+        if scope["type"] != "http" or _open_path(scope["path"], self._open):
             await self.app(scope, receive, send)
             return
         headers: dict[str, str] = {}
@@ -109,3 +116,7 @@ class _Limited(RateLimited):
 
     def headers(self) -> dict[str, str]:
         return {**self.extra, **super().headers()}
+
+
+def _open_path(path: str, exact: frozenset[str] | set[str]) -> bool:
+    return path in exact or path.startswith(UI_ASSETS)

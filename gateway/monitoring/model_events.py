@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -73,10 +74,22 @@ class StatusFeed:
                 await pubsub.aclose()
 
     def _offer(self, queue: asyncio.Queue[ModelEvent | None], item: ModelEvent | None) -> None:
-        try:
-            queue.put_nowait(item)
-        except asyncio.QueueFull:  # a listener this far behind is dropped, not waited for
-            self._listeners.discard(queue)
-            while not queue.empty():  # and told so: its stream ends, its client reconnects
-                queue.get_nowait()  # for a fresh full_status rather than hear no more
-            queue.put_nowait(None)
+        offer(self._listeners, queue, item)
+
+
+T = TypeVar("T")
+
+
+def offer(
+    listeners: set[asyncio.Queue[T | None]], queue: asyncio.Queue[T | None], item: T | None
+) -> None:
+    """Give `item` to one of `listeners`. A listener this far behind is dropped, not waited
+    for, and told so (None): its stream ends, its client reconnects for a fresh
+    `full_status` rather than hear no more."""
+    try:
+        queue.put_nowait(item)
+    except asyncio.QueueFull:
+        listeners.discard(queue)
+        while not queue.empty():
+            queue.get_nowait()
+        queue.put_nowait(None)

@@ -35,19 +35,22 @@ log = logging.getLogger(__name__)
 CANCEL_TTL_S = 3600
 
 # KEYS: the list to push on, the request record, the queue's binding table and its
-# permanent set, then the queues whose total length is capped.
-# ARGV: the cap (-1: none), the record's TTL, the binding, the message, then the record's
-# fields. Returns {1 if enqueued else 0, the depth found}.
+# permanent set, the list of recent request ids, then the queues whose total length is
+# capped. ARGV: the cap (-1: none), the record's TTL, the binding, the message, the request
+# id, how many recent ids to keep, then the record's fields. Returns {1 if enqueued else
+# 0, the depth found}.
 ENQUEUE_LUA = """
 local depth = 0
-for i = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+for i = 6, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 local cap = tonumber(ARGV[1])
 if cap >= 0 and depth >= cap then return {0, depth} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('LPUSH', KEYS[1], ARGV[4])
+redis.call('LPUSH', KEYS[5], ARGV[5])
+redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[6]) - 1)
 return {1, depth}
 """
 
@@ -82,6 +85,7 @@ class Dispatcher:
                 redis_keys.request_key(job.request_id),
                 route.binding_key,
                 route.permanent_key,
+                redis_keys.RECENT_REQUESTS,
                 *redis_keys.model_queues(job.model),
             ],
             args=[
@@ -89,6 +93,8 @@ class Dispatcher:
                 ttl,
                 route.binding,
                 message.entry,
+                job.request_id,
+                redis_keys.RECENT_MAX,
                 *(item for pair in fields.items() for item in pair),
             ],
         )

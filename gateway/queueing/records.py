@@ -1,5 +1,6 @@
 """Reading and writing request records from the gateway side: the record at enqueue,
-its end when the gateway gives up on it, a queued request's position, queue statistics.
+its end when the gateway gives up on it, a queued request's position and estimated start,
+queue statistics.
 
 Positions and oldest waits are read from the queues themselves (kombu keeps each queue as
 a Redis list, LPUSHed and BRPOPped, so the oldest message is at the right end), so they
@@ -17,12 +18,14 @@ import redis.asyncio as aioredis
 from common import redis_keys
 from common.jobs import Job
 from common.priority import Priority
+from common.registry import WorkerInfo
 from common.tracking import (
     RECORD_TTL_S,
     RequestRecord,
     RequestState,
 )
 from gateway import cluster
+from gateway.queueing import eta
 from gateway.queueing.task_message import task_body
 
 
@@ -40,26 +43,46 @@ def new_record(job: Job) -> RequestRecord:
     )
 
 
-# Where a request's message is in its queue, found inside Redis a hundred messages at a
-# time: reading the whole queue out (each message carries its prompt) onto the gateway's
-# event loop, on every poll of a queued request's record, grows with the prompts queued.
-# KEYS: the queue. ARGV: the request id. Returns {index from the head or -1, length}.
-FIND_LUA = """
-local n = redis.call('LLEN', KEYS[1])
-for start = 0, n - 1, 100 do
-  local items = redis.call('LRANGE', KEYS[1], start, start + 99)
-  for i = 1, #items do
-    if string.find(items[i], ARGV[1], 1, true) then return {start + i - 1, n} end
+# Where requests' messages are in their model's queues, found inside Redis a hundred
+# messages at a time: reading a queue out (each message carries its prompt) onto the
+# gateway's event loop grows with the prompts queued. One pass over each queue finds them
+# all. KEYS: the model's interactive queues, highest priority first. ARGV: pairs of a
+# request id and the number of the queue it waits in (1 = KEYS[1]). Returns each
+# request's position (1 = the next of the model's requests to start; every request in a
+# higher queue is ahead), or 0 if it is not queued.
+POSITIONS_LUA = """
+local found, left, ahead = {}, 0, 0
+for i = 1, #ARGV, 2 do found[#found + 1] = 0; left = left + 1 end
+for q = 1, #KEYS do
+  local n = redis.call('LLEN', KEYS[q])
+  local mine = {}
+  for i = 1, #ARGV, 2 do
+    if tonumber(ARGV[i + 1]) == q then mine[#mine + 1] = (i + 1) / 2 end
   end
+  local start = 0
+  while #mine > 0 and start < n do
+    local items = redis.call('LRANGE', KEYS[q], start, start + 99)
+    for j = 1, #items do
+      for m = #mine, 1, -1 do
+        local k = mine[m]
+        if string.find(items[j], ARGV[2 * k - 1], 1, true) then
+          found[k] = ahead + n - (start + j - 1)  -- pushed at the head, taken from the tail
+          table.remove(mine, m)
+        end
+      end
+    end
+    start = start + 100
+  end
+  ahead = ahead + n
 end
-return {-1, n}
+return found
 """
 
 
 class Tracker:
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        self._find = client.register_script(FIND_LUA)
+        self._positions = client.register_script(POSITIONS_LUA)
 
     @staticmethod
     def record_fields(job: Job) -> tuple[dict[str, str], int]:
@@ -90,22 +113,28 @@ class Tracker:
             return None
         record = RequestRecord.from_hash(raw)
         if record.state is RequestState.QUEUED:
-            record.position = await self.position(record)
+            workers = await cluster.read_workers(self._redis)
+            await self.place([record], workers)
         return record
 
-    async def position(self, record: RequestRecord) -> int | None:
-        """1 = the next of its model's requests to start; None if not found in its queue."""
-        ahead = 0
-        for priority in Priority:
-            queue = redis_keys.queue_name(record.model, priority)
-            if priority is not record.priority:
-                if priority.rank < record.priority.rank:
-                    ahead += await self._redis.llen(queue)
-                continue
-            index, length = await self._find(keys=[queue], args=[record.request_id])
-            if index >= 0:  # pushed at the head, taken from the tail
-                return ahead + (length - 1 - index) + 1
-        return None
+    async def place(self, records: list[RequestRecord], workers: list[WorkerInfo]) -> None:
+        """Fill in each queued record's position and estimated start (`gateway.queueing.eta`):
+        one script per model finds them all in its queues."""
+        by_model: dict[str, list[RequestRecord]] = {}
+        for record in records:
+            if record.state is RequestState.QUEUED:
+                by_model.setdefault(record.model, []).append(record)
+        now = time.time()
+        for model, queued in by_model.items():
+            args: list[Any] = []
+            for record in queued:
+                args += (record.request_id, record.priority.rank + 1)
+            found = await self._positions(keys=redis_keys.model_queues(model), args=args)
+            slots = await eta.read_slots(self._redis, model, workers)
+            for record, position in zip(queued, found, strict=True):
+                record.position = int(position) or None
+                if record.position is not None:
+                    record.estimated_start_at = eta.estimate_start(record.position, slots, now)
 
     async def queue_stats(self, models: list[str]) -> dict[str, Any]:
         """Per model and priority: depth, oldest wait (s), and requests running."""

@@ -5,27 +5,34 @@
 
 Registered before `GET /v1/models/{id:path}`, which would otherwise swallow these paths.
 Tagged `management`: admin-only once API keys exist (`gateway.tenancy.principals` opens only routes
-tagged for users).
+tagged for users), but for the status stream, which a user key may watch too (the status
+page, read-only): it sees the models it may use, its own requests and batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from common.errors import CorralError
 from common.registry import ModelEvent
 from common.wire import RequestDefaults
 from gateway.cluster import queue_depths
 from gateway.deps import State
-from gateway.monitoring.model_status import count_by_status, model_status
+from gateway.monitoring import telemetry
+from gateway.monitoring.model_status import model_status
+from gateway.monitoring.overview import for_caller, full_status, visible_status
 from gateway.placement.policy import Outcome, plan_error, plan_summary
 from gateway.state import GatewayState
+from gateway.tenancy.ownership import Caller, CallerDep
+from gateway.tenancy.principals import STATUS_TAG, principal_of
 
 router = APIRouter(tags=["management"])
 
@@ -49,47 +56,77 @@ async def models_scan(state: State) -> dict[str, Any]:
     return {"changed": changed, "models": sorted(state.catalog.own)}
 
 
-async def full_status(state: GatewayState) -> dict[str, Any]:
-    models = await state.catalog.all()
-    view = await state.placer.view(0)
-    depths = await queue_depths(state.redis, list(models))
-    statuses = {
-        alias: model_status(alias, m, view, depths[alias], state.settings.preloaded(alias, m))
-        for alias, m in models.items()
-    }
-    return {"models": statuses, "summary": count_by_status(list(statuses.values()))}
-
-
 @router.get("/v1/models/status")
 async def models_status(state: State) -> dict[str, Any]:
     return await full_status(state)
 
 
-@router.get("/v1/models/status/stream", response_model=None)
-async def models_status_stream(state: State) -> StreamingResponse:
+@router.get("/v1/models/status/stream", response_model=None, tags=[STATUS_TAG])
+async def models_status_stream(
+    request: Request, state: State, caller: CallerDep, cluster: bool = False
+) -> StreamingResponse:
     """SSE: `full_status` once, then a `model_update` per change (off -> loading -> ready ->
-    unloading / failed), and a `heartbeat` comment-like event when quiet."""
-    events = await state.feed.listen()  # subscribed before the snapshot: nothing is missed
+    unloading / failed), and a `heartbeat` comment-like event when quiet.
+
+    With `?cluster=true` (the status page), also a `cluster` event (workers, queues, recent
+    requests, batches: `gateway.monitoring.overview`) at once, every second while it
+    changes, and right after model updates; and an `error` event while Redis cannot be read.
+    A user key sees the models it may use, and only its own requests and batches."""
+    source, leave = await _subscribe(state, cluster)  # before the snapshot: nothing missed
+    viewer = _viewer(request)
 
     async def stream() -> AsyncIterator[bytes]:
         try:
-            yield _sse("full_status", await full_status(state))
+            yield _sse("full_status", visible_status(await full_status(state), caller))
             while True:
                 try:
                     async with asyncio.timeout(KEEPALIVE_S):  # wait_for may eat a cancel
-                        event = await events.get()
+                        item = await source.get()
                 except TimeoutError:
                     yield _sse("heartbeat", {})
                     continue
-                if event is None:
+                if item is None:
                     return
-                yield _sse("model_update", _update(event))
+                if (out := _event(item, caller, viewer)) is not None:
+                    yield out
         finally:
-            state.feed.leave(events)
+            leave()
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+async def _subscribe(
+    state: GatewayState, cluster: bool
+) -> tuple[asyncio.Queue[Any], Callable[[], None]]:
+    """The model events (and with `cluster`, the board's snapshots), and how to leave."""
+    if cluster:
+        items = await state.board.watch()
+        return items, functools.partial(state.board.leave, items)
+    events = await state.feed.listen()
+    return events, functools.partial(state.feed.leave, events)
+
+
+def _event(item: Any, caller: Caller, viewer: dict[str, Any]) -> bytes | None:
+    """One SSE event for what the feed (a `ModelEvent`) or the board (`(kind, data)`,
+    `gateway.monitoring.board`) gave; None if `caller` may not see it."""
+    kind, data = ("model_update", item) if isinstance(item, ModelEvent) else item
+    data = cast(Any, data)
+    if kind == "model_update":
+        return _sse(kind, _update(data)) if caller.allows_model(data.model) else None
+    if kind == "cluster":
+        return _sse(kind, {**for_caller(data, caller), "viewer": viewer})
+    err = CorralError(f"The gateway cannot read Redis: {data['message']}", code=data["code"])
+    return _sse("error", err.envelope())
+
+
+def _viewer(request: Request) -> dict[str, Any]:
+    """Who watches: the page offers admin actions to `admin` and `open` only."""
+    principal = principal_of(request)
+    if principal is None:
+        return {"role": "open", "key": None}
+    return {"role": principal.role.value, "key": principal.key.name if principal.key else None}
 
 
 @router.get("/v1/models/failed")
@@ -146,6 +183,7 @@ async def model_status_one(alias: str, state: State) -> dict[str, Any]:
     view = await state.placer.view(0)
     depths = await queue_depths(state.redis, [alias])
     out = model_status(alias, model, view, depths[alias], state.settings.preloaded(alias, model))
+    out["speed"] = (await telemetry.speeds(state.redis, [alias]))[alias]
     records = await state.placer.needs.records(alias)  # per profile: estimate vs measured
     out["memory"] = {prof: rec.model_dump() for prof, rec in sorted(records.items())}
     return out

@@ -2,7 +2,8 @@
 
 - The admin key (`CORRAL_ADMIN_KEY`) may do everything, management routes included.
 - A user key (`corral keys create`) may use the OpenAI, batch and request routes, on what
-  it made itself (`gateway.tenancy.ownership`); every other route answers it 403. Routes
+  it made itself (`gateway.tenancy.ownership`), and watch the model status stream (its own
+  part of it); every other route answers it 403. Routes
   are told apart by their tags, so a route added later without one of `USER_TAGS` is
   admin-only: closed unless opened on purpose.
 - No key configured at all (no admin key, no user key in Redis): the gateway is open, but
@@ -36,7 +37,12 @@ from common.settings import Settings
 CACHE_S = 5.0
 CACHE_MAX = 4096  # lookups kept (secrets, right or wrong); all are dropped when full
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-USER_TAGS = frozenset({"openai", "requests", "batch"})
+STATUS_TAG = "status"  # the model status stream: user keys watch their own part of it
+USER_TAGS = frozenset({"openai", "requests", "batch", STATUS_TAG})
+# The status page and its assets: open, like the docs (they hold no data; the page asks
+# for a key and sends it with every data request).
+UI_PAGES = frozenset({"/", "/ui"})
+UI_ASSETS = "/ui/static/"
 
 
 class KeysEpoch:

@@ -28,7 +28,7 @@ from common.frames import FrameType, out_of_band_error
 from common.jobs import Job, JobKind
 from common.tracking import RequestState
 from workers.consumer.celery_app import app
-from workers.task import batch_sink, ledger, runtime
+from workers.task import batch_sink, ledger, outcome, runtime
 from workers.task.ledger import Claim
 from workers.task.publisher import Publisher
 from workers.task.upstream import UNREACHABLE, Abort, Aborted, Upstream
@@ -130,7 +130,10 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
         on_cancel=abort.fire,
     )
     on_sent = functools.partial(_confirm, job, claim, pub)
-    state, error, final, fields = _call_upstream(job, claim, rt.upstream, pub, abort, on_sent)
+    began = time.time()
+    state, error, final, fields, timings = _call_upstream(
+        job, claim, rt.upstream, pub, abort, on_sent
+    )
     try:
         _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
     except RedisError as exc:  # whose task this is stays unknown: nothing was published yet
@@ -145,14 +148,21 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
                 ),
             )
         return RequestState.FAILED, "claim unreadable"
+    measured = outcome.measured(job, state, began, pub.first_chunk_at, fields.get("usage"), timings)
     record = functools.partial(
-        ledger.finish_into, job=job, worker_id=rt.worker_id, state=state, error=error
+        ledger.finish_into,
+        job=job,
+        worker_id=rt.worker_id,
+        state=state,
+        error=error,
+        outcome=measured,
     )
     pub.finish(final, also=record, **fields)
     return state, error
 
 
-RunEnd = tuple[RequestState, str | None, FrameType, dict[str, Any]]
+# The end of a call: its state, error, final frame type and fields, llama-server's timings.
+RunEnd = tuple[RequestState, str | None, FrameType, dict[str, Any], dict[str, Any] | None]
 
 
 def _call_upstream(
@@ -172,7 +182,7 @@ def _call_upstream(
             end = upstream.stream(job.kind.path, body, pub.chunk, abort, on_sent, pub.accepted)
             if wants_usage and end.usage_chunk:
                 pub.chunk(end.usage_chunk)
-            return RequestState.DONE, None, FrameType.DONE, {"usage": end.usage}
+            return RequestState.DONE, None, FrameType.DONE, {"usage": end.usage}, end.timings
         body.pop("stream", None)
         body.pop("stream_options", None)
         result = upstream.request(job.kind.path, body, abort, on_sent)
@@ -181,23 +191,24 @@ def _call_upstream(
             None,
             FrameType.RESULT,
             {"body": result, "usage": result.get("usage")},
+            result.get("timings"),
         )
     except NotOurs:
         raise
     except Aborted:
         cancel = _error(Cancelled())
-        return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, cancel
+        return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, cancel, None
     except SoftTimeLimitExceeded:  # the call's socket is closed: llama-server frees the slot
         late = _over_time_limit()
-        return RequestState.FAILED, late.message, FrameType.ERROR, _error(late)
+        return RequestState.FAILED, late.message, FrameType.ERROR, _error(late), None
     except CorralError as exc:
         if exc.code == UNREACHABLE:
             exc = _lost_llama_server(job, claim)
-        return RequestState.FAILED, exc.message, FrameType.ERROR, _error(exc)
+        return RequestState.FAILED, exc.message, FrameType.ERROR, _error(exc), None
     except Exception:  # a bug, or a reply nobody foresaw: still exactly one final frame
         log.exception("job=%s failed unexpectedly", job.request_id)
         err = CorralError("The worker failed while serving this request.")
-        return RequestState.FAILED, err.message, FrameType.ERROR, _error(err)
+        return RequestState.FAILED, err.message, FrameType.ERROR, _error(err), None
 
 
 def _over_time_limit() -> CorralError:
@@ -247,12 +258,16 @@ def _run_batch_item(job: Job) -> None:
     # must be able to run again (the batch supervisor re-sends it, a bounded number of times).
     parent = os.getppid()
     ledger.started(r, job, rt.worker_id)
+    began = time.time()
     body = dict(job.body, model=job.model)
     body.pop("stream", None)
+    usage: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
     try:
         result = rt.upstream.request(job.kind.path, body, Abort())
         batch_sink.record_success(r, job, result)
         state, error = RequestState.DONE, None
+        usage, timings = result.get("usage"), result.get("timings")
     except CorralError as exc:
         if exc.code == UNREACHABLE or os.getppid() != parent:
             # llama-server or this worker went away: not the request's fault. Leave no
@@ -271,7 +286,8 @@ def _run_batch_item(job: Job) -> None:
         err = CorralError("The worker failed while serving this request.")
         batch_sink.record_failure(r, job, err)
         state, error = RequestState.FAILED, err.message
-    ledger.finished(r, job, rt.worker_id, state, error)
+    measured = outcome.measured(job, state, began, None, usage, timings)
+    ledger.finished(r, job, rt.worker_id, state, error, measured)
     log.info(
         "job=%s batch=%s custom_id=%s %s", job.request_id, job.batch_id, job.custom_id, state.value
     )

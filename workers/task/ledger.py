@@ -19,8 +19,9 @@ from redis.commands.core import Script
 from redis.connection import Connection
 from redis.exceptions import NoScriptError
 
-from common import redis_keys
+from common import redis_keys, telemetry
 from common.jobs import Job
+from common.telemetry import Outcome
 from common.tracking import RECORD_TTL_S, RequestState, running_member
 
 log = logging.getLogger(__name__)
@@ -212,10 +213,15 @@ def started(r: redis.Redis, job: Job, worker_id: str) -> None:
 
 
 def finished(
-    r: redis.Redis, job: Job, worker_id: str, state: RequestState, error: str | None = None
+    r: redis.Redis,
+    job: Job,
+    worker_id: str,
+    state: RequestState,
+    error: str | None = None,
+    outcome: Outcome | None = None,
 ) -> None:
     pipe = r.pipeline(transaction=False)
-    finish_into(pipe, job=job, worker_id=worker_id, state=state, error=error)
+    finish_into(pipe, job=job, worker_id=worker_id, state=state, error=error, outcome=outcome)
     try:
         pipe.execute()
     except redis.RedisError as exc:  # the reply already went out; the record is secondary
@@ -229,12 +235,19 @@ def finish_into(
     worker_id: str,
     state: RequestState,
     error: str | None = None,
+    outcome: Outcome | None = None,
 ) -> None:
     """Queue the record's end on `pipe`: the publisher sends it with the final frame, in one
-    round trip, so the slot is handed back to Celery that much sooner."""
-    fields: dict[Any, Any] = {"state": state.value, "finished_at": str(time.time())}
+    round trip, so the slot is handed back to Celery that much sooner. With `outcome`, the
+    record shows what was measured and the model's telemetry counts it (one more command
+    in the same round trip)."""
+    now = time.time()
+    fields: dict[Any, Any] = {"state": state.value, "finished_at": str(now)}
     if error:
         fields["error"] = error[:500]
+    if outcome is not None:
+        fields.update(outcome.record_fields())
+        telemetry_into(pipe, job.model, outcome, now)
     pipe.hset(redis_keys.request_key(job.request_id), mapping=fields)
     pipe.expire(redis_keys.request_key(job.request_id), RECORD_TTL_S)
     pipe.zrem(redis_keys.running_key(job.model), running_member(worker_id, job.request_id))
@@ -258,11 +271,23 @@ def given_back(r: redis.Redis, job: Job, worker_id: str, why: str) -> None:
 
 
 def dropped(r: redis.Redis, job: Job, state: RequestState, why: str) -> None:
-    """A task that never ran: say why in its record."""
+    """A task that never ran: say why in its record, and count it in its model's telemetry."""
+    now = time.time()
     pipe = r.pipeline(transaction=False)
     pipe.hset(
         redis_keys.request_key(job.request_id),
-        mapping={"state": state.value, "finished_at": str(time.time()), "error": why},
+        mapping={"state": state.value, "finished_at": str(now), "error": why},
     )
     pipe.expire(redis_keys.request_key(job.request_id), RECORD_TTL_S)
+    waited = (now - job.enqueued_at) * 1000 if state is RequestState.EXPIRED else None
+    outcome = Outcome(state, interactive=job.batch_id is None, wait_ms=waited)
+    telemetry_into(pipe, job.model, outcome, now)
     pipe.execute()
+
+
+def telemetry_into(pipe: redis.client.Pipeline, model: str, outcome: Outcome, now: float) -> None:
+    """Count a request's `outcome` into its model's telemetry buckets (`common.telemetry`):
+    one EVAL of the script's text, never EVALSHA, so a Redis that forgot its scripts
+    costs no extra round trip (nor a lost final frame)."""
+    keys, args = telemetry.record_args(model, outcome, now)
+    pipe.eval(telemetry.RECORD_LUA, len(keys), *keys, *args)

@@ -107,6 +107,7 @@ class Publisher:
         self._last_flush = 0.0  # paces batching: when chunks last went out
         self._last_check = 0.0  # paces cancel polls
         self.cancelled = False
+        self.first_chunk_at: float | None = None  # epoch s the first chunk was queued
         self._started = False
         self._done = threading.Event()
 
@@ -134,6 +135,8 @@ class Publisher:
         """Queue chunks for the next frame; several given at once share a frame. A chunk
         after a quiet spell is sent at once by the caller itself, rather than by waking
         the flusher (a thread wake-up on every first token)."""
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.time()
         with self._cond:
             fresh = not self._chunks
             self._chunks.extend(raw)

@@ -92,6 +92,7 @@ def upstream_error(status: int, raw: bytes) -> CorralError:
 class StreamEnd:
     usage: dict[str, Any] | None = None
     usage_chunk: str | None = None  # raw text of the usage-only chunk, if llama-server sent one
+    timings: dict[str, Any] | None = None  # llama-server's `timings`, sent with the usage
 
 
 class Upstream:
@@ -184,6 +185,7 @@ class Upstream:
                     chunk = json.loads(data)
                     if chunk.get("usage"):
                         end.usage = chunk["usage"]
+                        end.timings = chunk.get("timings")
                         if not chunk.get("choices"):
                             end.usage_chunk = data
                             continue

@@ -20,8 +20,6 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from common import redis_keys
-from common.celery_config import celery_config
-from common.jobs import Job, JobKind
 from common.net import free_port
 from common.priority import Priority
 from common.settings import ModelConfig, Settings
@@ -29,40 +27,12 @@ from corral.redis_server import EmbeddedRedis
 from gateway.catalog import Catalog
 from gateway.leader import LeaderLock
 from gateway.queueing.aging import PROMOTE_LUA, Promoter
-from gateway.queueing.records import Tracker, enqueued_at, new_record
+from gateway.queueing.records import Tracker, enqueued_at
 from tests.conftest import Cluster, start_cluster
+from tests.gateway.queueing.conftest import enqueue
 from tests.support import Blocker, corral_child, slow_model, wait_for, wait_healthy
 
 LOW, NORMAL = redis_keys.queue_name("m", Priority.LOW), redis_keys.queue_name("m", Priority.NORMAL)
-
-
-@pytest.fixture(scope="module")
-def celery_app(own_redis: EmbeddedRedis) -> Iterator[Celery]:
-    app = Celery("test-aging", set_as_current=False)
-    app.conf.update(celery_config(Settings(redis_url=own_redis.url)))
-    yield app
-    app.close()
-
-
-def enqueue(app: Celery, r: redis.Redis, priority: Priority, waited: float) -> str:
-    """A request of model `m` enqueued `waited` seconds ago, as the gateway does it."""
-    job = Job(
-        kind=JobKind.CHAT,
-        model="m",
-        body={},
-        priority=priority,
-        channel="c",
-        deadline=time.time() + 600,
-        enqueued_at=time.time() - waited,
-    )
-    r.hset(redis_keys.request_key(job.request_id), mapping=new_record(job).to_hash())
-    app.send_task(
-        redis_keys.INFER_TASK,
-        args=[job.model_dump(mode="json")],
-        task_id=job.request_id,
-        queue=redis_keys.queue_name("m", priority),
-    )
-    return job.request_id
 
 
 def ids(r: redis.Redis, queue: str) -> list[str]:

@@ -12,11 +12,12 @@ from typing import Any, NoReturn
 import pytest
 import redis
 
-from common import redis_keys
+from common import redis_keys, telemetry
 from common.frames import Frame, FrameType
 from common.jobs import Job, JobKind
 from common.priority import Priority
 from common.settings import Settings
+from common.telemetry import Summary
 from common.tracking import RequestState
 from corral.redis_server import EmbeddedRedis
 from workers.task import infer, ledger, runtime
@@ -226,3 +227,31 @@ def test_a_claim_that_cannot_be_read_still_ends_the_request(
     assert [(f.seq, f.type) for f in got] == [(-1, FrameType.ERROR)]
     assert got[0].status == 503 and got[0].error is not None
     assert got[0].error.code == "redis_unavailable"
+
+
+def test_a_finished_request_leaves_its_measures_in_its_record_and_telemetry(
+    rt: runtime.Runtime,
+    job: Job,
+    frames: Callable[[], list[Frame]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record shows TTFT and tokens; the model's telemetry buckets count the request
+    with llama-server's timings (both written with the final frame)."""
+    timings = {"prompt_n": 7, "prompt_ms": 2.0, "predicted_n": 1, "predicted_ms": 0.5}
+
+    def stream(*args: Any) -> StreamEnd:
+        _one_token(*args)
+        usage = {"prompt_tokens": 7, "completion_tokens": 1}
+        return StreamEnd(usage=usage, timings=timings)
+
+    monkeypatch.setattr(Upstream, "stream", stream)
+    job = job.model_copy(update={"model": f"m-tel-{time.time_ns()}"})
+    state, _ = infer._run(job, _claim(rt, job))
+    assert state is RequestState.DONE and frames()[-1].type is FrameType.DONE
+    record = rt.redis.hgetall(redis_keys.request_key(job.request_id))
+    assert record[b"prompt_tokens"] == b"7" and record[b"completion_tokens"] == b"1"
+    assert 0 <= float(record[b"ttft_ms"]) < 5000
+    keys = telemetry.window_keys(job.model, 60, 2, time.time())  # a minute may have turned
+    counted = Summary.of([rt.redis.hgetall(k) for k in keys]).report()
+    assert (counted["requests"], counted["done"], counted["completion_tokens"]) == (1, 1, 1)
+    assert counted["prompt_tokens_per_s"] == 3500.0 and counted["ttft_ms"] is not None
