@@ -274,8 +274,7 @@ class ModelHost:
         held.server.stop()
         self._ledger.release()
         self.held = None
-        self._report.event(held.alias, ModelState.OFF)
-        if next_model is None:
+        if next_model is None:  # the entry first: a reader woken by the event finds it so
             self._report.transition(
                 WorkerState.EMPTY,
                 model=None,
@@ -286,6 +285,7 @@ class ModelHost:
                 restarts=0,
                 ctx_size=None,
             )
+        self._report.event(held.alias, ModelState.OFF)
 
     def fail(self, alias: str, why: str, detail: str | None = None) -> None:
         """`alias` cannot run here until reset: `why` for clients, `detail` for admins."""
