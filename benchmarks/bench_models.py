@@ -368,8 +368,9 @@ def report(starts: dict[str, float], cold: dict[str, Any], mixed: dict[str, Any]
         f"{ms(cold['swap_llama_s'])}), TTFT {ms(cold['swap_ttft_s'])}"
     )
     print(
-        f"  20 concurrent cold requests {ms(cold['cold_20_concurrent_s'])}  (one: "
-        f"{ms(cold['cold_1_s'])}; target: no slower)"
+        f"  20 concurrent cold requests: load {ms(cold['cold_20_load_s'])}, first token "
+        f"{ms(cold['cold_20_first_ttft_s'])}  (one alone: load {ms(cold['cold_1_load_s'])}, "
+        f"first token {ms(cold['cold_1_first_ttft_s'])}; target: no slower)"
     )
     print(
         f"\nmix: {mixed['requests']} requests ({mixed['errors']} errors), "

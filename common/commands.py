@@ -25,6 +25,7 @@ class CommandOp(StrEnum):
     LOAD = "load"  # load `model` (unloading `evict` first); idempotent
     UNLOAD = "unload"  # eject `model` if held
     RESET = "reset"  # forget that `model` failed here
+    CHECK = "check"  # look at the child now (it exited: sent by the worker to itself)
 
 
 class WorkerCommand(BaseModel):

@@ -3,6 +3,7 @@ non-streaming request runs again elsewhere (once), queued work goes to another w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -249,3 +250,46 @@ def test_pool_child_killed_with_another_replica_up(two_single_slots: Cluster) ->
     plain.join(60)
     assert plain.status == 200, plain.result
     assert plain.result["usage"]["completion_tokens"] == 1500
+
+
+def test_a_non_streaming_client_leaving_frees_the_slot_at_once(one_slot: Cluster) -> None:
+    """The worker streams from llama-server even for a whole reply, so a client that
+    leaves (and a cancel, a time limit) stops the generation at once: llama-server went
+    on generating a non-streaming request to its end whatever happened to its socket."""
+    cluster = one_slot
+    (worker,) = workers(cluster.redis_url, MODEL)
+    assert worker.upstream
+    body = {"model": MODEL, "messages": HI, "max_tokens": 8000, "ignore_eos": True}
+    with httpx.Client(timeout=30) as http:
+        sent = threading.Thread(
+            target=lambda: _leave_after(http, f"{cluster.base_url}/v1/chat/completions", body),
+            daemon=True,
+        )
+        sent.start()
+        assert wait_for(lambda: busy_slots(str(worker.upstream)) == 1, 20)
+        sent.join(10)
+    left = time.monotonic()
+    assert wait_for(lambda: busy_slots(str(worker.upstream)) == 0, 1.0), cluster.logs()
+    print(f"slot freed {1000 * (time.monotonic() - left):.0f} ms after the client left")
+
+
+def _leave_after(http: httpx.Client, url: str, body: dict[str, Any]) -> None:
+    """Send a non-streaming request and hang up a second later, unanswered."""
+    with contextlib.suppress(httpx.TimeoutException):
+        http.post(url, json=body, timeout=1.0)
+
+
+def test_a_llama_server_crash_under_a_non_streaming_request_reruns_it(one_slot: Cluster) -> None:
+    """Its llama-server killed mid-request, the worker restarts it and the request runs
+    once more there (nothing had been sent to the client): it gets its whole answer."""
+    cluster = one_slot
+    plain = Call(cluster.base_url, stream=False, max_tokens=1500)
+    (worker,) = workers(cluster.redis_url, MODEL)
+    assert wait_for(lambda: bool(plain.request_id) or _running_on(cluster, worker.id) == 1, 20)
+    assert wait_for(lambda: _running_on(cluster, worker.id) == 1, 20)
+    (llama,) = [p for p in psutil.Process(worker.pid).children() if "llama-server" in p.name()]
+    os.kill(llama.pid, signal.SIGKILL)
+    plain.join(60)
+    assert plain.status == 200, (plain.result, cluster.logs())
+    assert plain.result["usage"]["completion_tokens"] == 1500
+    assert _record(cluster, plain.request_id)["state"] == "done"

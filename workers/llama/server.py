@@ -16,7 +16,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -60,6 +60,7 @@ class LaunchSpec:
     log_name: str = ""  # prefix for the child's log lines, e.g. "worker=w1 model=m"
     cpu_threads: int | None = None  # --threads, unless LLAMA_ARG_THREADS is set (flags win)
     mmproj: Path | None = None  # a vision projector (--mmproj)
+    on_exit: Callable[[], None] | None = None  # called (from a reader thread) on a crash
 
 
 class LlamaServer:
@@ -226,6 +227,8 @@ class LlamaServer:
         rc = proc.wait()
         if self._set_failed():
             logger.warning("llama-server exited unexpectedly %s %s", self._tag(), exit_reason(rc))
+            if self.spec.on_exit is not None:
+                self.spec.on_exit()
 
     def _set_failed(self) -> bool:
         """Mark an unexpected exit; False if it was expected (stopping) or already marked."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import redis
 
 from common import redis_keys
+from common.commands import CommandOp, WorkerCommand
 from common.errors import LlamaServerError, ModelBroken, QueueError
 from common.memory import MemoryRecord, device_of
 from common.registry import ModelState, WorkerState
@@ -371,8 +372,20 @@ class ModelHost:
             env=self.spec.env,
             log_name=f"worker={self.spec.worker_id}",
             mmproj=config.mmproj,
+            on_exit=self._wake_manager,
             cpu_threads=cpu_threads() if self.spec.gpu is None else None,
         )
+
+    def _wake_manager(self) -> None:
+        """The child died: have the manager look now rather than at its next tick, so it
+        stops serving the model before a request the crash cut short comes back to it."""
+        note = WorkerCommand(op=CommandOp.CHECK, model=self.held.alias if self.held else "")
+        try:
+            self._redis.lpush(
+                redis_keys.worker_commands(self.spec.worker_id), note.model_dump_json()
+            )
+        except redis.RedisError as exc:
+            log.warning("worker=%s could not wake its manager: %r", self.spec.worker_id, exc)
 
     def _state(self) -> WorkerState:
         return WorkerState.READY if self.held is not None else WorkerState.EMPTY

@@ -114,6 +114,8 @@ class Manager:
     def _handle(self, cmd: WorkerCommand) -> None:
         wid, host = self.spec.worker_id, self.host
         log.info("worker=%s command=%s model=%s evict=%s", wid, cmd.op.value, cmd.model, cmd.evict)
+        if cmd.op is CommandOp.CHECK:
+            return  # the tick that follows every command looks at the child
         if cmd.op is CommandOp.RESET:
             host.reset(cmd.model)
             self._crashes.reset()

@@ -4,8 +4,11 @@ It drops work that should not run: a task whose deadline passed, at once; one ca
 while queued or a redelivered copy of a task another worker claimed, when its claim is
 read, right after its llama-server call was sent (the call is cut before anything is
 published: the claim's round trip overlaps llama-server's work instead of preceding it).
-Otherwise it hands what llama-server sends back to the publisher. Every task that runs
-publishes exactly one final frame; a task dropped publishes none.
+Otherwise it hands what llama-server sends back to the publisher. A request the client
+wants whole is streamed from llama-server all the same and assembled here
+(`workers.task.assemble`): a cancel, the client leaving or the time limit then close a
+stream, which stops the generation at once. Every task that runs publishes exactly one
+final frame; a task dropped publishes none.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from common.jobs import Job, JobKind
 from common.tracking import RequestState
 from workers.consumer.celery_app import app
 from workers.task import batch_sink, ledger, outcome, runtime
+from workers.task.assemble import whole_reply
 from workers.task.ledger import Claim
 from workers.task.publisher import Publisher
 from workers.task.upstream import UNREACHABLE, Abort, Aborted, Upstream
 
 log = logging.getLogger(__name__)
+
+LOST_WAIT_S = 2.0  # for the manager to stop serving a model whose child died
 
 
 @app.task(name=redis_keys.INFER_TASK, bind=True, Request="workers.consumer.child_lost:InferRequest")
@@ -183,9 +189,7 @@ def _call_upstream(
             if wants_usage and end.usage_chunk:
                 pub.chunk(end.usage_chunk)
             return RequestState.DONE, None, FrameType.DONE, {"usage": end.usage}, end.timings
-        body.pop("stream", None)
-        body.pop("stream_options", None)
-        result = upstream.request(job.kind.path, body, abort, on_sent)
+        result = whole_reply(upstream, job.kind, body, abort, on_sent)
         return (
             RequestState.DONE,
             None,
@@ -235,7 +239,11 @@ def _lost_llama_server(job: Job, claim: ledger.PendingClaim) -> CorralError:
     until its deadline). A copy that is not ours (`NotOurs`) releases nothing."""
     if not job.stream:
         _ours(claim)
-        runtime.current().redis.delete(redis_keys.claim_key(job.request_id))
+        rt = runtime.current()
+        # Said once this worker stops serving the model (its manager saw the child die), so
+        # the run the gateway queues again is not taken by this worker before that.
+        rt.serving.wait_not(job.model, LOST_WAIT_S)
+        rt.redis.delete(redis_keys.claim_key(job.request_id))
     return WorkerLost("The llama-server serving this request went away mid-request.")
 
 
@@ -260,11 +268,10 @@ def _run_batch_item(job: Job) -> None:
     ledger.started(r, job, rt.worker_id)
     began = time.time()
     body = dict(job.body, model=job.model)
-    body.pop("stream", None)
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     try:
-        result = rt.upstream.request(job.kind.path, body, Abort())
+        result = whole_reply(rt.upstream, job.kind, body, Abort())
         batch_sink.record_success(r, job, result)
         state, error = RequestState.DONE, None
         usage, timings = result.get("usage"), result.get("timings")

@@ -59,6 +59,16 @@ class Serving:
             self._cell.value = raw
             self._seq.value += 1
 
+    def wait_not(self, alias: str, timeout: float) -> bool:
+        """Until this worker no longer serves `alias` (its manager saw its child die);
+        False if it still does after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while self.get() == alias:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
     def get(self) -> str | None:
         while True:
             before = self._seq.value

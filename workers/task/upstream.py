@@ -35,7 +35,7 @@ CONNECT_TIMEOUT_S = 5.0
 _JSON = {"Content-Type": "application/json"}
 
 
-def _noop() -> None:
+def noop() -> None:
     pass
 
 
@@ -110,7 +110,7 @@ class Upstream:
         body: dict[str, Any],
         abort: Abort,
         on_sent: Callable[[], None],
-        on_accepted: Callable[[], None] = _noop,
+        on_accepted: Callable[[], None] = noop,
     ) -> Iterator[http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT_S)
         try:
@@ -133,7 +133,7 @@ class Upstream:
             conn.close()
 
     def request(
-        self, path: str, body: dict[str, Any], abort: Abort, on_sent: Callable[[], None] = _noop
+        self, path: str, body: dict[str, Any], abort: Abort, on_sent: Callable[[], None] = noop
     ) -> dict[str, Any]:
         """A whole (non-streaming) reply, passed through as llama-server sent it. `on_sent`
         runs once the request is on the wire, while llama-server works on it."""
@@ -153,8 +153,8 @@ class Upstream:
         body: dict[str, Any],
         on_chunk: Callable[..., None],
         abort: Abort,
-        on_sent: Callable[[], None] = _noop,
-        on_accepted: Callable[[], None] = _noop,
+        on_sent: Callable[[], None] = noop,
+        on_accepted: Callable[[], None] = noop,
     ) -> StreamEnd:
         """Relay each SSE `data:` payload (raw JSON text) to `on_chunk`, except the final
         usage-only chunk, which is returned (the caller relays it if the client asked).
