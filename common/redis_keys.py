@@ -32,6 +32,18 @@ def model_queues(alias: str) -> list[str]:
     return [queue_name(alias, p) for p in sorted(_RANK, key=_RANK.__getitem__)]
 
 
+def live_key(queue: str) -> str:
+    """Sorted set request id -> deadline: the requests of an interactive queue that may still
+    run (not started, not cancelled). The queue's list keeps dead entries (cancelled,
+    expired) until a worker pops and drops them; depth, the cap and stats count this set."""
+    return f"{PREFIX}:live:{queue}"
+
+
+def live_keys(alias: str) -> list[str]:
+    """The live sets of a model's interactive queues, highest priority first."""
+    return [live_key(q) for q in model_queues(alias)]
+
+
 def worker_queues(alias: str) -> list[str]:
     """Every queue a worker holding `alias` consumes: interactive ones, then batch items."""
     return [*model_queues(alias), batch_queue(alias)]

@@ -56,13 +56,19 @@ async def read_workers(client: aioredis.Redis) -> list[WorkerInfo]:
 
 
 async def queue_depths(client: aioredis.Redis, aliases: list[str]) -> dict[str, dict[str, int]]:
-    """Per model: tasks waiting in each of its queues, named by priority (and `batch`)."""
+    """Per model: requests waiting in each of its queues, named by priority (and `batch`).
+    An interactive queue counts its live requests (not cancelled, not past their deadline:
+    `redis_keys.live_key`), not the dead entries its list still holds."""
     pipe = client.pipeline(transaction=False)
     names: list[tuple[str, str]] = []
+    now = time.time()
     for alias in aliases:
         for q in redis_keys.worker_queues(alias):
             names.append((alias, _queue_label(alias, q)))
-            pipe.llen(q)
+            if q == redis_keys.batch_queue(alias):
+                pipe.llen(q)
+            else:
+                pipe.zcount(redis_keys.live_key(q), now, "+inf")
     out: dict[str, dict[str, int]] = {a: {} for a in aliases}
     for (alias, label), n in zip(names, await pipe.execute(), strict=True):
         out[alias][label] = int(n)

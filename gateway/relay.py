@@ -77,6 +77,7 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         await state.dispatcher.cancel(
             request_id,
             started=sub.worker is not None,
+            model=job.model,
             state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
             failure=None if expired else failure,
         )

@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 TICK_S = 0.5  # the longest pause between two looks at the low queues
 LEADER_TTL_S = 5  # a dead leader's duty moves to another gateway within this
 
-# KEYS: the low queue, the normal queue, the request's record.
+# KEYS: the low queue, the normal queue, the request's record, the low and normal live sets.
 # ARGV: the message, its promoted form, the normal message to insert it before ("": none),
-# the record's new priority, the promotion time.
+# the record's new priority, the promotion time, the request id.
 # Returns 0 if the message is no longer last (untouched), 1 if placed before the given
 # neighbour, 2 if pushed at the right end (no neighbour given, or it was gone).
 PROMOTE_LUA = """
@@ -62,6 +62,11 @@ if ARGV[3] ~= '' then placed = redis.call('LINSERT', KEYS[2], 'BEFORE', ARGV[3],
 if placed <= 0 then redis.call('RPUSH', KEYS[2], ARGV[2]) end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[3], 'priority', ARGV[4], 'promoted_at', ARGV[5])
+end
+local deadline = redis.call('ZSCORE', KEYS[4], ARGV[6])
+if deadline then
+  redis.call('ZREM', KEYS[4], ARGV[6])
+  redis.call('ZADD', KEYS[5], deadline, ARGV[6])
 end
 if placed > 0 then return 1 end
 return 2
@@ -159,8 +164,14 @@ class Promoter:
             at = place(waiting, since)
             pivot = waiting[at].message if at < len(waiting) else ""
             done = await self._promote(
-                keys=[low, normal, redis_keys.request_key(request_id)],
-                args=[raw, moved, pivot, Priority.NORMAL.value, now],
+                keys=[
+                    low,
+                    normal,
+                    redis_keys.request_key(request_id),
+                    redis_keys.live_key(low),
+                    redis_keys.live_key(normal),
+                ],
+                args=[raw, moved, pivot, Priority.NORMAL.value, now, request_id],
             )
             if not done:  # a worker took it meanwhile: the next round looks again
                 return count

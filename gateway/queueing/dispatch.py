@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio as aioredis
@@ -34,23 +35,27 @@ log = logging.getLogger(__name__)
 
 CANCEL_TTL_S = 3600
 
-# KEYS: the list to push on, the request record, the queue's binding table and its
-# permanent set, the list of recent request ids, then the queues whose total length is
-# capped. ARGV: the cap (-1: none), the record's TTL, the binding, the message, the request
-# id, how many recent ids to keep, then the record's fields. Returns {1 if enqueued else
-# 0, the depth found}.
+# KEYS: the list to push on, the request record, the queue's binding table and its permanent
+# set, the recent-requests list, the queue's live set (`redis_keys.live_key`).
+# ARGV: the cap (-1: none), the record's TTL, the binding, the message, the request id, the
+# recent list's length, the deadline, now, then the record's fields. The cap counts the
+# live requests of this priority only (a low flood cannot take a high request's room), and
+# dead ones (cancelled, expired) leave the count as they die.
+# Returns {1 if enqueued else 0, the depth found}.
 ENQUEUE_LUA = """
-local depth = 0
-for i = 6, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
+local depth = redis.call('ZCARD', KEYS[6])
 local cap = tonumber(ARGV[1])
 if cap >= 0 and depth >= cap then return {0, depth} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+redis.call('HSET', KEYS[2], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
 redis.call('LPUSH', KEYS[1], ARGV[4])
 redis.call('LPUSH', KEYS[5], ARGV[5])
 redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[6]) - 1)
+redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
+redis.call('EXPIRE', KEYS[6], ARGV[2])
 return {1, depth}
 """
 
@@ -86,7 +91,7 @@ class Dispatcher:
                 route.binding_key,
                 route.permanent_key,
                 redis_keys.RECENT_REQUESTS,
-                *redis_keys.model_queues(job.model),
+                redis_keys.live_key(route.queue),
             ],
             args=[
                 -1 if resubmit else limit,
@@ -95,13 +100,15 @@ class Dispatcher:
                 message.entry,
                 job.request_id,
                 redis_keys.RECENT_MAX,
+                job.deadline,
+                time.time(),
                 *(item for pair in fields.items() for item in pair),
             ],
         )
         if not enqueued:
             raise QueueFull(
-                f"The queue for model {job.model!r} is full ({depth} waiting, limit {limit}). "
-                "Retry later.",
+                f"The {job.priority.value} queue for model {job.model!r} is full ({depth} "
+                f"waiting, limit {limit}). Retry later.",
                 retry_after=5,
             )
         event = self._messages.sent_event(message)  # for Flower; the worker has the task
@@ -148,6 +155,7 @@ class Dispatcher:
         request_id: str,
         *,
         started: bool,
+        model: str | None = None,
         state: RequestState = RequestState.CANCELLED,
         failure: CorralError | None = None,
     ) -> None:
@@ -157,6 +165,11 @@ class Dispatcher:
         A request given up on a `failure` (its worker lost, its stream broken) is recorded
         failed with it, even if it had started: its worker may never write its end."""
         await self._redis.set(redis_keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
+        if not started and model is not None:  # no longer counted as waiting
+            pipe = self._redis.pipeline(transaction=False)
+            for live in redis_keys.live_keys(model):
+                pipe.zrem(live, request_id)
+            await pipe.execute()
         if failure is not None:
             await self.tracker.end_if_queued(
                 request_id, RequestState.FAILED, failure.message, running_too=True

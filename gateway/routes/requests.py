@@ -36,7 +36,9 @@ async def cancel_request(request_id: str, state: State, caller: CallerDep) -> Re
             code="request_already_ended",
             status=409,
         )
-    await state.dispatcher.cancel(request_id, started=record.state is RequestState.RUNNING)
+    await state.dispatcher.cancel(
+        request_id, started=record.state is RequestState.RUNNING, model=record.model
+    )
     if record.channel:
         await state.dispatcher.notify(record.channel, Cancelled())
     return await _record(state, request_id, caller)

@@ -323,11 +323,13 @@ class ModelHost:
             self._report.event(alias, ModelState.OFF)
 
     def idle(self, held: Held) -> bool:
+        """Nothing running here and nothing waiting for the model (dead entries aside)."""
         if self._queues.reserved() > 0:
             return False
         pipe = self._redis.pipeline(transaction=False)
-        for q in redis_keys.worker_queues(held.alias):
-            pipe.llen(q)
+        for live in redis_keys.live_keys(held.alias):
+            pipe.zcount(live, time.time(), "+inf")
+        pipe.llen(redis_keys.batch_queue(held.alias))
         return sum(pipe.execute()) == 0
 
     def idle_expired(self, held: Held) -> bool:

@@ -35,13 +35,15 @@ class Claim(StrEnum):
     CANCELLED = "cancelled"  # cancelled while queued: nobody claimed it, drop it unrun
 
 
-# KEYS: cancel, claim, record, running set. ARGV: worker id, claim TTL, start time, running
-# member, then the record's field/value pairs. Returns {"cancelled"}, {"first"} (claimed,
-# record written) or {"taken", <owner>}.
+# KEYS: cancel, claim, record, running set, then the model's live sets (the request leaves
+# them: it is no longer waiting). ARGV: worker id, claim TTL, start time, running member,
+# request id, then the record's field/value pairs. Returns {"cancelled"}, {"first"}
+# (claimed, record written) or {"taken", <owner>}.
 _BEGIN_LUA = """
+for i = 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[5]) end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 6))
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
   return {'first'}
 end
@@ -83,8 +85,10 @@ class PendingClaim:
             redis_keys.claim_key(request_id),
             redis_keys.request_key(request_id),
             redis_keys.running_key(job.model),
+            *redis_keys.live_keys(job.model),
         ]
-        self._args = [worker_id, self._ttl, now, running_member(worker_id, request_id)]
+        member = running_member(worker_id, request_id)
+        self._args = [worker_id, self._ttl, now, member, request_id]
         for name, value in _record(job, worker_id, now).items():
             self._args += (name, value)
         self._conn = self._r.connection_pool.get_connection()
@@ -279,6 +283,8 @@ def dropped(r: redis.Redis, job: Job, state: RequestState, why: str) -> None:
         mapping={"state": state.value, "finished_at": str(now), "error": why},
     )
     pipe.expire(redis_keys.request_key(job.request_id), RECORD_TTL_S)
+    for live in redis_keys.live_keys(job.model):
+        pipe.zrem(live, job.request_id)
     waited = (now - job.enqueued_at) * 1000 if state is RequestState.EXPIRED else None
     outcome = Outcome(state, interactive=job.batch_id is None, wait_ms=waited)
     telemetry_into(pipe, job.model, outcome, now)

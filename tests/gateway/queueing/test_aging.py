@@ -106,15 +106,21 @@ def test_script_moves_a_message_only_while_it_is_last(
     last, not_last = r.lindex(LOW, -1), r.lindex(LOW, 0)
     assert last is not None and not_last is not None
     record = redis_keys.request_key(other)
+    live = [redis_keys.live_key(LOW), redis_keys.live_key(NORMAL)]
+    r.zadd(live[0], {oldest: 9e9})
     # a message that is not (or no longer) the last one: nothing moves
-    assert script(keys=[LOW, NORMAL, record], args=[not_last, "moved", "", "normal", 1]) == 0
+    args = [not_last, "moved", "", "normal", 1, other]
+    assert script(keys=[LOW, NORMAL, record, *live], args=args) == 0
     assert ids(r, LOW) == [oldest, other] and r.llen(NORMAL) == 0
     assert r.hget(record, "priority") == "low"
     # the last one moves; a neighbour that is gone means the right end; no record, none made
     gone = redis_keys.request_key("req_gone")
-    assert script(keys=[LOW, NORMAL, gone], args=[last, "moved", "nope", "normal", 1]) == 2
+    args = [last, "moved", "nope", "normal", 1, oldest]
+    assert script(keys=[LOW, NORMAL, gone, *live], args=args) == 2
     assert r.lrange(NORMAL, 0, -1) == ["moved"] and not r.exists(gone)
     assert ids(r, LOW) == [other]
+    # it waits at normal now, by the same deadline
+    assert r.zscore(live[1], oldest) == 9e9 and not r.zscore(live[0], oldest)
 
 
 def test_one_leader_at_a_time(own_redis: EmbeddedRedis, r: redis.Redis, celery_app: Celery) -> None:

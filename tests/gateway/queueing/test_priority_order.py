@@ -17,8 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from common import redis_keys
 from common.net import free_port
+from common.priority import Priority
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster, start_cluster
 from tests.gateway.helpers import samples, value
@@ -69,14 +72,22 @@ class Background:
         self.thread.start()
         self.client = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200))
 
-    def send(self, n: int, priority: str, **extra: Any) -> list[Any]:
+    def send(
+        self,
+        n: int,
+        priority: str,
+        base_url: str | None = None,
+        timeout: str | None = None,
+        **extra: Any,
+    ) -> list[Any]:
         body = {"model": MODEL, "messages": HI, "max_tokens": 1, **extra}
         headers = {"X-Request-Priority": priority}
+        if timeout is not None:
+            headers["X-Request-Timeout"] = timeout
+        url = f"{base_url or self.base_url}/v1/chat/completions"
         return [
             asyncio.run_coroutine_threadsafe(
-                self.client.post(
-                    f"{self.base_url}/v1/chat/completions", json=body, headers=headers
-                ),
+                self.client.post(url, json=body, headers=headers),
                 self.loop,
             )
             for _ in range(n)
@@ -118,9 +129,12 @@ def test_strict_priority_high_then_normal_then_low(
     assert '"cancelled"' in blocker.events[-2] and blocker.events[-1] == "data: [DONE]"
 
 
-def test_queue_full_is_429_with_retry_after(
+def test_the_cap_is_per_priority_and_counts_live_requests_only(
     qcluster: Cluster, background: Background, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
+    """A cap of 3: a fourth low request is refused (429), a high one still gets in; a
+    cancelled and an expired low request stop counting at once, though their entries
+    stay in the queue's list until a worker pops and drops them."""
     port = free_port()
     small = corral_child(
         "gateway-small",
@@ -130,22 +144,46 @@ def test_queue_full_is_429_with_retry_after(
         CORRAL_MAX_QUEUE_SIZE_PER_MODEL="3",
     )
     small.start()
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         base = f"http://127.0.0.1:{port}"
         assert wait_for(lambda: _up(base), 30, 0.1)
         with Blocker(qcluster.base_url, MODEL):
             queued = background.send(3, "low")
             assert wait_for(lambda: _depth(qcluster, "low") == 3, 20, 0.05)
-            r = httpx.post(
-                f"{base}/v1/chat/completions",
-                json={"model": MODEL, "messages": HI, "max_tokens": 1},
-            )
-            assert r.status_code == 429, r.text
-            assert r.json()["error"]["code"] == "queue_full"
-            assert int(r.headers["retry-after"]) >= 1
-        assert all(f.result(60).status_code == 200 for f in queued)
+            full = _post(base, "low")
+            assert full.status_code == 429, full.text
+            assert full.json()["error"]["code"] == "queue_full"
+            assert "low queue" in full.json()["error"]["message"]
+            assert int(full.headers["retry-after"]) >= 1
+            high = background.send(1, "high", base_url=base)  # its own queue has room
+            assert wait_for(lambda: _depth(qcluster, "high") == 1, 20, 0.05)
+
+            low_live = redis_keys.live_key(redis_keys.queue_name(MODEL, Priority.LOW))
+            cancelled = str(r.zrange(low_live, 0, 0)[0])
+            httpx.post(f"{qcluster.base_url}/v1/requests/{cancelled}/cancel")
+            assert _depth(qcluster, "low") == 2
+            assert r.llen(redis_keys.queue_name(MODEL, Priority.LOW)) == 3  # still listed
+            brief = background.send(1, "low", base_url=base, timeout="1")
+            assert wait_for(lambda: _depth(qcluster, "low") == 3, 20, 0.05)
+            time.sleep(1.2)  # its deadline passes while it waits
+            assert _depth(qcluster, "low") == 2
+            again = background.send(1, "low", base_url=base)  # room again: two live, cap 3
+            assert wait_for(lambda: _depth(qcluster, "low") == 3, 20, 0.05)
+        assert high[0].result(60).status_code == 200
+        assert again[0].result(60).status_code == 200
+        assert brief[0].result(60).status_code == 504
+        codes = sorted(f.result(60).status_code for f in queued)
+        assert codes == [200, 200, 499], codes  # the cancelled one hears so
     finally:
+        r.close()
         small.stop()
+
+
+def _post(base: str, priority: str) -> httpx.Response:
+    body = {"model": MODEL, "messages": HI, "max_tokens": 1}
+    headers = {"X-Request-Priority": priority}
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=30)
 
 
 def _up(base: str) -> bool:

@@ -146,19 +146,21 @@ def test_entry_is_what_send_task_writes(
 def test_full_queue_refuses_without_a_record_and_resubmits_pass(
     db: redis.Redis, redis_server: EmbeddedRedis, model: str
 ) -> None:
-    high, low = make_job(model, Priority.HIGH), make_job(model, Priority.LOW)
-    extra, again = make_job(model), make_job(model)
+    """The cap is per priority: two normal requests fill normal's room, not high's."""
+    first, second = make_job(model), make_job(model)
+    extra, again, high = make_job(model), make_job(model), make_job(model, Priority.HIGH)
 
     async def work(d: Dispatcher) -> None:
-        await d.submit(high)
-        await d.submit(low)
-        with pytest.raises(QueueFull, match=r"\(2 waiting, limit 2\)"):
+        await d.submit(first)
+        await d.submit(second)
+        with pytest.raises(QueueFull, match=r"normal queue .* \(2 waiting, limit 2\)"):
             await d.submit(extra)
         await d.submit(again, resubmit=True)
+        await d.submit(high)
 
     with_dispatcher(redis_server.url, work, max_queue_size_per_model=2)
     assert not db.exists(redis_keys.request_key(extra.request_id))
-    assert [db.llen(q) for q in redis_keys.model_queues(model)] == [1, 1, 1]
+    assert [db.llen(q) for q in redis_keys.model_queues(model)] == [1, 3, 0]
     record = RequestRecord.from_hash(db.hgetall(redis_keys.request_key(high.request_id)))
     assert record.state is RequestState.QUEUED and record.priority is Priority.HIGH
     assert record.channel == high.channel and record.deadline == pytest.approx(high.deadline)
