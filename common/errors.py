@@ -33,6 +33,7 @@ frames, so a worker's error reaches the client unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from pydantic import BaseModel
@@ -80,7 +81,7 @@ class CorralError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class InvalidRequest(CorralError):

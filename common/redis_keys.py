@@ -32,6 +32,12 @@ def model_queues(alias: str) -> list[str]:
     return [queue_name(alias, p) for p in sorted(_RANK, key=_RANK.__getitem__)]
 
 
+def client_request_key(owner: str | None, client_id: str) -> str:
+    """String: our request id for a client's own `X-Request-ID`, per API key (`-`: the admin
+    and an open gateway), so a client finds (and cancels) its request by its own id."""
+    return f"{PREFIX}:client-request:{owner or '-'}:{client_id}"
+
+
 def live_key(queue: str) -> str:
     """Sorted set request id -> deadline: the requests of an interactive queue that may still
     run (not started, not cancelled). The queue's list keeps dead entries (cancelled,

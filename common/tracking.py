@@ -49,6 +49,7 @@ class RequestRecord(BaseModel):
     error: str | None = None
     promoted_at: float | None = None  # moved from low to normal after `low_max_wait`
     owner: str | None = None  # the API key that sent it: only that key may read or cancel it
+    client_request_id: str | None = None  # the client's own X-Request-ID, if it sent one
     position: int | None = None  # 1 = next to start; only while queued
     # When it should start (epoch s), from the slots free and its model's recent service
     # times; only while queued, and only once the model has served something lately.

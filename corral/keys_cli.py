@@ -43,6 +43,12 @@ def add_parser(
     cr.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
     cr.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
     cr.add_argument("--models", help="comma-separated model aliases it may use (default: all)")
+    cr.add_argument(
+        "--force",
+        action="store_true",
+        help="create the first user key even though no admin key is set (the management "
+        "routes and `corral status` then need one the gateways do not have)",
+    )
     ks.add_parser("list", parents=[shared], help="list keys (never their secrets)")
     rv = ks.add_parser("revoke", parents=[shared], help="revoke a key at once, by id or name")
     rv.add_argument("key", help="key id (key_...) or name")
@@ -56,6 +62,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     try:
         if args.keys_command == "create":
+            if lockout(client, settings, args.force):
+                return 1
             return create(client, args)
         if args.keys_command == "list":
             return list_keys(client)
@@ -65,6 +73,23 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     finally:
         client.close()
+
+
+def lockout(client: redis.Redis, settings: Settings, force: bool) -> bool:
+    """Whether creating a key now would lock the owner out, said so (and not done): the
+    first user key makes every gateway require a key, and without an admin key nobody may
+    then use the management routes, `corral status` or `corral models`."""
+    if force or settings.admin_key is not None or client.exists(redis_keys.API_KEYS):
+        return False
+    print(
+        "corral keys: refusing to create the first user key while no admin key is set: "
+        "every gateway would then require a key, and without an admin key the management "
+        "routes, `corral status` and `corral models` would be locked to everyone.\n"
+        "  Set CORRAL_ADMIN_KEY (the same secret for the gateways and this command), "
+        "then create the key; or pass --force if the gateways have an admin key already.",
+        file=sys.stderr,
+    )
+    return True
 
 
 def load(client: redis.Redis) -> list[ApiKey]:

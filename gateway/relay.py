@@ -66,7 +66,8 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
     request.state.subscription = sub  # its final usage: rate limits and metrics
     try:
         await state.placer.ensure(model_name, sub)  # load it somewhere if nobody holds it
-        await state.dispatcher.submit(job)
+        client_id = getattr(request.state, "client_request_id", None)
+        await state.dispatcher.submit(job, client_id=client_id)
     except BaseException:
         sub.close()
         raise

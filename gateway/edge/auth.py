@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.apikeys import ApiKey
 from common.errors import CorralError, RateLimited
 from common.settings import Settings
-from gateway.edge.request_metrics import usage_of
+from gateway.edge.request_metrics import ENDPOINTS, usage_of
 from gateway.errors import send_error
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.tenancy.principals import (
@@ -26,7 +26,7 @@ from gateway.tenancy.principals import (
     Authenticator,
     KeysEpoch,
 )
-from gateway.tenancy.ratelimit import RateLimiter
+from gateway.tenancy.ratelimit import RateLimiter, retry_seconds
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ class AuthMiddleware:
         try:
             header = Headers(scope=scope).get("authorization")
             principal = await self._auth.authenticate(self._redis, header, self._epoch.value)
-            if principal.key is not None:
+            limited = principal.key is not None and scope["path"] in ENDPOINTS
+            if limited and principal.key is not None:  # generation requests only count
                 headers = await self._admit(principal.key)
         except CorralError as err:
             log.info("%s %s refused: %s", scope["method"], scope["path"], err.code)
@@ -74,16 +75,21 @@ class AuthMiddleware:
             return
         scope.setdefault("state", {})["principal"] = principal
 
+        status = 0
+
         async def send_with_limits(message: Message) -> None:
-            if message["type"] == "http.response.start" and headers:
-                MutableHeaders(scope=message).update(headers)
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if headers:
+                    MutableHeaders(scope=message).update(headers)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
-            if principal.key is not None and principal.key.tpm:
-                await self._charge(principal.key, scope)
+            if limited and principal.key is not None:
+                await self._settle(principal.key, scope, status)
 
     async def _admit(self, key: ApiKey) -> dict[str, str]:
         decision = await self._limiter.admit(key)
@@ -92,23 +98,30 @@ class AuthMiddleware:
             raise _Limited(key, decision.limited_by, decision.retry_after, decision.headers)
         return decision.headers
 
-    async def _charge(self, key: ApiKey, scope: Scope) -> None:
+    async def _settle(self, key: ApiKey, scope: Scope, status: int) -> None:
+        """Charge what the request used; give its request back if it was refused before
+        it ran (a 4xx other than a rate limit or a full queue: it never ran)."""
         usage = usage_of(scope) or {}
         total = int(usage.get("total_tokens") or 0)
-        if total:
-            try:
+        try:
+            if 400 <= status < 500 and status != 429 and not total:
+                await self._limiter.refund(key)
+            elif total and key.tpm:
                 await self._limiter.charge(key, total)
-            except RedisError as exc:
-                log.warning("could not charge %d tokens to key=%s: %r", total, key.id, exc)
+        except RedisError as exc:
+            log.warning("could not settle the usage of key=%s: %r", key.id, exc)
 
 
 class _Limited(RateLimited):
     """A refusal that carries the limit's `x-ratelimit-*` headers with it."""
 
     def __init__(self, key: ApiKey, dimension: str | None, retry: float, headers: dict[str, str]):
+        limit = key.rpm if dimension == "requests" else key.tpm
+        reset = headers.get(f"x-ratelimit-reset-{dimension}", "")
         super().__init__(
-            f"Rate limit reached for key {key.name!r}: {dimension} per minute. "
-            f"Retry in {max(1, round(retry))} s.",
+            f"Rate limit reached for key {key.name!r} on {dimension} per minute (limit "
+            f"{limit}). Retry in {retry_seconds(retry)} s (Retry-After); the limit is whole "
+            f"again in {reset} (x-ratelimit-reset-{dimension}).",
             code=f"rate_limit_{dimension}",
             retry_after=retry,
         )

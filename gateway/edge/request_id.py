@@ -43,6 +43,7 @@ class RequestIdMiddleware:
             await send(message)
 
         client_id = logctx.sane_client_id(Headers(scope=scope).get("x-request-id"))
+        scope["state"]["client_request_id"] = client_id  # an alias of ours, per API key
         bound = logctx.bind(request_id, client_id)  # on every log line of this request
         try:
             await self.app(scope, receive, send_with_id)

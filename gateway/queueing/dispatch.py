@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 CANCEL_TTL_S = 3600
 
 # KEYS: the list to push on, the request record, the queue's binding table and its permanent
-# set, the recent-requests list, the queue's live set (`redis_keys.live_key`).
+# set, the recent-requests list, the queue's live set (`redis_keys.live_key`), the client
+# id's key (`redis_keys.client_request_key`).
 # ARGV: the cap (-1: none), the record's TTL, the binding, the message, the request id, the
-# recent list's length, the deadline, now, then the record's fields. The cap counts the
+# recent list's length, the deadline, now, the client's id ("": none), then the record's
+# fields. The cap counts the
 # live requests of this priority only (a low flood cannot take a high request's room), and
 # dead ones (cancelled, expired) leave the count as they die.
 # Returns {1 if enqueued else 0, the depth found}.
@@ -47,7 +49,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
 local depth = redis.call('ZCARD', KEYS[6])
 local cap = tonumber(ARGV[1])
 if cap >= 0 and depth >= cap then return {0, depth} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 9))
+redis.call('HSET', KEYS[2], unpack(ARGV, 10))
+if ARGV[9] ~= '' then redis.call('SET', KEYS[7], ARGV[5], 'EX', ARGV[2]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
@@ -77,11 +80,14 @@ class Dispatcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._celery.close()
 
-    async def submit(self, job: Job, *, resubmit: bool = False) -> None:
+    async def submit(
+        self, job: Job, *, resubmit: bool = False, client_id: str | None = None
+    ) -> None:
         """Enqueue `job` on its model's queue for its priority, within the depth cap (a
-        resubmit is always let in), and record it (`GET /v1/requests/{id}`)."""
+        resubmit is always let in), and record it (`GET /v1/requests/{id}`, also by the
+        client's own `client_id`)."""
         message = self._messages.build(job, redis_keys.queue_name(job.model, job.priority))
-        fields, ttl = self.tracker.record_fields(job)
+        fields, ttl = self.tracker.record_fields(job, client_id)
         route = message.route
         limit = self._settings.max_queue_size_per_model
         enqueued, depth = await self._enqueue(
@@ -92,6 +98,7 @@ class Dispatcher:
                 route.permanent_key,
                 redis_keys.RECENT_REQUESTS,
                 redis_keys.live_key(route.queue),
+                redis_keys.client_request_key(job.owner, client_id or ""),
             ],
             args=[
                 -1 if resubmit else limit,
@@ -102,6 +109,7 @@ class Dispatcher:
                 redis_keys.RECENT_MAX,
                 job.deadline,
                 time.time(),
+                client_id or "",
                 *(item for pair in fields.items() for item in pair),
             ],
         )

@@ -29,8 +29,9 @@ from gateway.queueing import eta
 from gateway.queueing.task_message import task_body
 
 
-def new_record(job: Job) -> RequestRecord:
+def new_record(job: Job, client_id: str | None = None) -> RequestRecord:
     return RequestRecord(
+        client_request_id=client_id,
         request_id=job.request_id,
         model=job.model,
         priority=job.priority,
@@ -85,10 +86,19 @@ class Tracker:
         self._positions = client.register_script(POSITIONS_LUA)
 
     @staticmethod
-    def record_fields(job: Job) -> tuple[dict[str, str], int]:
+    def record_fields(job: Job, client_id: str | None = None) -> tuple[dict[str, str], int]:
         """A new record's hash fields and TTL (s). The gateway's enqueue script writes
         them (one round trip with the enqueue); the record's shape stays defined here."""
-        return new_record(job).to_hash(), int(job.deadline - time.time()) + RECORD_TTL_S
+        ttl = int(job.deadline - time.time()) + RECORD_TTL_S
+        return new_record(job, client_id).to_hash(), ttl
+
+    async def find(self, some_id: str, owner: str | None) -> RequestRecord | None:
+        """A record by our request id, or by the client's own id (its `owner`'s)."""
+        record = await self.get(some_id)
+        if record is not None:
+            return record
+        ours = await self._redis.get(redis_keys.client_request_key(owner, some_id))
+        return await self.get(str(ours)) if ours else None
 
     async def end_if_queued(
         self, request_id: str, state: RequestState, why: str, *, running_too: bool = False

@@ -1,6 +1,9 @@
 """`GET /v1/requests/{id}` (state, queue position, worker) and
-`POST /v1/requests/{id}/cancel` — for the id in any reply's `X-Request-ID`, from any
-gateway of the cluster, by the key that sent the request (or the admin key)."""
+`POST /v1/requests/{id}/cancel` — for the id in any reply's `X-Request-ID`, or the client's
+own `X-Request-ID` if it sent a sane one (letters, digits and `._:/=+-`, 128 at most), from
+any gateway of the cluster, by the key that sent the request (or the admin key). A client
+finds its request by its own id at once, while the reply (and our id) waits for the first
+token."""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ router = APIRouter(tags=["requests"])
 
 
 async def _record(state: State, request_id: str, caller: Caller) -> RequestRecord:
-    record = await state.dispatcher.tracker.get(request_id)
+    """By our id (`X-Request-ID` on the reply) or by the client's own `X-Request-ID`."""
+    record = await state.dispatcher.tracker.find(request_id, caller.owner)
     why = f"No request {request_id!r} (unknown, or finished over an hour ago)."
     return caller.own(record, RequestNotFound(why))
 
@@ -37,7 +41,7 @@ async def cancel_request(request_id: str, state: State, caller: CallerDep) -> Re
             status=409,
         )
     await state.dispatcher.cancel(
-        request_id, started=record.state is RequestState.RUNNING, model=record.model
+        record.request_id, started=record.state is RequestState.RUNNING, model=record.model
     )
     if record.channel:
         await state.dispatcher.notify(record.channel, Cancelled())

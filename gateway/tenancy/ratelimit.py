@@ -23,8 +23,9 @@ from common import redis_keys
 from common.apikeys import ApiKey
 
 # KEYS: requests bucket, tokens bucket. ARGV: rpm, tpm (0: unlimited), token cost (admit:
-# -1, i.e. take one request and need tokens above zero; charge: tokens to take), now
-# (seconds; "" = Redis TIME). Returns {allowed, limited_by, requests level, tokens level}.
+# -1, i.e. take one request and need tokens above zero; refund: -2, give one request back;
+# charge: tokens to take), now (seconds; "" = Redis TIME).
+# Returns {allowed, limited_by, requests level, tokens level}.
 _SCRIPT = """
 local now
 if ARGV[4] ~= '' then now = tonumber(ARGV[4]) else
@@ -41,7 +42,9 @@ for i = 1, 2 do
 end
 local cost = tonumber(ARGV[3])
 local allowed, limited_by = 1, ''
-if cost < 0 then
+if cost == -2 then
+  if levels[1] then levels[1] = math.min(limits[1], levels[1] + 1) end
+elseif cost < 0 then
   if levels[1] and levels[1] < 1 then allowed, limited_by = 0, 'requests'
   elseif levels[2] and levels[2] < 1 then allowed, limited_by = 0, 'tokens'
   elseif levels[1] then levels[1] = levels[1] - 1 end
@@ -55,6 +58,11 @@ for i = 1, 2 do
 end
 return {allowed, limited_by, tostring(levels[1] or ''), tostring(levels[2] or '')}
 """
+
+
+def retry_seconds(retry_after: float) -> int:
+    """Whole seconds before a refused request may succeed: `Retry-After`, and the message."""
+    return max(1, math.ceil(retry_after))
 
 
 def go_duration(seconds: float) -> str:
@@ -95,7 +103,7 @@ def decide(key: ApiKey, allowed: bool, limited_by: str, requests: str, tokens: s
         if name == limited_by:
             decision.retry_after = (1 - level) / per_s
     if not allowed:
-        decision.headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after)))
+        decision.headers["Retry-After"] = str(retry_seconds(decision.retry_after))
     return decision
 
 
@@ -119,6 +127,12 @@ class RateLimiter:
             return Decision(allowed=True)
         allowed, limited_by, requests, tokens = await self._run(key, -1, now)
         return decide(key, allowed == "1", limited_by, requests, tokens)
+
+    async def refund(self, key: ApiKey, now: float | None = None) -> None:
+        """Give back the request `admit` took, for one refused before it ran (a 403 for a
+        model the key may not use, a bad body): only requests that run count."""
+        if key.rpm:
+            await self._run(key, -2, now)
 
     async def charge(self, key: ApiKey, tokens: int, now: float | None = None) -> None:
         """Take a finished request's real token usage from `key`'s tokens bucket."""

@@ -27,8 +27,8 @@ def start_gateway(redis_url: str, log_dir: Path, **env: str) -> Cluster:
     return start_cluster(redis_url, log_dir, [], ("ready",), **env)
 
 
-def corral(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**env_without_corral(), "CORRAL_REDIS_URL": redis_url}
+def corral(redis_url: str, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    env = {**env_without_corral(), "CORRAL_REDIS_URL": redis_url, **env_vars}
     return subprocess.run(
         [sys.executable, "-m", "corral", *args],
         env=env,

@@ -78,12 +78,15 @@ class Background:
         priority: str,
         base_url: str | None = None,
         timeout: str | None = None,
+        request_id: str | None = None,
         **extra: Any,
     ) -> list[Any]:
         body = {"model": MODEL, "messages": HI, "max_tokens": 1, **extra}
         headers = {"X-Request-Priority": priority}
         if timeout is not None:
             headers["X-Request-Timeout"] = timeout
+        if request_id is not None:
+            headers["X-Request-ID"] = request_id
         url = f"{base_url or self.base_url}/v1/chat/completions"
         return [
             asyncio.run_coroutine_threadsafe(
@@ -322,3 +325,27 @@ def _drain(cluster: Cluster) -> None:
         return stats["running"] == 0 and all(p["depth"] == 0 for p in stats["priorities"].values())
 
     assert wait_for(idle, 30, 0.1)
+
+
+def test_a_queued_request_is_found_and_cancelled_by_the_clients_own_id(
+    qcluster: Cluster, background: Background
+) -> None:
+    """Our `X-Request-ID` comes with the reply, which waits for the first token; the
+    client's own id finds the request at once. A malformed one is not taken."""
+    with Blocker(qcluster.base_url, MODEL):
+        mine = background.send(1, "high", request_id="job-42.a")
+        assert wait_for(lambda: _status(qcluster, "job-42.a") == 200, 20, 0.05)
+        record = httpx.get(f"{qcluster.base_url}/v1/requests/job-42.a").json()
+        assert record["state"] == "queued" and record["client_request_id"] == "job-42.a"
+        assert record["request_id"].startswith("req_") and record["position"] == 1
+        cancelled = httpx.post(f"{qcluster.base_url}/v1/requests/job-42.a/cancel").json()
+        assert cancelled["state"] == "cancelled"
+        bad = background.send(1, "high", request_id="not a sane id")
+        assert wait_for(lambda: _depth(qcluster, "high") == 1, 20, 0.05)
+        assert _status(qcluster, "not a sane id") == 404
+    assert mine[0].result(30).status_code == 499
+    assert bad[0].result(60).status_code == 200
+
+
+def _status(cluster: Cluster, some_id: str) -> int:
+    return httpx.get(f"{cluster.base_url}/v1/requests/{some_id}").status_code

@@ -46,19 +46,13 @@ def user_key(gw: Cluster, name: str, **limits: object) -> str:
 
 
 def test_key_lifecycle_through_the_cli(gw: Cluster) -> None:
-    made = corral(
-        gw.redis_url,
-        "keys",
-        "create",
-        "--name",
-        "alice",
-        "--max-priority",
-        "normal",
-        "--rpm",
-        "100",
-        "--models",
-        f"{CHAT},other",
-    )
+    args = ["keys", "create", "--name", "alice", "--max-priority", "normal", "--rpm", "100"]
+    args += ["--models", f"{CHAT},other"]
+    # the first user key without an admin key would lock the owner out: refused, said why
+    refused = corral(gw.redis_url, *args)
+    assert refused.returncode == 1 and "CORRAL_ADMIN_KEY" in refused.stderr, refused.stderr
+    assert not corral(gw.redis_url, "keys", "list").stdout.count("alice")
+    made = corral(gw.redis_url, *args, CORRAL_ADMIN_KEY=ADMIN_KEY)
     assert made.returncode == 0, made.stderr
     secret = made.stdout.strip()  # stdout holds the secret alone
     SECRETS.append(secret)

@@ -17,7 +17,7 @@ from common import redis_keys
 from common.apikeys import issue
 from corral.redis_server import EmbeddedRedis
 from gateway.tenancy.ratelimit import Decision, RateLimiter, decide, go_duration
-from tests.conftest import CHAT, Cluster
+from tests.conftest import CHAT, EMBED, Cluster
 from tests.gateway.helpers import (
     ADMIN_KEY,
     add_key,
@@ -121,20 +121,32 @@ def test_token_debt_holds_requests_back_until_repaid(redis_server: EmbeddedRedis
 
 
 def test_request_limit_reached_then_reset(gw: Cluster) -> None:
-    _, secret = add_key(gw.redis_url, "rpm-test", rpm=30)  # a burst of 30, then one per 2 s
+    """Generation requests count, and only those that run: a listing, a request for a
+    model the key may not use (403) and a bad body (400) take nothing."""
+    _, secret = add_key(gw.redis_url, "rpm-test", rpm=30, models=[CHAT])  # 30, then 1 per 2 s
+    body = {"model": CHAT, "messages": HI, "max_tokens": 1}
     with httpx.Client(base_url=gw.base_url, headers=bearer(secret), timeout=10) as http:
-        for _ in range(100):  # bounded: even slow replies empty the bucket well within
-            r = http.get("/v1/models")
+        for _ in range(10):
+            assert http.get("/v1/models").status_code == 200
+            other = http.post("/v1/embeddings", json={"model": EMBED, "input": "x"})
+            assert other.status_code == 403, other.text
+            assert http.post("/v1/chat/completions", json={"model": CHAT}).status_code == 400
+        for ran in range(100):  # noqa: B007 (bounded: the bucket empties well within)
+            r = http.post("/v1/chat/completions", json=body)
             if r.status_code != 200:
                 break
             assert r.headers["x-ratelimit-limit-requests"] == "30"
+        assert ran == 30, "only the 30 that ran counted"
         assert_envelope(r, 429, "rate_limit_error", "rate_limit_requests")
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
-        assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+        reset = r.headers["x-ratelimit-reset-requests"]
         wait = int(r.headers["Retry-After"])
         assert 1 <= wait <= 2
+        message = r.json()["error"]["message"]  # says what the headers say
+        assert f"Retry in {wait} s" in message and f"whole again in {reset}" in message
+        assert http.get("/v1/models").status_code == 200  # listings are not limited
         time.sleep(wait + 0.1)  # the bucket has refilled one request by then
-        again = http.get("/v1/models")
+        again = http.post("/v1/chat/completions", json=body)
         assert again.status_code == 200, again.text
 
 
@@ -170,7 +182,8 @@ def test_a_stream_cut_short_is_charged_what_it_was_sent(gw: Cluster) -> None:
             got = [next(lines) for _ in range(200)]
         assert len(got) == 200
 
-        def remaining() -> int:
-            return int(http.get("/v1/models").headers["x-ratelimit-remaining-tokens"])
+        def remaining() -> int:  # a bad body: refused (nothing charged), with the headers
+            bad = http.post("/v1/chat/completions", json={"model": CHAT})
+            return int(bad.headers["x-ratelimit-remaining-tokens"])
 
         assert wait_for(lambda: remaining() <= 600 - 150, 5), remaining()
