@@ -80,7 +80,8 @@ def test_error_envelope_shape_and_retry_after() -> None:
             "code": "queue_full",
         }
     }
-    assert err.status == 429 and err.headers() == {"Retry-After": "4"}
+    # rounded up: a client that waits the whole seconds it is told is never too early
+    assert err.status == 429 and err.headers() == {"Retry-After": "5"}
     missing = ModelNotFound("x")
     assert missing.status == 404 and missing.code == "model_not_found"
 
