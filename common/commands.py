@@ -26,6 +26,7 @@ class CommandOp(StrEnum):
     UNLOAD = "unload"  # eject `model` if held
     RESET = "reset"  # forget that `model` failed here
     CHECK = "check"  # look at the child now (it exited: sent by the worker to itself)
+    DRAIN = "drain"  # the worker is stopping: serve nothing more (sent by itself)
 
 
 class WorkerCommand(BaseModel):

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=100 * 2**20, ge=1)  # POST /v1/files (batch input)
     task_time_limit: float = Field(default=900, gt=0)
     load_timeout: float = Field(default=120, gt=0)  # a model load, and a request waiting on it
+    # On SIGTERM a gateway lets open requests finish this long, then ends them with a
+    # clear error; a worker lets its running tasks finish this long, then gives them up
+    # (a whole reply runs again elsewhere; a stream's client is told)
+    drain_timeout: float = Field(default=30, ge=0)
     preload_models: list[str] = Field(default_factory=list)  # aliases to preload; "*" = all
     # `corral up`: floating workers per device, so at most this many models are resident on
     # one GPU (or the CPU) at once; how many fit is the device's memory's say

@@ -222,7 +222,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from gateway.app import create_app
     from gateway.edge.head_timeout import guarded_protocol
@@ -236,16 +235,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     if problem:
         print(f"corral gateway: {problem}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        log_config=None,  # our handlers (text or JSON), not uvicorn's own
-        http=guarded_protocol(settings.header_timeout),  # slowloris: a deadline on the head
-        timeout_graceful_shutdown=5,
-    )
+    from gateway.serve import serve
+
+    serve(create_app(settings), settings, guarded_protocol(settings.header_timeout))
     return 0
 
 

@@ -267,9 +267,10 @@ class Cluster:
         # Workers first (each stops its llama-server), then the gateway, then Redis.
         workers = [c for c in self.children if c.name.startswith("worker")]
         for child in workers:
-            child.send_signal(signal.SIGTERM)  # all at once: each stops its llama-server
+            child.send_signal(signal.SIGTERM)  # all at once: each drains, stops its llama-server
+        grace = self.settings.drain_timeout + 10.0  # a worker's drain, then its own stop
         for child in [*workers, *(c for c in self.children if c not in workers)]:
-            child.stop(grace=10.0)
+            child.stop(grace=grace)
         self.children.clear()
         if self.redis is not None:
             self.redis.stop()

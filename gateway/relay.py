@@ -20,7 +20,7 @@ from common.settings import ModelConfig, Settings
 from common.tracking import RequestState
 from common.wire import WireModel
 from gateway.aio import cancel_and_wait
-from gateway.state import GatewayState
+from gateway.state import GATEWAY_STOPPING, GatewayState
 from gateway.streaming.hub import Subscription
 from gateway.streaming.sse import GiveUp, SSEResponse, wait_disconnect
 from gateway.tenancy.admission import admit
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 
 async def relay(request: Request, state: GatewayState, kind: JobKind, body: WireModel) -> Response:
+    if state.draining:  # a keep-alive connection's request, after the drain began
+        raise GATEWAY_STOPPING
     model_name: str = body.model  # type: ignore[attr-defined]
     model = await state.catalog.get(model_name)
     if model.embedding != (kind is JobKind.EMBEDDING):

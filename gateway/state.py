@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from common.errors import NoCapacity
 from common.settings import Settings
 from gateway.aio import cancel_and_wait
 from gateway.batches import owner_index
@@ -27,6 +29,8 @@ from gateway.queueing.dispatch import Dispatcher
 from gateway.streaming.hub import StreamHub
 from gateway.tenancy.principals import KeysEpoch
 
+log = logging.getLogger(__name__)
+
 
 def redis_client(settings: Settings) -> aioredis.Redis:
     """The gateway's Redis client. A blocking pool: under a burst, requests wait for one of
@@ -42,6 +46,13 @@ def redis_client(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+GATEWAY_STOPPING = NoCapacity(
+    "This gateway is shutting down; retry the request (another gateway will take it).",
+    code="gateway_shutting_down",
+    retry_after=1,
+)
+
+
 @dataclass
 class GatewayState:
     settings: Settings
@@ -54,6 +65,7 @@ class GatewayState:
     placer: Placer
     feed: StatusFeed
     promoter: Promoter | None = None  # aging, if `low_max_wait` is set
+    draining: bool = False  # shutting down: no new request, /health says so
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     board: Board = field(init=False)  # the status page's feed, read only while watched
 
@@ -97,6 +109,18 @@ class GatewayState:
             )
             state._background.append(asyncio.create_task(state.promoter.run(), name="corral-aging"))
         return state
+
+    async def drain(self, grace: float) -> None:
+        """Let the open requests finish for up to `grace` seconds, then end those left with
+        a clear error (a 503 the client may retry, on another gateway): never a plain-text
+        500 from a cancelled handler. New requests are refused meanwhile."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.hub.active and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.hub.active:
+            log.info("drain: %d request(s) still open after %.0f s: ended", self.hub.active, grace)
+            self.hub.fail_all(GATEWAY_STOPPING)
 
     async def stop(self) -> None:
         for task in self._background:

@@ -27,6 +27,7 @@ from common.net import free_port
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
 from workers.consumer.celery_app import configure_app
+from workers.consumer.drain import Drain
 from workers.consumer.queues import QueueControl
 from workers.hardware import gpu as gpus
 from workers.hardware.budget import resolve_budget
@@ -111,6 +112,7 @@ def run_worker(
         settings, spec, client, Reporter(client, hb), queues, serving, ledger, metrics.model_loaded
     )
     manager = Manager(parts)
+    Drain(client, spec.worker_id, settings.drain_timeout, manager.request_drain)
     hb.start()
     try:
         manager.start((alias, model) if alias is not None and model is not None else None)

@@ -22,14 +22,15 @@ async def health(state: State) -> JSONResponse:
     # Without its pub/sub subscription the gateway cannot relay any answer: a load
     # balancer must route around it until it is back.
     subscribed = state.hub.ready
+    serving = subscribed and not state.draining  # a load balancer must route around both
     return JSONResponse(
         {
-            "status": "ok" if subscribed else "error",
+            "status": "draining" if state.draining else "ok" if subscribed else "error",
             "redis": True,
             "pubsub": subscribed,
             "workers": len(alive),
             "ready_workers": sum(w.state is WorkerState.READY for w in alive),
             "active_streams": state.hub.active,
         },
-        200 if subscribed else 503,
+        200 if serving else 503,
     )

@@ -250,6 +250,10 @@ class StreamHub:
         except ValueError:
             sub.deliver(StreamBroken("Received a malformed frame from the worker."))
 
+    def fail_all(self, err: CorralError) -> None:
+        """End every open request with `err` (a stream: one error event; else its reply)."""
+        self._fail_all(err)
+
     def _fail_all(self, err: CorralError) -> None:
         for sub in list(self._subs.values()):
             sub.deliver(err)

@@ -338,6 +338,12 @@ class ModelHost:
             return False
         return time.time() - self.last_used(held) >= ttl and self.idle(held)
 
+    def drain(self) -> None:
+        """The worker is stopping: a task that arrives now goes back to its queue, and no
+        placement picks this worker; what runs may finish (`workers.consumer.drain`)."""
+        self._serving.set(None)
+        self._report.transition(WorkerState.STOPPING)
+
     def shutdown(self) -> None:
         held = self.held
         self._report.transition(WorkerState.STOPPING)

@@ -70,6 +70,17 @@ class Manager:
     def child_pid(self) -> int | None:
         return self.host.child_pid()
 
+    def request_drain(self) -> None:
+        """From any thread: have the manager stop serving (the worker is stopping)."""
+        note = WorkerCommand(op=CommandOp.DRAIN, model="")
+        key = redis_keys.worker_commands(self.spec.worker_id)
+        try:
+            self._redis.lpush(key, note.model_dump_json())
+        except redis.RedisError as exc:
+            log.warning(
+                "worker=%s could not tell its manager to drain: %r", self.spec.worker_id, exc
+            )
+
     def sample(self) -> dict[str, object]:
         return self.host.sample()
 
@@ -116,6 +127,9 @@ class Manager:
         log.info("worker=%s command=%s model=%s evict=%s", wid, cmd.op.value, cmd.model, cmd.evict)
         if cmd.op is CommandOp.CHECK:
             return  # the tick that follows every command looks at the child
+        if cmd.op is CommandOp.DRAIN:
+            host.drain()
+            return
         if cmd.op is CommandOp.RESET:
             host.reset(cmd.model)
             self._crashes.reset()

@@ -31,6 +31,7 @@ from common.frames import FrameType, out_of_band_error
 from common.jobs import Job, JobKind
 from common.tracking import RequestState
 from workers.consumer.celery_app import app
+from workers.consumer.drain import DRAIN
 from workers.task import batch_sink, ledger, outcome, runtime
 from workers.task.assemble import whole_reply
 from workers.task.ledger import Claim
@@ -200,6 +201,9 @@ def _call_upstream(
     except NotOurs:
         raise
     except Aborted:
+        if _given_up(job):
+            lost = _handed_back(job, claim)
+            return RequestState.FAILED, lost.message, FrameType.ERROR, _error(lost), None
         cancel = _error(Cancelled())
         return RequestState.CANCELLED, "cancelled while running", FrameType.ERROR, cancel, None
     except SoftTimeLimitExceeded:  # the call's socket is closed: llama-server frees the slot
@@ -225,6 +229,24 @@ def _over_time_limit() -> CorralError:
 
 def _error(err: CorralError) -> dict[str, Any]:
     return {"error": err.body(), "status": err.status}
+
+
+def _given_up(job: Job) -> bool:
+    """Whether the cancel was this worker's own drain (`workers.consumer.drain`), not the
+    client's."""
+    raw = runtime.current().redis.get(redis_keys.cancel_key(job.request_id))
+    return raw is not None and redis_keys.text(raw) == DRAIN
+
+
+def _handed_back(job: Job, claim: ledger.PendingClaim) -> CorralError:
+    """A request this stopping worker gave up: a whole reply is freed to run once more
+    elsewhere (its claim and its drain mark go; the gateway queues it again, as after a
+    lost worker), a stream's client is told."""
+    if not job.stream:
+        _ours(claim)
+        keys = [redis_keys.claim_key(job.request_id), redis_keys.cancel_key(job.request_id)]
+        runtime.current().redis.delete(*keys)
+    return WorkerLost("The worker serving this request stopped before it was done; retry it.")
 
 
 def _lost_llama_server(job: Job, claim: ledger.PendingClaim) -> CorralError:
