@@ -119,7 +119,7 @@ def test_health_says_error_while_the_hub_cannot_subscribe(
         await client.ping()  # a pooled connection, kept
         hub = StreamHub(client, "gw-hub", own_redis.url)
         await hub.start()
-        state = SimpleNamespace(redis=client, hub=hub)
+        state = SimpleNamespace(redis=client, hub=hub, draining=False)
         try:
             up = (await health(state)).status_code  # type: ignore[arg-type]
             connected = int(r.info("clients")["connected_clients"])
