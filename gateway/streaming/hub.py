@@ -216,8 +216,10 @@ class StreamHub:
                     backoff = 0.1
                 self._ready.clear()  # new requests wait for the next subscribe
                 log.warning("gateway=%s pub/sub connection lost: %r", self.gateway_id, exc)
-                # Frames may have been lost while disconnected: end what was in flight.
-                self._fail_all(StreamBroken("Lost the connection to Redis mid-stream."))
+                # Frames may have been lost while disconnected: end what had started. A
+                # request still queued has lost nothing (its worker sends START again
+                # until someone listens), so it goes on waiting, its deadline the bound.
+                self._fail_started(StreamBroken("Lost the connection to Redis mid-stream."))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -249,6 +251,11 @@ class StreamHub:
             sub.deliver(Frame.model_validate_json(data))
         except ValueError:
             sub.deliver(StreamBroken("Received a malformed frame from the worker."))
+
+    def _fail_started(self, err: CorralError) -> None:
+        for sub in list(self._subs.values()):
+            if sub.worker is not None:
+                sub.deliver(err)
 
     def fail_all(self, err: CorralError) -> None:
         """End every open request with `err` (a stream: one error event; else its reply)."""

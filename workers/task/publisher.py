@@ -36,6 +36,8 @@ from common.frames import Frame, FrameType
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.02  # how often a quiet stream checks its cancel key
+LISTENER_WAIT_S = 10.0  # a START nobody hears is sent again this long (a gateway reconnecting)
+LISTENER_RETRY_S = 0.1
 
 Inbox = queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]
 _idle: list[Inbox] = []  # inboxes of the flusher threads waiting for a stream
@@ -180,7 +182,7 @@ class Publisher:
     # -- the flusher thread -----------------------------------------------------------
     def _run(self) -> None:
         with self._send_lock:
-            self._send(Frame(seq=0, type=FrameType.START, worker=self._worker_id))
+            self._send_start()
         while True:
             if not self._wait_until_due():  # a quiet spell
                 self._poll_cancel()
@@ -220,6 +222,32 @@ class Publisher:
                 chunks, self._chunks = self._chunks, []
                 return Frame(seq=0, type=FrameType.CHUNKS, chunks=chunks)
             return self._final
+
+    def _send_start(self) -> None:
+        """START, sent again while nobody listens, for `LISTENER_WAIT_S` at most: a gateway
+        that just got the broker back (it restarted) subscribes again within seconds, and
+        the request it waits for must not be given up meanwhile. Past that, its gateway is
+        gone: the stream cancels itself, as for any frame nobody hears."""
+        start = Frame(seq=0, type=FrameType.START, worker=self._worker_id).model_dump_json(
+            exclude_defaults=True
+        )
+        deadline = time.monotonic() + LISTENER_WAIT_S
+        while True:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.publish(self._channel, start)
+                pipe.exists(self._cancel_key)
+                receivers, cancelled = pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("publish failed channel=%s: %r", self._channel, exc)
+                receivers, cancelled = 0, 0
+            if receivers or cancelled or time.monotonic() >= deadline:
+                break
+            time.sleep(LISTENER_RETRY_S)
+        self._seq = 1
+        self._last_check = time.monotonic()
+        if cancelled or not receivers:
+            self._cancel("cancel key set" if cancelled else "no listener")
 
     def _send(self, frame: Frame) -> None:
         frame.seq = self._seq

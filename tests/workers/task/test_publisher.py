@@ -96,7 +96,14 @@ def test_accepted_is_sent_by_the_caller_once_start_went_out(
         senders[frame.type] = threading.current_thread().name
         send(self, frame)
 
+    send_start = Publisher._send_start
+
+    def recording_start(self: Publisher) -> None:
+        senders[FrameType.START] = threading.current_thread().name
+        send_start(self)
+
     monkeypatch.setattr(Publisher, "_send", recording)
+    monkeypatch.setattr(Publisher, "_send_start", recording_start)
     frames, t, ps = _listen(r)
     pub = Publisher(r, CHANNEL, CANCEL, "w1")
     pub.start()
@@ -171,12 +178,30 @@ def test_cancel_key_is_noticed_while_quiet(r: redis.Redis) -> None:
         ps.close()
 
 
-def test_no_listener_means_cancelled(r: redis.Redis) -> None:
+def test_no_listener_means_cancelled(r: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody hears START: its gateway is gone, once it stayed so a while (a gateway whose
+    broker came back subscribes again within seconds; its request must not be dropped)."""
+    monkeypatch.setattr(publisher, "LISTENER_WAIT_S", 0.3)
     fired = threading.Event()
     pub = Publisher(r, "corral:chan:gone:req_2", CANCEL, "w1", on_cancel=fired.set)
     pub.start()
-    assert fired.wait(0.5)
+    assert not fired.wait(0.15)  # START is sent again meanwhile
+    assert fired.wait(1)
     pub.finish(FrameType.DONE)
+
+
+def test_a_start_heard_late_is_not_given_up(r: redis.Redis) -> None:
+    """The gateway subscribes while START is being sent again: the stream goes on."""
+    fired = threading.Event()
+    pub = Publisher(r, CHANNEL, CANCEL, "w1", on_cancel=fired.set)
+    pub.start()
+    time.sleep(0.25)  # two sends nobody heard
+    frames, t, ps = _listen(r)
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert not fired.is_set()
+    assert [(f.seq, f.type) for f in frames] == [(0, FrameType.START), (1, FrameType.DONE)]
 
 
 def test_flusher_threads_serve_one_stream_after_another(r: redis.Redis) -> None:

@@ -1,0 +1,84 @@
+"""The broker killed and started again (kill -9 of Valkey, append-only file on), under load:
+the gateway and the worker reconnect by themselves, the queued requests survive and are
+served, a stream that was running ends with one clear error event, `/health` says 503
+while the broker is away and 200 within 10 s of its return, and nothing hangs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral.redis_server import EmbeddedRedis
+from tests.conftest import Cluster, start_cluster
+from tests.gateway.test_worker_death import Call
+from tests.support import slow_model, wait_for, workers
+
+pytestmark = pytest.mark.slow  # every test here runs Corral processes
+
+MODEL = "r-chat"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, Path]]:
+    data = tmp_path / "valkey"
+    server = EmbeddedRedis(data).start()
+    yield server, data
+    server.stop()
+
+
+def _health(base: str) -> int:
+    try:
+        return httpx.get(f"{base}/health", timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def test_a_broker_restart_loses_nothing_and_hangs_nothing(
+    broker: tuple[EmbeddedRedis, Path], tmp_path: Path
+) -> None:
+    server, data = broker
+    model = slow_model(tmp_path / f"{MODEL}.gguf")
+    args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
+    cluster = start_cluster(server.url, tmp_path / "logs", [args])
+    try:
+        _run(cluster, server, data)
+    finally:
+        cluster.stop()
+
+
+def _run(cluster: Cluster, server: EmbeddedRedis, data: Path) -> None:
+    (worker,) = workers(cluster.redis_url, MODEL)
+    stream = Call(cluster.base_url, stream=True, max_tokens=16000, model=MODEL)
+    assert wait_for(lambda: stream.status == 200, 20)  # streaming (its headers came)
+    queued = [Call(cluster.base_url, stream=False, max_tokens=8, model=MODEL) for _ in range(3)]
+    time.sleep(0.5)  # enqueued behind the stream (one slot)
+    server._child.send_signal(signal.SIGKILL)
+    server._child.proc.wait()  # type: ignore[union-attr]
+    killed = time.monotonic()
+    assert wait_for(lambda: _health(cluster.base_url) == 503, 10), "health never said 503"
+    time.sleep(2)  # away a while
+    again = EmbeddedRedis(data, port=server.port).start()
+    back = time.monotonic()
+    try:
+        assert wait_for(lambda: _health(cluster.base_url) == 200, 10), cluster.logs()
+        print(f"health 200 again {time.monotonic() - back:.1f} s after the broker's return")
+        stream.join(30)
+        assert stream.ended_at, "the stream hangs"
+        event = json.loads(stream.lines[-2].removeprefix("data: "))
+        assert "error" in event and stream.lines[-1] == "data: [DONE]", stream.lines[-3:]
+        for call in queued:
+            call.join(60)
+        assert [c.status for c in queued] == [200, 200, 200], [c.result for c in queued]
+        after = Call(cluster.base_url, stream=False, max_tokens=4, model=MODEL)
+        after.join(30)
+        assert after.status == 200, after.result
+        assert [w.id for w in workers(again.url, MODEL)] == [worker.id]
+        print(f"served again {time.monotonic() - killed:.1f} s after the kill")
+    finally:
+        again.stop()
