@@ -391,11 +391,13 @@ def main() -> int:
     parser.add_argument("--only", choices=list(FAULTS), help="one fault only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", type=Path, help="keep each cluster's logs under this folder")
     args = parser.parse_args()
     rows = []
     for name in [args.only] if args.only else list(FAULTS):
         with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
-            root = Path(tmp)
+            root = Path(tmp) if args.keep is None else args.keep / name.replace(" ", "-")
+            root.mkdir(parents=True, exist_ok=True)
             model = make_model(root / f"{MODEL}.gguf", n_embd=256, n_layer=4, n_ff=512, ctx=8192)
             rig = Rig(root, model, EmbeddedRedis(root / "valkey").start())
             try:

@@ -9,15 +9,21 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
-from common.errors import CorralError, InvalidRequest
+from common.errors import CorralError, InvalidRequest, NoCapacity
 
 log = logging.getLogger(__name__)
 
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+
+# The broker away (restarting, a network cut): a request can be retried, here or elsewhere.
+REDIS_AWAY = NoCapacity(
+    "The gateway cannot reach Redis right now; retry.", code="redis_unavailable", retry_after=1
+)
 
 
 def error_response(
@@ -69,7 +75,16 @@ def install(app: FastAPI) -> None:
         kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
         return error_response(err, exc.headers, type_=kind)
 
+    @app.exception_handler(RedisError)
+    async def redis_away(request: Request, exc: RedisError) -> JSONResponse:
+        log.warning("request=%s Redis unavailable: %r", _request_id(request), exc)
+        return error_response(REDIS_AWAY)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request=%s unexpected error", getattr(request.state, "request_id", "-"))
+        log.exception("request=%s unexpected error", _request_id(request))
         return error_response(CorralError("Internal error in the gateway."))
+
+
+def _request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", "-"))

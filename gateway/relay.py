@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from redis.exceptions import RedisError
 
 from common.errors import CorralError, InvalidRequest, WorkerLost
 from common.frames import FrameType
@@ -78,16 +77,13 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
 
     async def abandon(failure: CorralError | None = None) -> None:
         expired = time.time() >= job.deadline
-        try:
-            await state.dispatcher.cancel(
-                request_id,
-                started=sub.worker is not None,
-                model=job.model,
-                state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
-                failure=None if expired else failure,
-            )
-        except RedisError as exc:  # the broker is away: its worker's own checks end it
-            log.warning("job=%s could not be cancelled: %r", request_id, exc)
+        await state.dispatcher.cancel_soon(
+            request_id,
+            started=sub.worker is not None,
+            model=job.model,
+            state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
+            failure=None if expired else failure,
+        )
 
     if job.stream:
         return SSEResponse(sub, abandon, headers)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import logging
 
+from redis.exceptions import RedisError
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import logctx
 from common.errors import CorralError
 from common.jobs import new_request_id
-from gateway.errors import send_error
+from gateway.errors import REDIS_AWAY, send_error
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,11 @@ class RequestIdMiddleware:
         bound = logctx.bind(request_id, client_id)  # on every log line of this request
         try:
             await self.app(scope, receive, send_with_id)
+        except RedisError as exc:  # the broker away, below the app (a middleware's read)
+            log.warning("request=%s Redis unavailable: %r", request_id, exc)
+            if started:
+                raise
+            await send_error(send_with_id, REDIS_AWAY)
         except Exception:
             # Caught here, not in Starlette's outermost error middleware, so that even a
             # 500 carries the OpenAI envelope and the request id.

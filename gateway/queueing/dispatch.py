@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -34,6 +35,7 @@ from gateway.queueing.task_message import TaskMessage, TaskMessages
 log = logging.getLogger(__name__)
 
 CANCEL_TTL_S = 3600
+CANCEL_RETRY_S = 120.0  # a cancel the broker missed is tried again this long
 
 # KEYS: the list to push on, the request record, the queue's binding table and its permanent
 # set, the recent-requests list, the queue's live set (`redis_keys.live_key`), the client
@@ -72,6 +74,7 @@ class Dispatcher:
         self._messages = TaskMessages(self._celery)
         self._enqueue = client.register_script(ENQUEUE_LUA)
         self.tracker = Tracker(client)
+        self._later: set[asyncio.Task[None]] = set()  # cancels waiting for the broker
         self._pool = ThreadPoolExecutor(
             max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-dispatch"
         )
@@ -188,6 +191,29 @@ class Dispatcher:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._pool, self._revoke, request_id)
         log.info("job=%s %s started=%s", request_id, state.value, started)
+
+    async def cancel_soon(self, request_id: str, **how: Any) -> None:
+        """`cancel`, for a request given up on (its client left, it failed): with the
+        broker away (restarting), tried again in the background until it is back (for
+        `CANCEL_RETRY_S` at most), so its record still ends and its worker still stops."""
+        try:
+            await self.cancel(request_id, **how)
+        except RedisError as exc:
+            log.warning("job=%s cancel deferred, Redis unavailable: %r", request_id, exc)
+            task = asyncio.create_task(self._cancel_later(request_id, how))
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+
+    async def _cancel_later(self, request_id: str, how: dict[str, Any]) -> None:
+        deadline = time.monotonic() + CANCEL_RETRY_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            try:
+                await self.cancel(request_id, **how)
+                return
+            except RedisError:
+                continue
+        log.warning("job=%s cancel given up: Redis away for %.0f s", request_id, CANCEL_RETRY_S)
 
     async def notify(self, channel: str, err: CorralError) -> None:
         """End a request's stream from outside its worker (an out-of-band final frame)."""
