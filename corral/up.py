@@ -130,9 +130,9 @@ def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: st
     """The effective config every child reads: one source of truth for this run."""
     run_dir = settings.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    # No secrets in the file: the admin key reaches the children in their environment.
+    # No secrets in the file: they reach the children in their environment.
     data: dict[str, Any] = settings.model_dump(
-        mode="json", exclude={"models", "redis_url", "admin_key"}
+        mode="json", exclude={"models", "redis_url", "admin_key", "redis_sentinel_password"}
     )
     data["redis_url"] = url
     data["models"] = {a: m.model_dump(mode="json") for a, m in models.items()}
@@ -182,6 +182,9 @@ class Cluster:
         env |= {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
         if self.settings.admin_key is not None:
             env["CORRAL_ADMIN_KEY"] = self.settings.admin_key.get_secret_value()
+        if self.settings.redis_sentinel_password is not None:
+            secret = self.settings.redis_sentinel_password.get_secret_value()
+            env["CORRAL_REDIS_SENTINEL_PASSWORD"] = secret
         self.children.append(
             Child("gateway", [*exe, "gateway", "--config", str(config)], env, inherit=False)
         )

@@ -9,14 +9,18 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import Send
 
-from common.errors import CorralError, InvalidRequest
+from common.errors import CorralError, InvalidRequest, NoCapacity
 
 log = logging.getLogger(__name__)
 
+REDIS_UNAVAILABLE = NoCapacity(
+    "The gateway cannot reach Redis right now; retry.", code="redis_unavailable", retry_after=2
+)
 _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 
 
@@ -68,6 +72,14 @@ def install(app: FastAPI) -> None:
         err = CorralError(str(exc.detail), status=exc.status_code)
         kind = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
         return error_response(err, exc.headers, type_=kind)
+
+    @app.exception_handler(RedisError)
+    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
+        # Redis restarting, or Sentinel promoting a replica: a clear 503 to retry.
+        log.warning(
+            "request=%s Redis unavailable: %r", getattr(request.state, "request_id", "-"), exc
+        )
+        return error_response(REDIS_UNAVAILABLE)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

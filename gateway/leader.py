@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from common.locks import RELEASE_LUA
 
@@ -64,6 +65,8 @@ async def lead_forever(
                 await duty()
         except asyncio.CancelledError:
             raise
+        except RedisError as exc:  # Redis restarting or failing over: one line a round
+            log.warning("%s round failed: Redis unavailable: %r", what, exc)
         except Exception:
             log.exception("%s round failed", what)
         await asyncio.sleep(interval)

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from redis.exceptions import RedisError
 
 from common.errors import CorralError, InvalidRequest, WorkerLost
 from common.frames import FrameType
@@ -73,12 +74,16 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
 
     async def abandon(failure: CorralError | None = None) -> None:
         expired = time.time() >= job.deadline
-        await state.dispatcher.cancel(
-            request_id,
-            started=sub.worker is not None,
-            state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
-            failure=None if expired else failure,
-        )
+        try:
+            await state.dispatcher.cancel(
+                request_id,
+                started=sub.worker is not None,
+                state=RequestState.EXPIRED if expired else RequestState.CANCELLED,
+                failure=None if expired else failure,
+            )
+        except RedisError as exc:  # its client has its answer already; keep that one
+            # Nobody listens to its channel any more: its worker stops at its next publish.
+            log.warning("job=%s not cancelled, Redis unavailable: %r", request_id, exc)
 
     if job.stream:
         return SSEResponse(sub, abandon, headers)

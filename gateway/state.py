@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 from gateway.aio import cancel_and_wait
 from gateway.batches import owner_index
@@ -28,15 +29,14 @@ from gateway.tenancy.principals import KeysEpoch
 def redis_client(settings: Settings) -> aioredis.Redis:
     """The gateway's Redis client. A blocking pool: under a burst, requests wait for one of
     a bounded set of connections instead of failing ("Too many connections" at 100 by
-    default). Nothing connects until the first command."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.require_redis_url(),
+    default). Nothing connects until the first command; through Sentinel, each connection
+    finds the current master when it connects."""
+    return RedisTarget.of(settings).async_client(
         max_connections=settings.redis_max_connections,
         timeout=30,
         health_check_interval=30,
         decode_responses=True,
     )
-    return aioredis.Redis(connection_pool=pool)
 
 
 @dataclass
@@ -63,7 +63,8 @@ class GatewayState:
     ) -> GatewayState:
         url = settings.require_redis_url()
         await client.ping()
-        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", url, on_keys_changed=epoch.bump)
+        target = RedisTarget.of(settings, url)
+        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", target, on_keys_changed=epoch.bump)
         await hub.start()
         dispatcher = Dispatcher(settings, url, client)
         catalog = Catalog(settings, client)

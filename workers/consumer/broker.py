@@ -21,7 +21,8 @@ leaves it to Redis all the same (the kernel delivers what was written). A write 
 cannot be sent falls back to kombu's blocking path; one whose reply shows a failure, or
 whose fate a broken connection hides, is written again with it.
 
-Selected by `broker_transport` in `workers.consumer.celery_app.configure_app`.
+Selected by `broker_transport` in `workers.consumer.celery_app.configure_app`, for
+`redis://` and (`SentinelTransport`) `sentinel://` URLs.
 """
 
 from __future__ import annotations
@@ -174,9 +175,21 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         """Read what Redis owes first: a socket closed with unread replies is reset, and a
-        reset right after the last ack's write could beat that write to Redis."""
+        reset right after the last ack's write could beat that write to Redis. A broker
+        already gone cannot take them (the same writes go with it in kombu's own path): the
+        channel closes all the same, or it would be closed later, from a connection kombu
+        has already detached, and that error stops the worker's consumer for good."""
         if isinstance(self._qos, QoS):
-            self._qos.collect()
+            try:
+                self._qos.collect()
+            except Exception as exc:
+                log.warning("broker bookkeeping not written as the channel closed: %r", exc)
+        if self.connection.client is None:
+            # kombu detached the transport before this close (a lost broker: an earlier
+            # close failed on the dead socket): restoring the unacked tasks now would fail
+            # for want of an address and stop the consumer for good. They stay in Redis'
+            # unacked hash, where `visibility_timeout` brings them back.
+            self.do_restore = False
         super().close()
         # kombu disconnects its pools and only then restores what is still unacked, which
         # opens new connections in a new pool that nobody closes: close that one too.
@@ -185,3 +198,12 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel through Redis Sentinel: kombu's Sentinel channel finds the master
+    for each new connection, this QoS's own included."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel
