@@ -43,6 +43,7 @@ def test_help_lists_every_command() -> None:
         "status",
         "batches",
         "make-model",
+        "drain",
     ):
         assert command in out.stdout
 

@@ -96,7 +96,7 @@ def test_blocking_client_through_sentinel(sentinel: SentinelSet) -> None:
 
 
 def test_async_client_and_master_url_through_sentinel(sentinel: SentinelSet) -> None:
-    async def main() -> tuple[str, str | None]:
+    async def main() -> tuple[str, object]:
         client = _target(sentinel).async_client(max_connections=4, timeout=5, decode_responses=True)
         try:
             await client.set("a", "1")
