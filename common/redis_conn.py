@@ -160,6 +160,11 @@ def _parse_sentinels(url: str) -> tuple[tuple[tuple[str, int], ...], dict[str, A
             raise ValueError(f"bad sentinel URL {_sanitized(part)!r}: {exc}") from None
         if i == 0:
             master = _master_options(parts.path, parts.username, parts.password)
+        elif parts.path.strip("/") or parts.password is not None:  # kombu would ignore it
+            raise ValueError(
+                f"the database and password go on the first sentinel:// URL only (kombu "
+                f"reads them there), not on {_sanitized(part)!r}"
+            )
     return tuple(hosts), master
 
 

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     # None: `corral up` starts an embedded Valkey; `corral gateway`/`worker` need a URL.
     redis_url: str | None = None
-    # Sentinel (`redis_url` = "sentinel://s1:26379;sentinel://s2:26379/0", common.redis_conn):
+    # Sentinel (`redis_url` = "sentinel://s1:26379/0;sentinel://s2:26379", common.redis_conn):
     redis_sentinel_master: str | None = None  # the master's name the sentinels monitor
     redis_sentinel_password: SecretStr | None = None  # the sentinels' own, if they want one
     host: str = "127.0.0.1"

@@ -230,11 +230,12 @@ class SentinelSet:
         ]
         self._sentinel_password = sentinel_password
         self.sentinels = [self._sentinel(i, port, lines) for i, port in enumerate(self.ports)]
+        # kombu's form: the master's password and database on the first URL only.
         creds = f":{password}@" if password else ""
-        hosts = [
-            f"sentinel://{creds if i == 0 else ''}127.0.0.1:{p}" for i, p in enumerate(self.ports)
-        ]
-        self.url = ";".join(hosts) + "/0"  # kombu's form: the master's password on the first
+        hosts = [f"127.0.0.1:{p}" for p in self.ports]
+        self.url = ";".join(
+            f"sentinel://{creds}{h}/0" if i == 0 else f"sentinel://{h}" for i, h in enumerate(hosts)
+        )
 
     def _sentinel(self, i: int, port: int, lines: list[str]) -> Child:
         conf = self.root / f"sentinel{i}.conf"  # sentinels rewrite their config: a file each

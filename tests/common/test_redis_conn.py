@@ -51,6 +51,8 @@ def test_kombus_sentinel_form() -> None:
         ("sentinel://s1:26379;redis://h:6379", "m", "not a sentinel://HOST:PORT URL"),
         ("sentinel://s1:port", "m", "bad sentinel URL"),
         ("sentinel://s1:26379/zero", "m", "must be a number"),
+        ("sentinel://s1:26379;sentinel://s2:26379/0", "m", "on the first sentinel:// URL"),
+        ("sentinel://s1;sentinel://:pw@s2", "m", "on the first sentinel:// URL"),
     ],
 )
 def test_a_bad_sentinel_url_is_refused(url: str, master: str | None, error: str) -> None:
