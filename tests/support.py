@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -105,6 +106,41 @@ def workers(redis_url: str, model: str | None = None) -> list[WorkerInfo]:
         return out
     finally:
         client.close()
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class Call(threading.Thread):
+    """One chat completion in the background (`ignore_eos`: exactly `max_tokens`),
+    remembering what came back and when it ended."""
+
+    def __init__(self, base_url: str, model: str, stream: bool, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{base_url}/v1/chat/completions"
+        self.body = {
+            "model": model,
+            "messages": HI,
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "ignore_eos": True,
+        }
+        self.request_id = ""
+        self.status = 0
+        self.lines: list[str] = []  # a stream's `data:` lines
+        self.result: dict[str, Any] = {}  # a reply's body
+        self.ended_at = 0.0
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.body, timeout=90) as resp:
+            self.request_id = resp.headers["x-request-id"]
+            self.status = resp.status_code
+            if self.body["stream"]:
+                self.lines = [x for x in resp.iter_lines() if x.startswith("data:")]
+            else:
+                self.result = json.loads(resp.read())
+        self.ended_at = time.monotonic()
 
 
 def busy_slots(upstream: str) -> int:

@@ -7,45 +7,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster, start_cluster
-from tests.support import busy_slots, corral_child, slow_model, wait_for, workers
+from tests.support import Call, busy_slots, corral_child, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # runs Corral processes
 
 MODEL = "d-drain"
-
-
-class Call(threading.Thread):
-    def __init__(self, base_url: str, stream: bool, max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.url = f"{base_url}/v1/chat/completions"
-        self.body: dict[str, Any] = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": max_tokens,
-            "stream": stream,
-            "ignore_eos": True,
-        }
-        self.status = 0
-        self.text = ""
-        self.ended_at = 0.0
-        self.start()
-
-    def run(self) -> None:
-        with httpx.stream("POST", self.url, json=self.body, timeout=90) as resp:
-            self.status = resp.status_code
-            self.text = resp.read().decode()
-        self.ended_at = time.monotonic()
 
 
 @pytest.fixture
@@ -68,7 +43,7 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     cluster, model = drained
     (worker,) = workers(cluster.redis_url, MODEL)
     assert worker.upstream
-    long = Call(cluster.base_url, stream=True, max_tokens=1500)
+    long = Call(cluster.base_url, MODEL, stream=True, max_tokens=1500)
     assert wait_for(lambda: busy_slots(str(worker.upstream)) == 1, 20), cluster.logs()
 
     drain = subprocess.Popen(
@@ -82,7 +57,7 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     assert "take no new tasks" in first and worker.id in first, first
     assert not long.ended_at, "the drain returned the stream's task, or cut it"
 
-    short = Call(cluster.base_url, stream=False, max_tokens=4)
+    short = Call(cluster.base_url, MODEL, stream=False, max_tokens=4)
     assert wait_for(lambda: _depth(cluster) == 1, 10), cluster.logs()
     time.sleep(2.5)  # two BRPOP cycles: a consumer still listening would have taken it
     assert _depth(cluster) == 1 and not short.ended_at
@@ -94,7 +69,7 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     assert rc == 0 and "idle" in rest, rest
     long.join(5)
     assert long.status == 200 and long.ended_at <= drained_at
-    events = [line[6:] for line in long.text.splitlines() if line.startswith("data: ")]
+    events = [line.removeprefix("data: ") for line in long.lines]
     assert events[-1] == "[DONE]" and not any("error" in json.loads(e) for e in events[:-1])
 
     stopping = time.monotonic()
@@ -111,4 +86,4 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     cluster.children.append(other)
     other.start()
     short.join(60)
-    assert short.status == 200 and json.loads(short.text)["choices"], short.text
+    assert short.status == 200 and short.result["choices"], short.result

@@ -3,20 +3,9 @@
 # very first start) under the name `corral`. Hostnames, not pod IPs, so that a pod that
 # comes back with a new IP is still the same instance.
 set -eu
-domain="${CLUSTER_DOMAIN:-cluster.local}"
+skip="$(hostname)"
+. "$(dirname "$0")/find-master.sh"
 self="$(hostname).corral-sentinel.${POD_NAMESPACE}.svc.${domain}"
-master=""
-for i in 0 1 2; do
-  [ "corral-sentinel-$i" = "$(hostname)" ] && continue
-  reply=$(valkey-cli -t 2 -h "corral-sentinel-$i.corral-sentinel" -p 26379 --raw \
-    sentinel get-master-addr-by-name corral 2>/dev/null) || continue
-  host=$(echo "$reply" | sed -n 1p)
-  port=$(echo "$reply" | sed -n 2p)
-  case "$port" in '' | *[!0-9]*) continue ;; esac
-  master="$host"
-  break
-done
-[ -n "$master" ] || master="corral-valkey-0.corral-valkey.${POD_NAMESPACE}.svc.${domain}"
 # Tuning: down-after-milliseconds is how long the master may be silent before a failover
 # starts (the failover test runs with 1000; 5000 rides out a node's short hiccups).
 cat > "${SENTINEL_CONF:-/data/sentinel.conf}" <<CONF
