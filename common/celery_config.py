@@ -10,6 +10,8 @@ one only with its reason:
 - `visibility_timeout` >= 2 x `task_time_limit` in every process: kombu redelivers an
   unacked task after it, running or not.
 - no result backend: tokens travel over pub/sub.
+- a Sentinel URL (kombu reads the same `sentinel://…;sentinel://…` form) brings the
+  master's name and the sentinels' options (`common.redis_conn`).
 - a soft time limit below the hard one: the task cuts its stream and tells its client
   (504) before the hard limit kills its pool child, which would leave the client waiting
   in silence until its deadline.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 
 
@@ -29,6 +32,7 @@ def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[s
         "broker_transport_options": {
             "queue_order_strategy": "sorted",
             "visibility_timeout": settings.visibility_timeout,
+            **RedisTarget.of(settings, url).kombu_options(),
         },
         "broker_connection_retry_on_startup": True,
         "broker_pool_limit": settings.broker_pool_limit,

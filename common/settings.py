@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     # None: `corral up` starts an embedded Valkey; `corral gateway`/`worker` need a URL.
     redis_url: str | None = None
+    # Sentinel (`redis_url` = "sentinel://s1:26379/0;sentinel://s2:26379", common.redis_conn):
+    redis_sentinel_master: str | None = None  # the master's name the sentinels monitor
+    redis_sentinel_password: SecretStr | None = None  # the sentinels' own, if they want one
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Field(default_factory=default_data_dir)
@@ -142,7 +145,7 @@ class Settings(BaseSettings):
             model.defaults = RequestDefaults.model_validate(model.defaults).fields()
         return models
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("admin_key", "redis_sentinel_master", "redis_sentinel_password", mode="before")
     @classmethod
     def _no_empty_key(cls, value: object) -> object:
         # CORRAL_ADMIN_KEY= (empty, e.g. `${CORRAL_ADMIN_KEY:-}` in compose) means no key.
@@ -174,6 +177,10 @@ class Settings(BaseSettings):
             raise ValueError("heartbeat_ttl must be at least 2 x heartbeat_interval")
         if self.environment == "production" and not self.redis_url:
             raise ValueError("production needs CORRAL_REDIS_URL (no embedded Redis)")
+        if self.redis_url and self.redis_url.lstrip().lower().startswith("sentinel://"):
+            from common.redis_conn import RedisTarget  # redis-py, only for this form
+
+            RedisTarget(self.redis_url, self.redis_sentinel_master)  # raises what is wrong
         return self
 
     @classmethod

@@ -25,6 +25,7 @@ examples:
   corral worker --redis-url redis://r:6379 --model qwen --gpu 0
   corral worker --redis-url redis://r:6379 --gpu 0 --vram-budget 20GiB   models on demand
   corral status --watch                      workers, budgets, models, queues
+  corral drain                               before stopping this host's workers
   corral make-model /tmp/tiny.gguf           a tiny random-weight GGUF for tests
 
 Config: ./corral.yaml (or CORRAL_CONFIG / --config); every field can be overridden by a
@@ -160,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--unauthenticated",
         action="store_true",
         help="allow no credentials, on a loopback --address only",
+    )
+    dr = sub.add_parser(
+        "drain",
+        help="stop this host's workers taking tasks, wait until idle (a preStop hook)",
+        description="The workers on this host stop taking new tasks (queued ones stay for "
+        "other workers) and this waits until they have finished the ones they hold. Run it "
+        "before stopping a worker, e.g. as a Kubernetes preStop hook: the SIGTERM that follows "
+        "then ends it at once. Exit 0 when idle, 1 if tasks still run after --timeout.",
+    )
+    _common(dr)
+    dr.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    dr.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds to wait for running tasks (default: task_time_limit)",
     )
     keys_cli.add_parser(sub, _common)
     batches_cli.add_parser(sub, _common)
@@ -310,6 +326,14 @@ def cmd_flower(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_drain(args: argparse.Namespace) -> int:
+    from corral.drain import run_drain
+
+    settings = _settings(args, redis_url=args.redis_url)
+    setup_logging(settings.log_level, "drain", settings.log_format)
+    return run_drain(settings, args.timeout or settings.task_time_limit)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     settings = _settings(args, redis_url=args.redis_url)
     setup_logging(settings.log_level, "keys", settings.log_format)
@@ -339,6 +363,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "make-model": cmd_make_model,
     "flower": cmd_flower,
+    "drain": cmd_drain,
     "keys": cmd_keys,
     "models": cmd_models,
     "status": cmd_status,

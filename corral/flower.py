@@ -21,11 +21,11 @@ from collections.abc import Callable, Mapping
 
 import redis
 from celery import Celery
-from kombu.utils.url import maybe_sanitize_url
 
 from common import redis_keys
 from common.celery_config import celery_config
 from common.net import is_loopback
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,15 @@ def run_flower(
     if credentials:
         use_basic_auth(credentials)
     # Short timeouts: the catalog is read on Flower's IO loop, once per queue-view request.
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
+    client = RedisTarget.of(settings).client(
+        socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=True
     )
     show_model_queues(ModelQueues(settings, client))
     log.info(
         "flower address=%s port=%d broker=%s auth=%s",
         address,
         port,
-        maybe_sanitize_url(settings.redis_url),
+        RedisTarget.of(settings),
         "basic" if credentials else "none (loopback)",
     )
     try:

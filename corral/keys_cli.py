@@ -18,6 +18,7 @@ from common import redis_keys
 from common.apikeys import ApiKey, issue
 from common.errors import CorralError
 from common.priority import Priority
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 
 
@@ -56,7 +57,7 @@ def add_parser(
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        client = redis.Redis.from_url(settings.require_redis_url(), decode_responses=True)
+        client = RedisTarget.of(settings).client(decode_responses=True)
     except CorralError as exc:
         print(f"corral keys: {exc.message}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import redis
 from common import redis_keys
 from common.estimate import estimate_file
 from common.memory import MemoryRecord, profile
+from common.redis_conn import RedisTarget
 from common.settings import ModelConfig, Settings
 from corral import status
 from corral.api import Api, ApiError
@@ -211,7 +212,7 @@ def load(api: Api, alias: str, replicas: int | None, wait: bool, settings: Setti
 
 
 def estimate(settings: Settings, name: str, slots: int | None, device: str) -> int:
-    client = redis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    client = RedisTarget.of(settings).client() if settings.redis_url else None
     try:
         alias, model = _model(settings, name, client)
         slots = slots or model.parallel

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -24,7 +25,10 @@ class EmbeddedRedisError(RuntimeError):
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path | None = None, port: int | None = None, args: Sequence[str] = ()
+    ) -> None:
+        """`args`: more valkey-server options (`--replicaof HOST PORT`, say)."""
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         argv = [
@@ -48,6 +52,7 @@ class EmbeddedRedis:
             self._log = data_dir / "valkey.log"  # why it would not start, above all
         else:
             argv += ["--appendonly", "no"]
+        argv += args
         self._child = Child("valkey", argv, log=self._log)
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
@@ -58,6 +63,8 @@ class EmbeddedRedis:
             while True:
                 try:
                     client.ping()
+                    return self
+                except redis.AuthenticationError:  # it answered (`--requirepass` in args)
                     return self
                 except redis.ConnectionError:
                     rc = self._child.poll()

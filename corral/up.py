@@ -27,12 +27,12 @@ from types import FrameType
 from typing import Any
 
 import httpx
-import redis
 import yaml
 
 from common import redis_keys
 from common.discovery import discover
 from common.net import is_loopback
+from common.redis_conn import RedisTarget
 from common.settings import ModelConfig, Settings
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
@@ -134,9 +134,9 @@ def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: st
     """The effective config every child reads: one source of truth for this run."""
     run_dir = settings.data_dir / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    # No secrets in the file: the admin key reaches the children in their environment.
+    # No secrets in the file: they reach the children in their environment.
     data: dict[str, Any] = settings.model_dump(
-        mode="json", exclude={"models", "redis_url", "admin_key"}
+        mode="json", exclude={"models", "redis_url", "admin_key", "redis_sentinel_password"}
     )
     data["redis_url"] = url
     data["models"] = {a: m.model_dump(mode="json") for a, m in models.items()}
@@ -177,7 +177,9 @@ class Cluster:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis").start()
             url = self.redis.url
             log.info("embedded valkey at %s", url)
-            forget_other_models(url, set(self.models))  # this run's Valkey: its config rules
+            forget_other_models(
+                self.settings, url, set(self.models)
+            )  # this run's Valkey: its config rules
         if not is_loopback(self.settings.host):  # loopback may run open (the gateway says so)
             problem = exposure_problem(self.settings.model_copy(update={"redis_url": url}))
             if problem:  # API keys live in Redis: checked once it runs, before the workers
@@ -191,6 +193,9 @@ class Cluster:
         env |= {"CORRAL_REDIS_URL": url, "CORRAL_CONFIG": str(config)}
         if self.settings.admin_key is not None:
             env["CORRAL_ADMIN_KEY"] = self.settings.admin_key.get_secret_value()
+        if self.settings.redis_sentinel_password is not None:
+            secret = self.settings.redis_sentinel_password.get_secret_value()
+            env["CORRAL_REDIS_SENTINEL_PASSWORD"] = secret
         gateway = Child("gateway", [*exe, "gateway", "--config", str(config)], env, inherit=False)
         watched = [Supervised(gateway, essential=True)]
         found = gpus_or_none()
@@ -283,11 +288,11 @@ def worker_slots(models: dict[str, ModelConfig]) -> int:
     return max((m.parallel for m in models.values()), default=2)
 
 
-def forget_other_models(url: str, keep: set[str]) -> None:
+def forget_other_models(settings: Settings, url: str, keep: set[str]) -> None:
     """The catalog of this run's own Valkey holds this run's models only: an earlier run's
     config, or a worker of an earlier run, announced the rest. (With a shared Redis the
     gateways prune what nobody announces any more, after a while.)"""
-    client = redis.Redis.from_url(url, decode_responses=True)
+    client = RedisTarget.of(settings, url).client(decode_responses=True)
     try:
         gone = [str(a) for a in client.hkeys(redis_keys.CATALOG) if str(a) not in keep]
         if gone:

@@ -22,7 +22,7 @@ _HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_f
 
 # The broker away (restarting, a network cut): a request can be retried, here or elsewhere.
 REDIS_AWAY = NoCapacity(
-    "The gateway cannot reach Redis right now; retry.", code="redis_unavailable", retry_after=1
+    "The gateway cannot reach Redis right now; retry.", code="redis_unavailable", retry_after=2
 )
 
 

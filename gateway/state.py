@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from common.errors import NoCapacity
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 from gateway.aio import cancel_and_wait
 from gateway.batches import owner_index
@@ -35,15 +36,14 @@ log = logging.getLogger(__name__)
 def redis_client(settings: Settings) -> aioredis.Redis:
     """The gateway's Redis client. A blocking pool: under a burst, requests wait for one of
     a bounded set of connections instead of failing ("Too many connections" at 100 by
-    default). Nothing connects until the first command."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.require_redis_url(),
+    default). Nothing connects until the first command; through Sentinel, each connection
+    finds the current master when it connects."""
+    return RedisTarget.of(settings).async_client(
         max_connections=settings.redis_max_connections,
         timeout=30,
         health_check_interval=30,
         decode_responses=True,
     )
-    return aioredis.Redis(connection_pool=pool)
 
 
 GATEWAY_STOPPING = NoCapacity(
@@ -82,7 +82,8 @@ class GatewayState:
     ) -> GatewayState:
         url = settings.require_redis_url()
         await client.ping()
-        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", url, on_keys_changed=epoch.bump)
+        target = RedisTarget.of(settings, url)
+        hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", target, on_keys_changed=epoch.bump)
         await hub.start()
         dispatcher = Dispatcher(settings, url, client)
         catalog = Catalog(settings, client)

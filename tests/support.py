@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -16,8 +17,10 @@ import psutil
 import redis
 
 from common import redis_keys
+from common.net import free_port
 from common.registry import WorkerInfo
 from corral.procs import Child
+from corral.redis_server import EmbeddedRedis, valkey_binary
 from corral.tinymodel import make_model
 
 _CLIENTS: list[openai.OpenAI] = []  # closed at the end of the session (conftest)
@@ -103,6 +106,41 @@ def workers(redis_url: str, model: str | None = None) -> list[WorkerInfo]:
         return out
     finally:
         client.close()
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class Call(threading.Thread):
+    """One chat completion in the background (`ignore_eos`: exactly `max_tokens`),
+    remembering what came back and when it ended."""
+
+    def __init__(self, base_url: str, model: str, stream: bool, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{base_url}/v1/chat/completions"
+        self.body = {
+            "model": model,
+            "messages": HI,
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "ignore_eos": True,
+        }
+        self.request_id = ""
+        self.status = 0
+        self.lines: list[str] = []  # a stream's `data:` lines
+        self.result: dict[str, Any] = {}  # a reply's body
+        self.ended_at = 0.0
+        self.start()
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.body, timeout=90) as resp:
+            self.request_id = resp.headers["x-request-id"]
+            self.status = resp.status_code
+            if self.body["stream"]:
+                self.lines = [x for x in resp.iter_lines() if x.startswith("data:")]
+            else:
+                self.result = json.loads(resp.read())
+        self.ended_at = time.monotonic()
 
 
 def busy_slots(upstream: str) -> int:
@@ -196,3 +234,114 @@ class Blocker:
         if self._thread.is_alive():
             self.cancel()
             self._thread.join(10)
+
+
+class SentinelSet:
+    """A Valkey primary, optionally a replica of it, and sentinels watching them (quorum:
+    a majority), all on loopback ports. `password` protects the primary and the replica
+    (the sentinels use it too); `sentinel_password` protects the sentinels."""
+
+    def __init__(
+        self,
+        root: Path,
+        master: str,
+        *,
+        sentinels: int = 3,
+        replica: bool = True,
+        down_after_ms: int = 1000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.master, self.password = root, master, password
+        auth = ["--requirepass", password, "--masterauth", password] if password else []
+        # Diskless sync at once: a replica is in sync within milliseconds of its start.
+        # Each in a directory of its own: a replica writes the primary's snapshot there.
+        self.primary = EmbeddedRedis(
+            root / "primary", args=["--repl-diskless-sync-delay", "0", *auth]
+        )
+        follow = ["--replicaof", "127.0.0.1", str(self.primary.port), *auth]
+        self.replica = EmbeddedRedis(root / "replica", args=follow) if replica else None
+        self.ports = [free_port() for _ in range(sentinels)]
+        lines = [
+            f"sentinel monitor {master} 127.0.0.1 {self.primary.port} {sentinels // 2 + 1}",
+            f"sentinel down-after-milliseconds {master} {down_after_ms}",
+            f"sentinel failover-timeout {master} 10000",
+            *([f"sentinel auth-pass {master} {json.dumps(password)}"] if password else []),
+            *([f"requirepass {json.dumps(sentinel_password)}"] if sentinel_password else []),
+        ]
+        self._sentinel_password = sentinel_password
+        self.sentinels = [self._sentinel(i, port, lines) for i, port in enumerate(self.ports)]
+        # kombu's form: the master's password and database on the first URL only.
+        creds = f":{password}@" if password else ""
+        hosts = [f"127.0.0.1:{p}" for p in self.ports]
+        self.url = ";".join(
+            f"sentinel://{creds}{h}/0" if i == 0 else f"sentinel://{h}" for i, h in enumerate(hosts)
+        )
+
+    def _sentinel(self, i: int, port: int, lines: list[str]) -> Child:
+        conf = self.root / f"sentinel{i}.conf"  # sentinels rewrite their config: a file each
+        conf.write_text("\n".join([f"port {port}", "bind 127.0.0.1", f"dir {self.root}", *lines]))
+        argv = [str(valkey_binary()), str(conf), "--sentinel"]
+        return Child(f"sentinel{i}", argv, log=self.root / f"sentinel{i}.log")
+
+    def start(self) -> SentinelSet:
+        try:
+            self.primary.start()
+            if self.replica is not None:
+                self.replica.start()
+            for child in self.sentinels:
+                child.start()
+            if not wait_for(self._watching, 15, 0.1):
+                raise TimeoutError(f"sentinels not watching in 15 s\n{self.logs()}")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _sentinel_client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=self._sentinel_password, socket_timeout=1)
+
+    def _watching(self) -> bool:
+        """The replica is in sync, and every sentinel knows it and the other sentinels."""
+        try:
+            if self.replica is not None:
+                with redis.Redis(
+                    port=self.replica.port, password=self.password, socket_timeout=1
+                ) as r:
+                    if r.info("replication").get("master_link_status") != "up":
+                        return False
+            for port in self.ports:
+                with self._sentinel_client(port) as s:
+                    state = s.sentinel_master(self.master)
+                replicas = 1 if self.replica is not None else 0
+                if (
+                    state["num-slaves"] < replicas
+                    or state["num-other-sentinels"] < len(self.ports) - 1
+                ):
+                    return False
+        except redis.RedisError:
+            return False
+        return True
+
+    def master_port(self) -> int:
+        with self._sentinel_client(self.ports[0]) as s:
+            _, port = s.sentinel_get_master_addr_by_name(self.master)
+        return int(port)
+
+    def logs(self) -> str:
+        logs = sorted(self.root.rglob("*.log"))
+        return "\n".join(f"--- {p.relative_to(self.root)}\n{tail(p, 15)}" for p in logs)
+
+    def stop(self) -> None:
+        for child in self.sentinels:
+            child.stop(grace=2)
+        if self.replica is not None:
+            self.replica.stop()
+        self.primary.stop()
+
+    def __enter__(self) -> SentinelSet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -44,6 +44,7 @@ def test_help_lists_every_command() -> None:
         "status",
         "batches",
         "make-model",
+        "drain",
     ):
         assert command in out.stdout
 

@@ -26,7 +26,9 @@ from gateway.routes import health
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 EXAMPLE_CONFIG = ROOT / "deploy" / "corral.example.yaml"
-CORRAL_SERVICES = ("gateway", "worker", "flower")
+WORKERS = ("worker-qwen", "worker-embed")  # one per model of the example config
+CORRAL_SERVICES = ("gateway", *WORKERS, "flower")
+MONITORING = ("flower", "prometheus", "grafana")  # the `monitoring` profile
 
 
 # --- docker compose, as far as the engine-free parts go ---------------------------------
@@ -125,7 +127,7 @@ def test_services_run_real_corral_subcommands(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) >= {"redis", *CORRAL_SERVICES}
     for name in CORRAL_SERVICES:
         d = deployed(compose, name)
-        assert d.args.command == name, f"service {name} runs `corral {d.args.command}`"
+        assert d.args.command == name.split("-")[0], f"{name} runs `corral {d.args.command}`"
         assert d.args.command in COMMANDS
         assert "entrypoint" not in d.service, "the image's ENTRYPOINT is `corral`"
         assert d.config.is_file(), d.config
@@ -181,17 +183,41 @@ def test_environment_values_load_as_settings(monkeypatch: pytest.MonkeyPatch) ->
         assert settings.redis_url
 
 
-def test_worker_serves_a_configured_model_from_the_models_volume(
-    compose: dict[str, Any],
-) -> None:
-    d = deployed(compose, "worker")
-    settings = load_settings(d.config)
-    alias, model = resolve_worker_model(settings, d.args)
-    assert alias == d.args.model, "--model names an alias of the mounted config"
-    assert model is not None
-    assert "/models" in bind_mounts(d.service), "a models volume at /models"
-    model_path = PurePosixPath(str(settings.resolve_model_path(model)))
-    assert model_path.is_relative_to("/models"), model_path
+def test_every_model_of_the_config_has_its_worker(compose: dict[str, Any]) -> None:
+    """Each worker serves a configured model from the models volume, and every model of the
+    config has one (a request for a model no worker holds would wait for its load)."""
+    served = set()
+    for name in WORKERS:
+        d = deployed(compose, name)
+        settings = load_settings(d.config)
+        alias, model = resolve_worker_model(settings, d.args)
+        assert alias == d.args.model, "--model names an alias of the mounted config"
+        assert model is not None
+        assert "/models" in bind_mounts(d.service), "a models volume at /models"
+        model_path = PurePosixPath(str(settings.resolve_model_path(model)))
+        assert model_path.is_relative_to("/models"), model_path
+        served.add(alias)
+    assert served == set(load_settings(EXAMPLE_CONFIG).models)
+    workers = {n for n in compose["services"] if parse_command_or_none(compose, n) == "worker"}
+    assert workers == set(WORKERS)
+
+
+def parse_command_or_none(compose: Mapping[str, Any], name: str) -> str | None:
+    service = compose["services"][name]
+    if "command" not in service or service.get("image") != "corral:latest":
+        return None
+    return str(parse_command(service).command)
+
+
+def test_monitoring_is_a_profile(compose: dict[str, Any]) -> None:
+    """`docker compose up` runs what serves requests; `--profile monitoring` adds Flower,
+    Prometheus and Grafana (so Flower's credentials are needed only then)."""
+    for name, service in compose["services"].items():
+        profiles = service.get("profiles", [])
+        assert ("monitoring" in profiles) == (name in MONITORING), name
+    assert "flower" in compose["services"]["flower"]["profiles"]
+    depends = {d for n in MONITORING for d in compose["services"][n].get("depends_on", [])}
+    assert depends <= set(compose["services"])
 
 
 def _healthcheck_url(service: Mapping[str, Any]) -> tuple[int, str]:

@@ -18,12 +18,12 @@ import uuid
 import warnings
 from dataclasses import dataclass
 
-import redis
 from celery.exceptions import SecurityWarning
 
 from common import redis_keys
 from common.devices import cpu_device
 from common.net import free_port
+from common.redis_conn import RedisTarget
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
 from workers.consumer.celery_app import configure_app
@@ -75,7 +75,7 @@ def run_worker(
         if not model.model_path.is_file():
             raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
     spec = _spec(settings, alias, model, opts)
-    client = redis.Redis.from_url(redis_url)
+    client = RedisTarget.of(settings, redis_url).client()
     if alias is not None and model is not None:
         client.hset(redis_keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
     tasklog.install()  # the request id on every log line of a task

@@ -61,7 +61,7 @@ class GatewayMetrics:
         )
         self.queue_depth = Gauge(
             "corral_queue_depth_requests",
-            "Requests waiting in a model's priority queue.",
+            "Requests waiting in a model's queue: each priority's, and batch items'.",
             ["model", "priority"],
             registry=r,
         )
@@ -82,9 +82,9 @@ class GatewayMetrics:
         self.active_streams.set(active)
         self.queue_depth.clear()  # a model gone from the catalog loses its series
         for model, per_queue in depths.items():
-            for priority in Priority:
-                depth = per_queue.get(priority.value, 0)
-                self.queue_depth.labels(model=model, priority=priority.value).set(depth)
+            # every priority (0 when empty), and the batch queue (`priority="batch"`)
+            for label, depth in ({p.value: 0 for p in Priority} | per_queue).items():
+                self.queue_depth.labels(model=model, priority=label).set(depth)
         self.workers.clear()
         for info in workers:
             self.workers.labels(model=info.model or "", state=info.state.value).inc()

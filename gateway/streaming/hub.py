@@ -6,7 +6,9 @@ requests: it subscribes once to the pattern of this gateway's channels
 is enqueued, without a SUBSCRIBE per request. Each message is routed to the request's
 `Subscription` as soon as it is read. The same connection hears `redis_keys.KEYS_CHANGED`: each
 note (and each reconnection, when notes may have been missed) is passed on
-(`on_keys_changed`: a new `KeysEpoch`), which invalidates cached key lookups.
+(`on_keys_changed`: a new `KeysEpoch`), which invalidates cached key lookups. Each
+(re)connection goes to the current master (through Sentinel, asked anew each time); the
+frames of requests in flight when it broke are lost with it, so those requests fail.
 
 A subscription turns silence into errors, so no client ever hangs: a frame out of
 sequence ends the stream (`StreamBroken`); a worker whose heartbeat key expired ends it
@@ -34,6 +36,7 @@ from common.errors import (
     from_body,
 )
 from common.frames import Frame, FrameType
+from common.redis_conn import RedisTarget
 from gateway.aio import cancel_and_wait
 from gateway.streaming.pubsub import PubSubConnection
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0  # silence after which the worker's heartbeat is checked
 READY_WAIT_S = 5.0  # how long a new request waits for a reconnecting pub/sub connection
 SUBSCRIBE_TIMEOUT_S = 10.0  # to connect and subscribe, before trying again
+RECONNECT_MAX_S = 1.0  # the longest pause between attempts (0.1 s, doubled each time)
 _KEYS_CHANGED = redis_keys.KEYS_CHANGED.encode()
 
 
@@ -143,11 +147,11 @@ class StreamHub:
         self,
         client: aioredis.Redis,
         gateway_id: str,
-        url: str,
+        target: RedisTarget,
         on_keys_changed: Callable[[], None] = lambda: None,
     ) -> None:
-        self._redis = client  # for heartbeat checks; the pub/sub connection is `url`'s own
-        self._url = url
+        self._redis = client  # for heartbeat checks; the pub/sub connection is its own
+        self._target = target  # asked for the current master at each (re)connection
         self.gateway_id = gateway_id
         self._subs: dict[str, Subscription] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -221,13 +225,14 @@ class StreamHub:
                 # until someone listens), so it goes on waiting, its deadline the bound.
                 self._fail_started(StreamBroken("Lost the connection to Redis mid-stream."))
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, RECONNECT_MAX_S)
 
     async def _read_once(self) -> None:
         conn: PubSubConnection | None = None
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):  # a dead peer never answers
-                conn = await PubSubConnection.open(self._url, self._on_message)
+                url = await self._target.master_url()
+                conn = await PubSubConnection.open(url, self._on_message)
                 await conn.psubscribe(redis_keys.channel_pattern(self.gateway_id))
                 await conn.subscribe(redis_keys.KEYS_CHANGED)
             self._keys_changed()  # notes may have been missed while disconnected

@@ -13,6 +13,7 @@ import redis
 
 from common import redis_keys
 from common.net import is_loopback
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def check_exposure(settings: Settings, client: redis.Redis) -> str | None:
 
 def exposure_problem(settings: Settings) -> str | None:
     """`check_exposure` with a client of its own (for `corral gateway`, before it binds)."""
-    client = redis.Redis.from_url(settings.require_redis_url())
+    client = RedisTarget.of(settings).client()
     try:
         return check_exposure(settings, client)
     except redis.RedisError as exc:

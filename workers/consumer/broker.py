@@ -21,7 +21,8 @@ leaves it to Redis all the same (the kernel delivers what was written). A write 
 cannot be sent falls back to kombu's blocking path; one whose reply shows a failure, or
 whose fate a broken connection hides, is written again with it.
 
-Selected by `broker_transport` in `workers.consumer.celery_app.configure_app`.
+Selected by `broker_transport` in `workers.consumer.celery_app.configure_app`, for
+`redis://` and (`SentinelTransport`) `sentinel://` URLs.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class QoS(kombu_redis.QoS):
     """kombu's Redis QoS, with `append` and `ack` sent without waiting (module docstring)."""
 
     _conn: redis.Connection | None = None  # this QoS's own connection, once it has written
+    _conn_pool: Any = None  # the pool `_conn` came from (the channel may have dropped it)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -78,18 +80,35 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
+        if self._connection_lost(delivery_tag, "ack"):
+            virtual.QoS.ack(self, delivery_tag)
+            return
         if not self._send((_ACK_LUA, [self.unacked_index_key, self.unacked_key, delivery_tag])):
             super().ack(delivery_tag)
             return
         virtual.QoS.ack(self, delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self._connection_lost(delivery_tag, "reject"):
+            virtual.QoS.ack(self, delivery_tag)
+            return
         self.collect()  # a requeue reads the unacked hash back: our writes first
         super().reject(delivery_tag, requeue=requeue)
 
     def restore_unacked(self, client: Any = None) -> Any:
         self.collect()
         return super().restore_unacked(client)
+
+    def _connection_lost(self, delivery_tag: str, what: str) -> bool:
+        """Whether kombu let go of this channel's transport: the broker connection was lost
+        and Celery goes on with a new one, while a task fetched on this one ends. Nothing
+        can be written through it; kombu's own path would fail for want of an address and
+        stop the worker's consumer for good. The task stays in the unacked hash, where
+        `visibility_timeout` brings it back, and its claim keeps it from running twice."""
+        if not _transport_gone(self.channel):
+            return False
+        log.warning("broker connection lost: %s of delivery %s not written", what, delivery_tag)
+        return True
 
     def _send(self, write: Write) -> bool:
         """Send `write`; False if it could not be sent."""
@@ -118,7 +137,8 @@ class QoS(kombu_redis.QoS):
             except (redis.RedisError, OSError):
                 pass
             self._drop()
-        conn = self._conn = self.channel.pool.get_connection()
+        pool = self._conn_pool = self.channel.pool
+        conn = self._conn = pool.get_connection()
         for lua in _SHA:  # once per connection (and again after a restart lost them)
             conn.send_command("SCRIPT", "LOAD", lua)
             conn.read_response()
@@ -141,6 +161,9 @@ class QoS(kombu_redis.QoS):
             self._write_blocking(writes)
 
     def _write_blocking(self, writes: list[Write]) -> None:
+        if _transport_gone(self.channel):  # see `QoS._connection_lost`
+            log.warning("broker connection lost: %d bookkeeping writes not written", len(writes))
+            return
         with self.channel.conn_or_acquire() as client:
             pipe = client.pipeline()
             for lua, keys_and_args in writes:
@@ -149,9 +172,16 @@ class QoS(kombu_redis.QoS):
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
+        pool, self._conn_pool = self._conn_pool, None
         if conn is not None:
             conn.disconnect()
-            self.channel.pool.release(conn)  # taken with `get_connection`: give it back
+            pool.release(conn)  # taken with `get_connection`: give it back
+
+
+def _transport_gone(channel: Any) -> bool:
+    """Whether kombu has let go of `channel`'s transport (or the transport of its client)."""
+    transport = channel.connection
+    return transport is None or transport.client is None
 
 
 class Listening:
@@ -218,10 +248,22 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         """Read what Redis owes first: a socket closed with unread replies is reset, and a
-        reset right after the last ack's write could beat that write to Redis."""
+        reset right after the last ack's write could beat that write to Redis. A broker
+        already gone cannot take them (the same writes go with it in kombu's own path): the
+        channel closes all the same, or it would be closed later, from a connection kombu
+        has already detached, and that error stops the worker's consumer for good."""
         if isinstance(self._qos, QoS):
-            self._qos.collect()
+            try:
+                self._qos.collect()
+            except Exception as exc:
+                log.warning("broker bookkeeping not written as the channel closed: %r", exc)
         LISTENING.forget(self)
+        if _transport_gone(self):
+            # kombu detached the transport before this close (a lost broker: an earlier
+            # close failed on the dead socket): restoring the unacked tasks now would fail
+            # for want of an address and stop the consumer for good. They stay in Redis'
+            # unacked hash, where `visibility_timeout` brings them back.
+            self.do_restore = False
         super().close()
         # kombu disconnects its pools and only then restores what is still unacked, which
         # opens new connections in a new pool that nobody closes: close that one too.
@@ -230,3 +272,12 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel through Redis Sentinel: kombu's Sentinel channel finds the master
+    for each new connection, this QoS's own included."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    Channel = SentinelChannel

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import redis
 from celery.exceptions import Reject
 
+from common.redis_conn import RedisTarget
 from common.settings import Settings
 from workers.task.upstream import Upstream
 
@@ -113,7 +114,8 @@ class Runtime:
     def redis(self) -> redis.Redis:
         self._check_pid()
         if self._redis is None:
-            self._redis = redis.Redis.from_url(self.redis_url, health_check_interval=30)
+            target = RedisTarget.of(self.settings, self.redis_url)
+            self._redis = target.client(health_check_interval=30)
         return self._redis
 
     @property

@@ -60,7 +60,7 @@ def test_gateway_metrics_count_what_clients_got(cluster: Cluster, client: openai
     assert (
         grew("corral_prompt_tokens_total", **chat, priority="normal") == reply.usage.prompt_tokens
     )
-    for priority in ("high", "normal", "low"):
+    for priority in ("high", "normal", "low", "batch"):
         assert (
             "corral_queue_depth_requests",
             frozenset({("model", CHAT), ("priority", priority)}),

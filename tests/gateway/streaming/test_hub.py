@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from common.errors import NoCapacity, StreamBroken
 from common.frames import Frame, FrameType
+from common.redis_conn import RedisTarget
 from corral.redis_server import EmbeddedRedis
 from gateway.routes.health import health
 from gateway.streaming import hub
@@ -31,7 +32,7 @@ def test_a_request_opened_while_reconnecting_hears_its_worker(
 ) -> None:
     async def main() -> list[FrameType]:
         client = aioredis.Redis.from_url(own_redis.url)
-        hub = StreamHub(client, "gw-hub", own_redis.url)
+        hub = StreamHub(client, "gw-hub", RedisTarget(own_redis.url))
         await hub.start()
         try:
             assert r.client_kill_filter(_type="pubsub") == 1  # Redis drops the connection
@@ -58,7 +59,7 @@ def test_a_request_gets_a_503_while_redis_stays_away(
 
     async def main() -> NoCapacity | None:
         client = aioredis.Redis.from_url(server.url)
-        hub = StreamHub(client, "gw-hub", server.url)
+        hub = StreamHub(client, "gw-hub", RedisTarget(server.url))
         await hub.start()
         try:
             server.stop()
@@ -117,7 +118,7 @@ def test_health_says_error_while_the_hub_cannot_subscribe(
     async def main() -> tuple[int, int]:
         client = aioredis.Redis.from_url(own_redis.url)
         await client.ping()  # a pooled connection, kept
-        hub = StreamHub(client, "gw-hub", own_redis.url)
+        hub = StreamHub(client, "gw-hub", RedisTarget(own_redis.url))
         await hub.start()
         state = SimpleNamespace(redis=client, hub=hub, draining=False)
         try:
