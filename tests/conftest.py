@@ -42,6 +42,9 @@ PROCESS_FIXTURES = frozenset(
         "gateway_schema",
         "events",
         "clean",
+        "sentinel",  # a primary, a replica and three sentinels: seconds to start
+        "drained",
+        "up",
     }
 )
 
