@@ -43,11 +43,13 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     cluster, model = drained
     (worker,) = workers(cluster.redis_url, MODEL)
     assert worker.upstream
-    long = Call(cluster.base_url, MODEL, stream=True, max_tokens=1500)
+    long = Call(
+        cluster.base_url, MODEL, stream=True, max_tokens=6000
+    )  # ~10 s here: outlasts the drain's checks
     assert wait_for(lambda: busy_slots(str(worker.upstream)) == 1, 20), cluster.logs()
 
     drain = subprocess.Popen(
-        [sys.executable, "-m", "corral", "drain", "--timeout", "60"],
+        [sys.executable, "-m", "corral", "drain", "--timeout", "120"],
         stdout=subprocess.PIPE,
         text=True,
         env={"CORRAL_REDIS_URL": cluster.redis_url, "PATH": "/usr/bin:/bin"},
@@ -62,7 +64,7 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     time.sleep(2.5)  # two BRPOP cycles: a consumer still listening would have taken it
     assert _depth(cluster) == 1 and not short.ended_at
 
-    rc = drain.wait(90)
+    rc = drain.wait(150)
     drained_at = time.monotonic()
     rest = drain.stdout.read()
     drain.stdout.close()
