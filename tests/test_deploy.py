@@ -436,6 +436,19 @@ def test_example_config_loads() -> None:
     assert settings.models_dir == Path("/models")
 
 
+def test_example_config_shows_other_engines() -> None:
+    """vLLM, SGLang and llama-cpp-python, each as an engine command that parses (the flags
+    themselves are each engine's own: see their --help)."""
+    models = load_settings(EXAMPLE_CONFIG).models
+    engines = {m.custom_engine.program: m for m in models.values() if m.custom_engine}
+    assert set(engines) == {"vllm", "sglang", "llama-cpp-python"}
+    for model in engines.values():
+        assert model.custom_engine is not None and model.custom_engine.uses("port")
+        assert model.custom_engine.uses("alias")  # the name requests carry
+    assert not engines["vllm"].is_gguf and engines["llama-cpp-python"].is_gguf
+    assert any(m.cache for m in models.values())
+
+
 def test_example_config_keys_are_settings_fields() -> None:
     """`extra="ignore"` would silently drop a misspelled top-level key."""
     data = yaml.safe_load(EXAMPLE_CONFIG.read_text())
