@@ -16,13 +16,11 @@ import httpx
 import openai
 import pytest
 import redis
-import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
 from common import redis_keys
-from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from tests.conftest import CHAT, Cluster, start_cluster
+from tests.conftest import CHAT, Cluster, configured_cluster
 from tests.gateway.helpers import ADMIN_KEY, add_key, bearer, client, samples, value
 from tests.support import wait_for, workers
 
@@ -45,20 +43,8 @@ def cc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             }
         }
     }
-    path = root / "corral.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with EmbeddedRedis() as server:
-        running = start_cluster(
-            server.url,
-            root / "logs",
-            [["--model", MODEL]],
-            CORRAL_CONFIG=str(path),
-            CORRAL_ADMIN_KEY=ADMIN_KEY,
-        )
-        try:
-            yield running
-        finally:
-            running.stop()
+    with configured_cluster(root, config, [["--model", MODEL]], CORRAL_ADMIN_KEY=ADMIN_KEY) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +83,25 @@ def kept(cc: Cluster, stores: float) -> None:
     assert wait_for(lambda: Work(cc).stores > stores, 5, 0.05), cc.logs()
 
 
+def missed(cc: Cluster, api: openai.OpenAI, content: str, **kw: Any) -> tuple[Any, Work]:
+    """Ask for the first time: a miss that a worker runs and the gateway keeps; the reply,
+    and the work done once it is kept."""
+    before = Work(cc)
+    first = ask(api, content, **kw)
+    assert first.headers["x-corral-cache"] == "miss"
+    kept(cc, before.stores)
+    ran = Work(cc)
+    assert ran.done == before.done + 1 and ran.prompt_tokens > before.prompt_tokens
+    return first, ran
+
+
+def untouched(cc: Cluster, ran: Work, hits: int) -> None:
+    """Since `ran`: no request ended on a worker, no prompt token read, `hits` hits."""
+    after = Work(cc)
+    assert (after.done, after.prompt_tokens) == (ran.done, ran.prompt_tokens)
+    assert after.hits == ran.hits + hits
+
+
 def ask(api: openai.OpenAI, content: str, **kw: Any) -> Any:
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": content}]
     kw.setdefault("temperature", 0)
@@ -112,34 +117,23 @@ def test_repeated_temperature_0_request_is_answered_from_the_cache(
     cc: Cluster, tenants: tuple[openai.OpenAI, openai.OpenAI]
 ) -> None:
     alice, _ = tenants
-    before = Work(cc)
-    first = ask(alice, "plain repeat")
-    assert first.headers["x-corral-cache"] == "miss"
-    kept(cc, before.stores)
-    ran = Work(cc)
-    assert ran.done == before.done + 1 and ran.prompt_tokens > before.prompt_tokens
+    first, ran = missed(cc, alice, "plain repeat")
     again = ask(alice, "plain repeat")
     assert again.headers["x-corral-cache"] == "hit"
     assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert again.parse().usage == first.parse().usage
     assert never_queued(cc, again.headers["x-request-id"])
-    after = Work(cc)
-    assert (after.done, after.prompt_tokens) == (ran.done, ran.prompt_tokens)
-    assert after.hits == ran.hits + 1
+    untouched(cc, ran, hits=1)
 
 
 def test_streamed_reply_is_kept_and_replayed_both_ways(
     cc: Cluster, tenants: tuple[openai.OpenAI, openai.OpenAI]
 ) -> None:
     alice, _ = tenants
-    before = Work(cc)
     usage = {"include_usage": True}
-    first = ask(alice, "stream repeat", stream=True, stream_options=usage)
-    assert first.headers["x-corral-cache"] == "miss"
+    first, ran = missed(cc, alice, "stream repeat", stream=True, stream_options=usage)
     text = streamed(first)
     assert text
-    kept(cc, before.stores)
-    ran = Work(cc)
     replay = ask(alice, "stream repeat", stream=True, stream_options=usage)
     assert replay.headers["x-corral-cache"] == "hit"
     assert replay.headers["content-type"].startswith("text/event-stream")
@@ -151,20 +145,15 @@ def test_streamed_reply_is_kept_and_replayed_both_ways(
     assert whole.headers["x-corral-cache"] == "hit"
     assert whole.parse().choices[0].message.content == text
     assert never_queued(cc, replay.headers["x-request-id"])
-    after = Work(cc)
-    assert (after.done, after.prompt_tokens) == (ran.done, ran.prompt_tokens)
-    assert after.hits == ran.hits + 2
+    untouched(cc, ran, hits=2)
 
 
 def test_another_tenants_identical_request_misses(
     cc: Cluster, tenants: tuple[openai.OpenAI, openai.OpenAI]
 ) -> None:
     alice, bob = tenants
-    before = Work(cc)
-    assert ask(alice, "tenant repeat").headers["x-corral-cache"] == "miss"
-    kept(cc, before.stores)
-    assert ask(bob, "tenant repeat").headers["x-corral-cache"] == "miss"
-    kept(cc, before.stores + 1)
+    missed(cc, alice, "tenant repeat")
+    missed(cc, bob, "tenant repeat")  # alice's reply is not bob's
     assert ask(bob, "tenant repeat").headers["x-corral-cache"] == "hit"  # bob's own now
     assert ask(alice, "tenant repeat").headers["x-corral-cache"] == "hit"
 
@@ -173,10 +162,7 @@ def test_no_cache_and_no_store_are_respected(
     cc: Cluster, tenants: tuple[openai.OpenAI, openai.OpenAI]
 ) -> None:
     alice, _ = tenants
-    before = Work(cc)
-    assert ask(alice, "directives").headers["x-corral-cache"] == "miss"
-    kept(cc, before.stores)
-    ran = Work(cc)
+    _, ran = missed(cc, alice, "directives")
     fresh = ask(alice, "directives", extra_headers={"Cache-Control": "no-cache"})
     assert fresh.headers["x-corral-cache"] == "miss"
     assert Work(cc).done == ran.done + 1  # a worker ran it again
@@ -193,6 +179,7 @@ def test_only_requests_their_input_decides_are_kept(
     before = Work(cc)
     assert ask(alice, "sampled", temperature=0.8).headers["x-corral-cache"] == "miss"
     assert ask(alice, "sampled", temperature=0.8).headers["x-corral-cache"] == "miss"
+    time.sleep(0.3)  # a fill would be under way by now
     assert Work(cc).stores == before.stores
     assert ask(alice, "seeded", temperature=0.8, seed=7).headers["x-corral-cache"] == "miss"
     kept(cc, before.stores)

@@ -18,12 +18,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
-from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from tests.conftest import Cluster, start_cluster
+from tests.conftest import Cluster, configured_cluster
 from tests.gateway.helpers import samples, value
 from tests.support import busy_slots, slow_model, wait_for, workers
 from workers.engine.binary import resolve_binary
@@ -65,20 +63,9 @@ def ec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         },
         "load_timeout": 30,
     }
-    path = root / "corral.yaml"
-    path.write_text(yaml.safe_dump(config))
-    with EmbeddedRedis() as server:
-        running = start_cluster(
-            server.url,
-            root / "logs",
-            [["--model", "eng"], ["--ram-budget", "200MiB", "--device", "other"]],
-            worker_states=("ready", "empty"),
-            CORRAL_CONFIG=str(path),
-        )
-        try:
-            yield running
-        finally:
-            running.stop()
+    workers = [["--model", "eng"], ["--ram-budget", "200MiB", "--device", "other"]]
+    with configured_cluster(root, config, workers, worker_states=("ready", "empty")) as c:
+        yield c
 
 
 def engine_child(ec: Cluster, alias: str) -> psutil.Process:

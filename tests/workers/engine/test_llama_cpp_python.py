@@ -14,12 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from openai.types.chat import ChatCompletionMessageParam
 
-from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from tests.conftest import Cluster, start_cluster
+from tests.conftest import Cluster, configured_cluster
 from tests.gateway.helpers import samples, value
 from tests.support import workers
 
@@ -49,16 +47,9 @@ def lcp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "parallel": 1,
         "engine": {"command": COMMAND, "health": "/v1/models", "metrics": None},
     }
-    path = root / "corral.yaml"
-    path.write_text(yaml.safe_dump({"models": {"lcp": model}, "load_timeout": 60}))
-    with EmbeddedRedis() as server:
-        running = start_cluster(
-            server.url, root / "logs", [["--model", "lcp"]], CORRAL_CONFIG=str(path)
-        )
-        try:
-            yield running
-        finally:
-            running.stop()
+    config = {"models": {"lcp": model}, "load_timeout": 60}
+    with configured_cluster(root, config, [["--model", "lcp"]]) as c:
+        yield c
 
 
 def test_llama_cpp_python_answers_through_corral(lcp: Cluster) -> None:
