@@ -24,6 +24,7 @@ from typing import Annotated, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.errors import LlamaServerError
 from common.estimate import flag_value
 
 LLAMA_SERVER: Final = "llama-server"  # the default engine's name in the config
@@ -49,10 +50,6 @@ _TOKEN = re.compile(r"\{([a-z_]+)\}")
 MEMORY_FRACTION_FLAGS = ("--gpu-memory-utilization", "--mem-fraction-static")
 
 Path_ = Annotated[str, Field(pattern=r"^/")]
-
-
-class EngineError(ValueError):
-    """An engine command that cannot be launched as configured."""
 
 
 class EngineConfig(BaseModel):
@@ -114,12 +111,14 @@ def llama_server(
 
 def expand(items: Sequence[str], values: Mapping[str, object]) -> list[str]:
     """`items` with each placeholder replaced by its value; one without a value (no
-    `mmproj` for the model, say) is an `EngineError` naming it."""
+    `mmproj` for the model, say) is a `LlamaServerError` naming it."""
 
     def value(match: re.Match[str]) -> str:
         found = values.get(match.group(1))
         if found is None:
-            raise EngineError(f"the engine command uses {match.group(0)}, which has no value here")
+            raise LlamaServerError(
+                f"the engine command uses {match.group(0)}, which has no value here"
+            )
         return str(found)
 
     def sub(match: re.Match[str]) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from common.engines import EngineConfig, EngineError, claimed_mb, expand, llama_server
+from common.engines import EngineConfig, claimed_mb, expand, llama_server
+from common.errors import LlamaServerError
 from common.memory import profile
 from common.settings import ModelConfig
 
@@ -41,7 +42,7 @@ def test_expand_fills_placeholders_and_leaves_other_braces() -> None:
 
 
 def test_a_placeholder_without_a_value_is_named() -> None:
-    with pytest.raises(EngineError, match=r"\{mmproj\}"):
+    with pytest.raises(LlamaServerError, match=r"\{mmproj\}"):
         expand(["--mmproj", "{mmproj}"], {"mmproj": None})
 
 

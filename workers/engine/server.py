@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import psutil
 
-from common.engines import EngineConfig, EngineError, expand, llama_server
+from common.engines import EngineConfig, expand, llama_server
 from common.errors import LlamaServerError
 from common.net import free_port
 from common.spawn import signal_group, spawn
@@ -142,7 +142,7 @@ class EngineServer:
         """The argv this spec launches (also handy in error messages and docs)."""
         try:
             return expand(self.engine.command, self.values()) + list(self.spec.flags)
-        except EngineError as exc:
+        except LlamaServerError as exc:
             raise LlamaServerError(f"{self.name} for {self.spec.alias}: {exc}") from None
 
     def child_environment(self, program: Path) -> dict[str, str]:
@@ -151,7 +151,7 @@ class EngineServer:
         try:
             values = expand(list(self.engine.env.values()), self.values())
             extra = dict(zip(self.engine.env, values, strict=True))
-        except EngineError as exc:
+        except LlamaServerError as exc:
             raise LlamaServerError(f"{self.name} for {self.spec.alias}: {exc}") from None
         return child_env(program, {**extra, **(self.spec.env or {})})
 
