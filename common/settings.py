@@ -260,6 +260,12 @@ class Settings(BaseSettings):
         to the cluster and handed to llama-server."""
         return model.model_copy(update={"model_path": self.resolve_model_path(model)})
 
+    def load_timeout_for(self, model: ModelConfig) -> float:
+        """How long a load of `model` may take, and a request wait on it: its engine's
+        `ready_timeout` if it has one (vLLM takes minutes), else `load_timeout`."""
+        custom = model.custom_engine
+        return (custom.ready_timeout if custom else None) or self.load_timeout
+
     def preloaded(self, alias: str, model: ModelConfig) -> bool:
         """Whether `alias` is kept loaded: `preload: true`, or named in `preload_models`
         (`"*"`: every model)."""

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from common.engines import EngineConfig, claimed_mb, expand, llama_server
 from common.errors import LlamaServerError
 from common.memory import profile
-from common.settings import ModelConfig
+from common.settings import ModelConfig, Settings
 
 
 def model(**fields: object) -> ModelConfig:
@@ -126,3 +126,11 @@ def test_cache_switch() -> None:
     assert model(model_path=Path("m.gguf"), cache="off").cache is None
     short = model(model_path=Path("m.gguf"), cache={"ttl": 5}).cache
     assert short is not None and short.ttl == 5
+
+
+def test_a_slow_engine_is_waited_for_as_long_as_its_ready_timeout() -> None:
+    settings = Settings(load_timeout=120)
+    slow = model(model_path="/m/q", engine={"command": VLLM, "ready_timeout": 900})
+    assert settings.load_timeout_for(slow) == 900
+    assert settings.load_timeout_for(model(model_path="/m/q", engine={"command": VLLM})) == 120
+    assert settings.load_timeout_for(model(model_path="m.gguf")) == 120

@@ -357,10 +357,7 @@ class ModelHost:
 
     # -- helpers ---------------------------------------------------------------------------
     def ready_timeout(self, config: ModelConfig) -> float:
-        """How long its engine may take to get ready: its own `ready_timeout`, else
-        `load_timeout`."""
-        custom = config.custom_engine
-        return (custom.ready_timeout if custom else None) or self.settings.load_timeout
+        return self.settings.load_timeout_for(config)
 
     def _record_peak(self, held: Held) -> None:
         if held.server.pid is None or self.spec.gpu is not None:
