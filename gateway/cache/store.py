@@ -27,10 +27,11 @@ from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 
 from common import redis_keys
+from common.assembly import Assembler
 from common.jobs import JobKind
 from common.settings import CacheConfig, ModelConfig
 from gateway.cache.policy import Directive, cacheable, directive, entry_key, identity
-from gateway.cache.replies import StreamAssembler, replay_events
+from gateway.cache.replies import replay_events
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.tenancy.ownership import caller_of
 
@@ -83,23 +84,30 @@ class Lookup:
         """What watches a stream to keep its reply (`gateway.streaming.sse.Tap`)."""
         if self.keep is None or self.kind is JobKind.EMBEDDING:
             return None
-        return StreamFill(StreamAssembler(self.kind, self.limit), self.keep)
+        return StreamFill(self.kind, self.limit, self.keep)
 
 
 class StreamFill:
-    """Assembles a relayed stream and keeps it if it ended well."""
+    """Assembles a relayed stream and keeps it if it ended well (every choice finished),
+    giving up at once on one larger than `limit` bytes."""
 
-    def __init__(self, assembler: StreamAssembler, keep: Keep) -> None:
-        self._assembler = assembler
+    def __init__(self, kind: JobKind, limit: int, keep: Keep) -> None:
+        self._assembler: Assembler | None = Assembler(kind)
+        self._left = limit
         self._keep = keep
 
     def add(self, chunks: list[str]) -> None:
-        self._assembler.add(chunks)
+        if self._assembler is None:
+            return
+        self._left -= sum(len(c) for c in chunks)
+        if self._left < 0:
+            self._assembler = None  # too large to keep: stop assembling it
+            return
+        self._assembler.add(*chunks)
 
     def done(self, usage: dict[str, Any] | None) -> None:
-        reply = self._assembler.result(usage)
-        if reply is not None:
-            self._keep(reply)
+        if self._assembler is not None and self._assembler.finished:
+            self._keep(self._assembler.reply(usage))
 
 
 class ResponseCache:

@@ -17,6 +17,7 @@ from common.jobs import JobKind
 from common.settings import ModelConfig
 from corral.redis_server import EmbeddedRedis
 from gateway.cache import ResponseCache
+from gateway.cache.store import StreamFill
 from gateway.monitoring.metrics import GatewayMetrics
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -136,3 +137,21 @@ def test_redis_trouble_is_a_miss() -> None:
         await nowhere.aclose()
 
     asyncio.run(main())
+
+
+def test_stream_fill_keeps_a_finished_stream_within_its_limit() -> None:
+    kept: list[dict[str, Any]] = []
+    done = ['{"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}}]}']
+    done += ['{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}']
+    fill = StreamFill(JobKind.CHAT, 1000, kept.append)
+    fill.add(done)
+    fill.done({"total_tokens": 1})
+    assert kept[0]["choices"][0]["message"]["content"] == "hi"
+    assert kept[0]["usage"] == {"total_tokens": 1}
+    big = StreamFill(JobKind.CHAT, 50, kept.append)
+    big.add(done)
+    big.done(None)
+    cut = StreamFill(JobKind.CHAT, 1000, kept.append)
+    cut.add(done[:1])  # its client left, or it failed: never finished
+    cut.done(None)
+    assert len(kept) == 1
