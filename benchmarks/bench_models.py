@@ -47,7 +47,7 @@ from common.net import free_port
 from common.registry import ModelEvent
 from corral.procs import Child
 from corral.tinymodel import make_model
-from workers.llama.binary import child_env, cpu_threads, resolve_binary
+from workers.engine.binary import child_env, cpu_threads, resolve_binary
 
 # alias -> tiny model dimensions: four sizes, the last the largest
 SIZES = {

@@ -218,7 +218,7 @@ def main() -> int:
         default=None,
         metavar="N",
         help="llama-server threads (LLAMA_ARG_THREADS; default: a Corral "
-        "CPU worker's: workers.llama.binary.cpu_threads)",
+        "CPU worker's: workers.engine.binary.cpu_threads)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()

@@ -50,8 +50,8 @@ from common.net import free_port
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
-from workers.llama.binary import cpu_threads, resolve_binary
-from workers.llama.server import LaunchSpec, LlamaServer
+from workers.engine.binary import cpu_threads, resolve_binary
+from workers.engine.server import EngineServer, LaunchSpec
 
 ALIAS = "bench"  # the model file is bench.gguf, so a worker given its path uses this alias
 SYSTEMS = ("direct", "corral")
@@ -406,7 +406,7 @@ def direct_server(model: Path, args: argparse.Namespace, workdir: Path) -> Itera
         log_name="bench-direct",
         cpu_threads=cpu_threads(),  # what a Corral CPU worker gives its llama-server
     )
-    server = LlamaServer(spec)
+    server = EngineServer(spec)
     try:
         server.start()
         server.ensure_ready(timeout=120)
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="llama-server threads for both (LLAMA_ARG_THREADS; default: a Corral CPU "
-        "worker's: workers.llama.binary.cpu_threads)",
+        "worker's: workers.engine.binary.cpu_threads)",
     )
     add("--n-embd", type=int, default=64, help="generated model width (default: 64)")
     add("--n-layer", type=int, default=2, help="generated model layers (default: 2)")

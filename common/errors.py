@@ -21,7 +21,7 @@
     └── Timeout                      504 timeout_error
 
     Faults inside a worker, never sent to a client as they are:
-    LlamaServerError                 llama-server would not start, or died
+    LlamaServerError                 the engine child would not start, or died
     ModelBroken                      a model no worker could load (its file, its size)
     QueueError                       the Celery consumer did not take the wanted queues
     GPUUnavailable                   NVML is absent, or the GPU is not there
@@ -187,7 +187,8 @@ class Timeout(CorralError):
 
 
 class LlamaServerError(RuntimeError):
-    """llama-server could not be started, or exited before it was ready."""
+    """The engine child (llama-server, or a model's own engine) could not be started, or
+    exited before it was ready; or its command cannot be filled in."""
 
 
 class ModelBroken(RuntimeError):

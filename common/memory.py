@@ -24,15 +24,19 @@ def device_of(gpu: str | None) -> str:
 
 def profile(model: ModelConfig, slots: int, device: str) -> str:
     """The key of one memory figure: the same model needs more with a longer context, more
-    slots, another cache type... so each combination is measured on its own. The model
-    file's name is part of it: an alias pointed at another file (a bigger model, another
-    quantization) starts from its estimate, not from what the old file measured (which no
-    `vram_mb` could override). The name, not the path: gateways and workers may keep the
-    same file in different directories."""
+    slots, another cache type, another engine... so each combination is measured on its
+    own. The model file's name is part of it: an alias pointed at another file (a bigger
+    model, another quantization) starts from its estimate, not from what the old file
+    measured (which no `vram_mb` could override). The name, not the path: gateways and
+    workers may keep the same file in different directories."""
     flags = hashlib.sha1("\x00".join(model.flags).encode()).hexdigest()[:10]
     name = hashlib.sha1(PurePath(model.model_path).name.encode()).hexdigest()[:8]
     emb = "emb" if model.embedding else "gen"
-    return f"{device}|ctx={model.ctx_size}|slots={slots}|{emb}|flags={flags}|file={name}"
+    key = f"{device}|ctx={model.ctx_size}|slots={slots}|{emb}|flags={flags}|file={name}"
+    custom = model.custom_engine
+    if custom is not None:  # another engine needs other memory for the same file
+        key += "|engine=" + hashlib.sha1("\x00".join(custom.command).encode()).hexdigest()[:10]
+    return key
 
 
 class MemoryRecord(BaseModel):

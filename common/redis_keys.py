@@ -181,6 +181,18 @@ def gguf_shape_key(identity: str) -> str:
     return f"{PREFIX}:gguf:{identity}"
 
 
+def cache_key(alias: str, digest: str) -> str:
+    """String: one kept reply of `alias` (`gateway.cache`); `digest` names the request
+    (model identity, normalized body, tenant)."""
+    return f"{PREFIX}:cache:{alias}:{digest}"
+
+
+def cache_index(alias: str) -> str:
+    """Sorted set of `alias`'s kept replies by when they were kept: trimmed to the model's
+    `cache.max_entries`, oldest first."""
+    return f"{PREFIX}:cache-index:{alias}"
+
+
 # Pub/sub channel of ModelEvent JSON: a model changed state on a worker.
 EVENTS = f"{PREFIX}:events"
 

@@ -23,6 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from common.engines import LLAMA_SERVER, EngineConfig
 from common.errors import InvalidRequest
 from common.wire import RequestDefaults
 
@@ -34,13 +35,26 @@ def default_data_dir() -> Path:
     return Path(base) / "corral"
 
 
+class CacheConfig(BaseModel):
+    """A model's response cache (`gateway.cache`): replies to requests whose output their
+    input decides (temperature 0, a seed, embeddings) are kept in Redis and replayed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl: float = Field(default=3600, gt=0)  # seconds a reply is kept
+    max_entries: int = Field(default=1000, ge=1)  # per model; the oldest go first past it
+    max_entry_bytes: int = Field(default=2**20, ge=256)  # a larger reply is not kept
+
+
 class ModelConfig(BaseModel):
     """One model of the catalog, keyed by its alias."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model_path: Path
-    flags: list[str] = Field(default_factory=list)  # passed to llama-server as is
+    model_path: Path  # a GGUF file; for another engine, what `{model_path}` stands for
+    # `llama-server`, or any OpenAI-compatible server's command (`common.engines`)
+    engine: Literal["llama-server"] | EngineConfig = LLAMA_SERVER
+    flags: list[str] = Field(default_factory=list)  # passed to the engine as is, last
     # the context llama-server gets (all slots together); "auto": the most that fits the
     # room on the device it is loaded on, up to the training context per slot
     ctx_size: Annotated[int, Field(ge=64)] | Literal["auto"] = 4096
@@ -55,6 +69,55 @@ class ModelConfig(BaseModel):
     # request fields a request does not set itself: temperature, top_p, top_k, min_p,
     # repeat_penalty, max_tokens...; the request's own values win
     defaults: dict[str, Any] = Field(default_factory=dict)
+    cache: CacheConfig | None = None  # the response cache; None: off (`cache: true`: on)
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _one_engine(cls, value: object) -> object:
+        """One clear error for the one form that was meant, not one per form."""
+        if isinstance(value, dict):
+            return EngineConfig.model_validate(value)
+        if isinstance(value, str) and value != LLAMA_SERVER:
+            raise ValueError(
+                f"unknown engine {value!r}: `{LLAMA_SERVER}`, or a server's command as"
+                " `{command: [...], health: /health}`"
+            )
+        return value
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_switch(cls, value: object) -> object:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "on", "off"):
+            value = value.lower() in ("true", "1", "on")
+        if value is True:
+            return CacheConfig()
+        return None if value is False else value
+
+    @model_validator(mode="after")
+    def _engine_fits(self) -> ModelConfig:
+        if self.ctx_size == "auto" and not self.is_gguf:
+            raise ValueError(
+                "ctx_size: auto is worked out from a GGUF header; give this engine a number"
+            )
+        return self
+
+    @property
+    def custom_engine(self) -> EngineConfig | None:
+        """The engine's command if it is not the default llama-server."""
+        return self.engine if isinstance(self.engine, EngineConfig) else None
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the model is a GGUF file whose header Corral reads (checked before a
+        load, and its memory need estimated): always for llama-server, for another engine
+        only a `.gguf` file."""
+        return self.custom_engine is None or self.model_path.suffix.lower() == ".gguf"
+
+    @property
+    def engine_flags(self) -> list[str]:
+        """Every argument the engine gets, as configured: its command, then `flags`."""
+        custom = self.custom_engine
+        return [*custom.command, *self.flags] if custom else list(self.flags)
 
 
 class Settings(BaseSettings):
@@ -207,6 +270,12 @@ class Settings(BaseSettings):
         """`model` with its path resolved here (`resolve_model_path`), as it is announced
         to the cluster and handed to llama-server."""
         return model.model_copy(update={"model_path": self.resolve_model_path(model)})
+
+    def load_timeout_for(self, model: ModelConfig) -> float:
+        """How long a load of `model` may take, and a request wait on it: its engine's
+        `ready_timeout` if it has one (vLLM takes minutes), else `load_timeout`."""
+        custom = model.custom_engine
+        return (custom.ready_timeout if custom else None) or self.load_timeout
 
     def preloaded(self, alias: str, model: ModelConfig) -> bool:
         """Whether `alias` is kept loaded: `preload: true`, or named in `preload_models`

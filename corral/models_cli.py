@@ -217,6 +217,9 @@ def estimate(settings: Settings, name: str, slots: int | None, device: str) -> i
         alias, model = _model(settings, name, client)
         slots = slots or model.parallel
         path = settings.resolve_model_path(model)
+        if not model.is_gguf:  # another engine's model: nothing to read a need from
+            print(f"{alias}: {path} (not a GGUF: its need is vram_mb, or what a load measures)")
+            return 0
         est = estimate_file(
             path, ctx_size=model.ctx_size, slots=slots, flags=model.flags, device=device
         )

@@ -53,12 +53,19 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
     )
     request_id: str = request.state.request_id
     timeout = request_timeout(request.headers.get("x-request-timeout"), state.settings)
+    fields = with_defaults(body.model_dump(exclude_unset=True), model, kind)
+    stream = bool(getattr(body, "stream", False))
+    cached = await state.cache.lookup(request, model_name, model, kind, fields)
+    headers = {"X-Request-Priority": priority.value, **cached.headers}
+    if cached.hit is not None:  # no queue, no worker, no load
+        usage = bool((fields.get("stream_options") or {}).get("include_usage"))
+        return cached.reply(stream, usage, headers)
     job = Job(
         request_id=request_id,
         kind=kind,
         model=model_name,
-        body=with_defaults(body.model_dump(exclude_unset=True), model, kind),
-        stream=bool(getattr(body, "stream", False)),
+        body=fields,
+        stream=stream,
         priority=priority,
         channel=state.hub.channel(request_id),
         deadline=time.time() + timeout,
@@ -73,7 +80,6 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
     except BaseException:
         sub.close()
         raise
-    headers = {"X-Request-Priority": priority.value}
 
     async def abandon(failure: CorralError | None = None) -> None:
         expired = time.time() >= job.deadline
@@ -86,12 +92,12 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         )
 
     if job.stream:
-        return SSEResponse(sub, abandon, headers)
+        return SSEResponse(sub, abandon, headers, cached.tap())
 
     async def resubmit() -> None:
         await state.dispatcher.submit(job, resubmit=True)
 
-    return await _gather(request, sub, abandon, resubmit, headers)
+    return await _gather(request, sub, abandon, resubmit, headers, cached.keep)
 
 
 def with_defaults(fields: dict[str, Any], model: ModelConfig, kind: JobKind) -> dict[str, Any]:
@@ -126,8 +132,10 @@ async def _gather(
     abandon: GiveUp,
     resubmit: Resubmit,
     headers: dict[str, str],
+    keep: Callable[[dict[str, Any]], None] | None = None,
 ) -> Response:
-    """Wait for the whole reply, cancelling the task if the client leaves first."""
+    """Wait for the whole reply, cancelling the task if the client leaves first; `keep`
+    sees the reply (the response cache)."""
     result = asyncio.create_task(_result(sub, resubmit))
     left = asyncio.create_task(wait_disconnect(request.receive))
     try:
@@ -143,6 +151,8 @@ async def _gather(
     if not result.done() or result.cancelled():
         return Response(status_code=499)  # nobody is listening
     body = result.result()  # raises the worker's CorralError, if any
+    if keep is not None:
+        keep(body)
     return JSONResponse(body, headers=headers)
 
 

@@ -19,6 +19,7 @@ from gateway.batches.files import RedisFileStore
 from gateway.batches.intake import BatchRunner
 from gateway.batches.store import BatchStore
 from gateway.batches.supervisor import BatchSupervisor
+from gateway.cache import ResponseCache
 from gateway.catalog import Catalog
 from gateway.monitoring.board import Board
 from gateway.monitoring.metrics import GatewayMetrics
@@ -68,9 +69,11 @@ class GatewayState:
     draining: bool = False  # shutting down: no new request, /health says so
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     board: Board = field(init=False)  # the status page's feed, read only while watched
+    cache: ResponseCache = field(init=False)  # the response cache (models with `cache` on)
 
     def __post_init__(self) -> None:
         self.board = Board(self.feed, functools.partial(overview, self))
+        self.cache = ResponseCache(self.redis, self.metrics)
 
     @classmethod
     async def start(
@@ -131,6 +134,7 @@ class GatewayState:
         await self.batches.stop()
         await self.placer.stop()
         await self.board.stop()
+        await self.cache.stop()
         await self.feed.stop()
         await self.hub.stop()
         self.dispatcher.close()

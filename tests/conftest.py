@@ -4,11 +4,14 @@ real `corral gateway` / `corral worker` processes (each worker with a real llama
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from common.net import free_port
 from corral.procs import Child
@@ -125,6 +128,22 @@ def start_cluster(
         cluster.stop()
         raise
     return cluster
+
+
+@contextmanager
+def configured_cluster(
+    root: Path, config: dict[str, Any], workers: list[list[str]], **kw: Any
+) -> Iterator[Cluster]:
+    """A cluster (`start_cluster`, `kw` passed on) reading `config` as its YAML file, on a
+    Valkey of its own; stopped, Valkey and all, on leaving."""
+    path = root / "corral.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with EmbeddedRedis() as server:
+        running = start_cluster(server.url, root / "logs", workers, CORRAL_CONFIG=str(path), **kw)
+        try:
+            yield running
+        finally:
+            running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -185,7 +185,8 @@ def test_environment_values_load_as_settings(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_every_model_of_the_config_has_its_worker(compose: dict[str, Any]) -> None:
     """Each worker serves a configured model from the models volume, and every model of the
-    config has one (a request for a model no worker holds would wait for its load)."""
+    config that the image can run has one (a request for a model no worker holds would wait
+    for its load; the image ships llama-server, not the other engines the config shows)."""
     served = set()
     for name in WORKERS:
         d = deployed(compose, name)
@@ -197,7 +198,8 @@ def test_every_model_of_the_config_has_its_worker(compose: dict[str, Any]) -> No
         model_path = PurePosixPath(str(settings.resolve_model_path(model)))
         assert model_path.is_relative_to("/models"), model_path
         served.add(alias)
-    assert served == set(load_settings(EXAMPLE_CONFIG).models)
+    models = load_settings(EXAMPLE_CONFIG).models
+    assert served == {alias for alias, m in models.items() if m.custom_engine is None}
     workers = {n for n in compose["services"] if parse_command_or_none(compose, n) == "worker"}
     assert workers == set(WORKERS)
 
@@ -460,6 +462,19 @@ def test_example_config_loads() -> None:
     for model in settings.models.values():
         assert not model.model_path.is_absolute(), "relative to models_dir, the volume"
     assert settings.models_dir == Path("/models")
+
+
+def test_example_config_shows_other_engines() -> None:
+    """vLLM, SGLang and llama-cpp-python, each as an engine command that parses (the flags
+    themselves are each engine's own: see their --help)."""
+    models = load_settings(EXAMPLE_CONFIG).models
+    engines = {m.custom_engine.program: m for m in models.values() if m.custom_engine}
+    assert set(engines) == {"vllm", "sglang", "llama-cpp-python"}
+    for model in engines.values():
+        assert model.custom_engine is not None and model.custom_engine.uses("port")
+        assert model.custom_engine.uses("alias")  # the name requests carry
+    assert not engines["vllm"].is_gguf and engines["llama-cpp-python"].is_gguf
+    assert any(m.cache for m in models.values())
 
 
 def test_example_config_keys_are_settings_fields() -> None:

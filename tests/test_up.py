@@ -13,7 +13,7 @@ import pytest
 
 from common.net import free_port
 from tests.support import alive, descendants, env_without_corral, openai_client, wait_for
-from workers.llama.binary import cpu_threads
+from workers.engine.binary import cpu_threads
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 

@@ -1,9 +1,9 @@
 """`corral worker`: one process = one GPU (or a share of it, or the CPU) + one memory budget +
-one llama-server child holding at most one model at a time + a fixed number of slots (the
-Celery pool's concurrency).
+one engine child (llama-server, or another) holding at most one model at a time + a fixed
+number of slots (the Celery pool's concurrency).
 
 Threads of the main process: Celery's consumer (the main thread), the model manager
-(`workers.models.manager`, owner of the llama-server child, told what to load through Redis), the
+(`workers.models.manager`, owner of the engine child, told what to load through Redis), the
 heartbeat (the registry entry). Started with `--model X`, the worker loads X before it
 consumes anything and keeps it (pinned), as a one-model worker always did; started without,
 it waits empty until a gateway places a model on it.
@@ -17,11 +17,13 @@ import socket
 import uuid
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from celery.exceptions import SecurityWarning
 
 from common import redis_keys
 from common.devices import cpu_device
+from common.errors import LlamaServerError
 from common.net import free_port
 from common.redis_conn import RedisTarget
 from common.registry import WorkerInfo, WorkerState
@@ -29,10 +31,10 @@ from common.settings import ModelConfig, Settings
 from workers.consumer.celery_app import configure_app
 from workers.consumer.drain import Drain
 from workers.consumer.queues import QueueControl
+from workers.engine.binary import resolve_binary
 from workers.hardware import gpu as gpus
 from workers.hardware.budget import resolve_budget
 from workers.hardware.ledger import DeviceLedger
-from workers.llama.binary import resolve_binary
 from workers.metrics_server import WorkerMetrics
 from workers.models.heartbeat import Heartbeat
 from workers.models.manager import Manager, Parts, WorkerSpec
@@ -72,7 +74,7 @@ def run_worker(
     redis_url = settings.require_redis_url()
     if alias is not None and model is not None:
         model = settings.resolved(model)
-        if not model.model_path.is_file():
+        if model.is_gguf and not model.model_path.is_file():
             raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
     spec = _spec(settings, alias, model, opts)
     client = RedisTarget.of(settings, redis_url).client()
@@ -81,7 +83,11 @@ def run_worker(
     tasklog.install()  # the request id on every log line of a task
     manager: Manager | None = None
     ledger = DeviceLedger(client, spec.device, spec.worker_id, spec.budget_mb)
-    metrics = WorkerMetrics(lambda: hb.info, lambda: manager.child_pid() if manager else None)
+    metrics = WorkerMetrics(
+        lambda: hb.info,
+        lambda: manager.child_pid() if manager else None,
+        lambda: manager.engine_page() if manager else None,
+    )
     metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
     initial = [redis_keys.worker_queue(spec.worker_id)]
     initial += redis_keys.worker_queues(alias) if alias else []
@@ -128,7 +134,7 @@ def run_worker(
 def _spec(
     settings: Settings, alias: str | None, model: ModelConfig | None, opts: WorkerOptions
 ) -> WorkerSpec:
-    """The worker's fixed facts: its id, slots, device and budget, llama-server's port."""
+    """The worker's fixed facts: its id, slots, device and budget, the engine's port."""
     slots = opts.slots or (model.parallel if model else DEFAULT_SLOTS)
     worker_id = opts.worker_id or new_worker_id(alias)
     budget_mb, source = resolve_budget(
@@ -148,7 +154,7 @@ def _spec(
         slots=slots,
         budget_mb=budget_mb,
         port=free_port(),
-        binary=resolve_binary(settings.llama_server),
+        binary=_llama_server(settings),
         device=device,
         gpu=opts.gpu,
         env=env,
@@ -163,6 +169,18 @@ def _spec(
         spec.port,
     )
     return spec
+
+
+def _llama_server(settings: Settings) -> Path | None:
+    """llama-server's binary, if this machine has one: a worker without one still serves
+    models on other engines (a load of a llama-server model then fails, saying why)."""
+    try:
+        return resolve_binary(settings.llama_server)
+    except LlamaServerError as exc:
+        if settings.llama_server:  # named, and wrong: say so now
+            raise
+        log.warning("no llama-server here: %s; only models on other engines can load", exc)
+        return None
 
 
 def _consume(

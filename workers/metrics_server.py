@@ -4,10 +4,11 @@ tokens and tokens/s, memory used against the budget. Its port is in the registry
 the gateway); when the worker leaves, the entry expires, the target goes, and its series
 go stale and disappear.
 
-Why nothing is counted in the Celery pool children that run the tasks: the llama-server
-child already counts every prompt and generated token and knows which slots are busy, and
-this (main) process owns that child. So the values are read from llama-server's own
-/metrics when Prometheus scrapes, and re-exported under `corral_*` names. The other ways
+Why nothing is counted in the Celery pool children that run the tasks: the engine child
+already counts every prompt and generated token and knows which slots are busy, and this
+(main) process owns that child. So the values are read from the engine's own metrics page
+when Prometheus scrapes, and re-exported under `corral_*` names (`ENGINE_NAMES`: llama-server's,
+vLLM's and SGLang's; an engine with none of them, or no page, reports the rest). The other ways
 are worse: prometheus_client's multiprocess mode needs a shared directory of mmap files
 that must be wiped at every start, leaves the series of dead children behind and cannot
 do live gauges well; children reporting over Redis add writes to the token path and lose
@@ -34,25 +35,64 @@ from common.registry import WorkerInfo, WorkerState
 log = logging.getLogger(__name__)
 
 _LOAD_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
-_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*) ([-+0-9.eEnaNinf]+)$")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? ([-+0-9.eEnaNinf]+)(?: -?\d+)?$")
+
+# What each engine calls the figures Corral re-exports, llama-server's first.
+ENGINE_NAMES = {
+    "busy": (
+        "llamacpp:requests_processing",
+        "vllm:num_requests_running",
+        "sglang:num_running_reqs",
+    ),
+    "prompt": (
+        "llamacpp:prompt_tokens_total",
+        "vllm:prompt_tokens_total",
+        "sglang:prompt_tokens_total",
+    ),
+    "generated": (
+        "llamacpp:tokens_predicted_total",
+        "vllm:generation_tokens_total",
+        "sglang:generation_tokens_total",
+    ),
+}
 
 
 def parse_samples(text: str) -> dict[str, float]:
-    """Unlabelled samples of a Prometheus text page (all llama-server exports)."""
-    out = {}
+    """The samples of a Prometheus text page by name, summed over their labels (vLLM's and
+    SGLang's carry `model_name` and the like; llama-server's none)."""
+    out: dict[str, float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line.strip())
         if match:
-            out[match.group(1)] = float(match.group(2))
+            out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(3))
     return out
 
 
+def engine_figures(samples: dict[str, float]) -> dict[str, float]:
+    """`busy`, `prompt` and `generated` from whichever engine's names `samples` holds."""
+    out = {}
+    for figure, names in ENGINE_NAMES.items():
+        found = next((samples[n] for n in names if n in samples), None)
+        if found is not None:
+            out[figure] = found
+    return out
+
+
+# The held model's engine metrics page, if it has one and is ready.
+EnginePage = Callable[[], str | None]
+
+
 class WorkerMetrics:
-    def __init__(self, info: Callable[[], WorkerInfo], server_pid: Callable[[], int | None]):
+    def __init__(
+        self,
+        info: Callable[[], WorkerInfo],
+        server_pid: Callable[[], int | None],
+        engine_page: EnginePage = lambda: None,
+    ):
         self.registry = CollectorRegistry()
         self.load_seconds = Histogram(
             "corral_worker_model_load_seconds",
-            "Time from spawning llama-server to ready.",
+            "Time from spawning the engine to ready.",
             ["worker", "model"],
             buckets=_LOAD_BUCKETS,
             registry=self.registry,
@@ -63,7 +103,7 @@ class WorkerMetrics:
             ["worker", "model"],
             registry=self.registry,
         )
-        self.registry.register(_Live(info, server_pid))
+        self.registry.register(_Live(info, server_pid, engine_page))
         self._info = info
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -89,11 +129,17 @@ class WorkerMetrics:
 
 
 class _Live(Collector):
-    """Everything read at scrape time: the registry entry and llama-server's /metrics."""
+    """Everything read at scrape time: the registry entry and the engine's metrics page."""
 
-    def __init__(self, info: Callable[[], WorkerInfo], server_pid: Callable[[], int | None]):
+    def __init__(
+        self,
+        info: Callable[[], WorkerInfo],
+        server_pid: Callable[[], int | None],
+        engine_page: EnginePage,
+    ):
         self._info = info
         self._pid = server_pid
+        self._page = engine_page
 
     def collect(self) -> Iterator[Metric]:
         info = self._info()
@@ -112,8 +158,9 @@ class _Live(Collector):
                 c.add_metric(values, value)
                 yield c
 
-        up = self._upstream(info)
-        busy = up.get("llamacpp:requests_processing", float(info.slots_busy))
+        raw = self._upstream(info)
+        up = engine_figures(raw)
+        busy = up.get("busy", float(info.slots_busy))
         yield from gauge(
             "corral_worker_slots", "Slots (parallel requests) of the worker.", info.slots
         )
@@ -127,22 +174,22 @@ class _Live(Collector):
             state.add_metric([*values, s.value], 1.0 if info.state is s else 0.0)
         yield state
         yield from counter(
-            "corral_worker_restarts", "llama-server crashes restarted.", float(info.restarts)
+            "corral_worker_restarts", "Engine crashes restarted.", float(info.restarts)
         )
         yield from counter(
             "corral_worker_prompt_tokens",
             "Prompt tokens processed.",
-            up.get("llamacpp:prompt_tokens_total"),
+            up.get("prompt"),
         )
         yield from counter(
             "corral_worker_generated_tokens",
             "Tokens generated.",
-            up.get("llamacpp:tokens_predicted_total"),
+            up.get("generated"),
         )
         yield from gauge(
             "corral_worker_tokens_per_second",
             "Generation speed while generating (tokens / generation time).",
-            _speed(up),
+            _speed(raw),
         )
         used = info.used_mb * 2**20 if info.used_mb else self._rss()
         yield from gauge("corral_worker_memory_used_bytes", "Memory used by the model.", used)
@@ -150,12 +197,13 @@ class _Live(Collector):
         yield from gauge("corral_worker_memory_budget_bytes", "The worker's memory budget.", budget)
 
     def _upstream(self, info: WorkerInfo) -> dict[str, float]:
-        if not info.upstream or info.state is not WorkerState.READY:
+        page = self._page()
+        if page is None or info.state is not WorkerState.READY:
             return {}
         try:
-            return parse_samples(httpx.get(f"{info.upstream}/metrics", timeout=1.0).text)
+            return parse_samples(httpx.get(page, timeout=1.0).text)
         except httpx.HTTPError as exc:
-            log.debug("cannot read llama-server metrics: %r", exc)
+            log.debug("cannot read the engine's metrics: %r", exc)
             return {}
 
     def _rss(self) -> float | None:

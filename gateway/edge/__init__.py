@@ -27,6 +27,7 @@ __all__ = ["install"]
 EXPOSED = [
     "X-Request-ID",
     "X-Request-Priority",
+    "x-corral-cache",  # hit | miss, on a model whose response cache is on
     "Retry-After",
     *(
         f"x-ratelimit-{what}-{dim}"

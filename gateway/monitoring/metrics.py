@@ -68,6 +68,24 @@ class GatewayMetrics:
         self.workers = Gauge(
             "corral_workers", "Live workers, by model and state.", ["model", "state"], registry=r
         )
+        self.cache_hits = Counter(
+            "corral_cache_hits",
+            "Requests answered from the response cache (no worker, no queue).",
+            ["model"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "corral_cache_misses",
+            "Requests to a model whose response cache is on that it could not answer.",
+            ["model"],
+            registry=r,
+        )
+        self.cache_stores = Counter(
+            "corral_cache_stores",
+            "Replies kept in the response cache.",
+            ["model"],
+            registry=r,
+        )
         self.promotions = Counter(
             "corral_promotions",
             "Low requests promoted to normal after `low_max_wait`.",

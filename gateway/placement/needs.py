@@ -1,10 +1,13 @@
 """How much memory a model needs on a given worker, as placement should believe it, and
 whether its file can load at all.
 
-In order: what a worker measured for the same profile (device, ctx, slots, flags) — the
-estimates of other tools are off by large factors, a measurement is not; else the config's
-`vram_mb`; else the GGUF estimate; else unknown (placement then prefers the roomiest
-device, and the worker that loads it works the need out itself).
+In order: what a worker measured for the same profile (device, ctx, slots, flags, engine) —
+the estimates of other tools are off by large factors, a measurement is not; else the
+config's `vram_mb`; else what the engine claims by its own flag (vLLM's
+`--gpu-memory-utilization` of the worker's device budget); else the GGUF estimate; else
+unknown (placement then prefers the roomiest device, and the worker that loads it works
+the need out itself). A model on another engine that is not a GGUF file has no header to
+read: it is never marked broken here, its engine says at load time.
 
 The estimate comes from the file's header, read where this gateway can see the file: once
 per file version for the whole cluster (kept in Redis, `redis_keys.gguf_shape_key`, where
@@ -22,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common import redis_keys
+from common.engines import claimed_mb
 from common.errors import ModelBroken
 from common.estimate import (
     ModelShape,
@@ -60,6 +64,9 @@ class Needs:
             return rec.best_mb()
         if model.vram_mb:
             return model.vram_mb
+        claimed = claimed_mb(model.engine_flags, worker.budget_mb)
+        if claimed:
+            return claimed
         shape = await self.shape(model)
         if shape is None:
             return None
@@ -70,7 +77,10 @@ class Needs:
 
     async def shape(self, model: ModelConfig) -> ModelShape | None:
         """The file's header facts; None if this gateway cannot see the file (the worker
-        will read it). Raises `ModelBroken` for a file that cannot load."""
+        will read it) or the model is not a GGUF. Raises `ModelBroken` for a file that
+        cannot load."""
+        if not model.is_gguf:
+            return None
         try:
             identity = file_identity(model.model_path)
         except OSError:
@@ -98,7 +108,10 @@ class Needs:
         return await asyncio.shield(reading)
 
     def seen(self, model: ModelConfig) -> bool:
-        """Whether this version of the model's file was read here already."""
+        """Whether this version of the model's file was read here already (a model with
+        no GGUF to read counts as read)."""
+        if not model.is_gguf:
+            return True
         try:
             return file_identity(model.model_path) in self._seen
         except OSError:

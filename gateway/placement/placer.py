@@ -326,12 +326,13 @@ class Placer:
             longest = max(w for _, w in waiting)
             try:
                 plan = await self._place(alias, want=1, waited=longest, raising=True)
+                limit = self.settings.load_timeout_for(await self._catalog.get(alias))
             except CorralError as err:
                 self.waiters.fail(alias, [s for s, _ in waiting], err)
                 continue
             if plan is not None and plan.reason:
                 self.waiters.why[alias] = plan.reason
-            self.waiters.expire(alias, waiting)
+            self.waiters.expire(alias, waiting, limit)
 
     async def _reconcile(self) -> None:
         """Keep the catalog to the running configs (a new GGUF in models_dir appears, a

@@ -1,6 +1,6 @@
 """Requests waiting on a model that is not served yet, as one gateway knows them: so the
 placer can re-plan while they wait, hand them a load failure as their error, and end them
-with 504 after `load_timeout` — never a hang.
+with 504 after `load_timeout` (or the model's engine's `ready_timeout`) — never a hang.
 
 Subscriptions are held weakly (a finished request drops out by itself); a request counts as
 waiting while no worker has started it, its deadline has not passed and it was not
@@ -83,17 +83,21 @@ class Waiters:
             sub.deliver(err)
             subs.pop(sub, None)
 
-    def expire(self, alias: str, waiting: list[tuple[Subscription, float]]) -> None:
-        """End the requests that waited longer than `load_timeout` with a 504."""
-        late = [s for s, waited in waiting if waited > self.load_timeout]
+    def expire(
+        self, alias: str, waiting: list[tuple[Subscription, float]], limit: float | None = None
+    ) -> None:
+        """End the requests that waited longer than `limit` (default `load_timeout`) with
+        a 504."""
+        limit = self.load_timeout if limit is None else limit
+        late = [s for s, waited in waiting if waited > limit]
         if late:
             why = f" ({self.why[alias]})" if alias in self.why else ""
+            what = "load_timeout" if limit == self.load_timeout else "its engine's ready_timeout"
             self.fail(
                 alias,
                 late,
                 Timeout(
-                    f"The model {alias!r} was not loaded within load_timeout "
-                    f"({self.load_timeout:.0f}s){why}.",
+                    f"The model {alias!r} was not loaded within {what} ({limit:.0f}s){why}.",
                     code="load_timeout",
                 ),
             )

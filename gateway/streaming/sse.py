@@ -6,7 +6,8 @@ its own 200), so an error reported before that (a prompt too long, say) is a pro
 token is still being computed rather than just before it. After that, a failure is one
 `data: {"error": …}` event, then `data: [DONE]`. A client that disconnects at any point
 triggers `on_abandon`, which cancels the task (queued: it never runs; running: its
-llama-server stream is closed).
+llama-server stream is closed). A `Tap` (the response cache's) sees every chunk relayed,
+and the end of a stream that ended well.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -41,6 +43,11 @@ def error_event(err: CorralError) -> bytes:
     return b"data: " + json.dumps(err.envelope()).encode() + b"\n\n"
 
 
+class Tap(Protocol):
+    def add(self, chunks: list[str]) -> None: ...
+    def done(self, usage: dict[str, Any] | None) -> None: ...
+
+
 async def wait_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
@@ -57,9 +64,11 @@ class SSEResponse(Response):
         sub: Subscription,
         on_abandon: GiveUp,
         headers: dict[str, str],
+        tap: Tap | None = None,
     ) -> None:
         super().__init__(media_type="text/event-stream")
         self._sub = sub
+        self._tap = tap
         self._on_abandon = on_abandon
         self._extra_headers = headers
         self._started = False
@@ -106,6 +115,8 @@ class SSEResponse(Response):
                             "more_body": True,
                         }
                     )
+                    if self._tap is not None:
+                        self._tap.add(frame.chunks)
         except CorralError as err:
             self._failure = err
             if not self._started:
@@ -114,6 +125,8 @@ class SSEResponse(Response):
             await send({"type": "http.response.body", "body": error_event(err), "more_body": True})
         if not self._started:
             await self._start(send)
+        if self._tap is not None and self._failure is None:
+            self._tap.done(self._sub.usage)
         await send({"type": "http.response.body", "body": DONE, "more_body": False})
 
     async def _error_reply(self, send: Send, err: CorralError) -> None:

@@ -7,6 +7,7 @@ missing is an error that says so, never a silent fall back to the CPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +95,9 @@ def child_env(index: int) -> dict[str, str]:
     }
 
 
-def process_used_mb(index: int, pid: int) -> int | None:
-    """VRAM used by process `pid` on GPU `index` (NVML per-process accounting), or None if
-    the driver does not list it (yet). Raises GPUUnavailable where NVML is absent."""
+def process_used_mb(index: int, pids: Collection[int]) -> int | None:
+    """VRAM used by the processes `pids` on GPU `index` (NVML per-process accounting), or
+    None if the driver does not list them (yet). Raises GPUUnavailable where NVML is absent."""
     nvml = _nvml()
     try:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
@@ -114,5 +115,5 @@ def process_used_mb(index: int, pid: int) -> int | None:
         return None
     finally:
         nvml.nvmlShutdown()
-    used = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory]
+    used = [p.usedGpuMemory for p in procs if p.pid in pids and p.usedGpuMemory]
     return int(sum(used)) // 2**20 if used else None

@@ -23,13 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def used_mb(pid: int, gpu: int | None) -> int | None:
-    """Memory the child `pid` uses now: VRAM on `gpu`, else its RSS. None if it is gone."""
+    """Memory the child `pid` and the processes it started use now: VRAM on `gpu`, else
+    their RSS (an engine may serve from several processes). None if it is gone."""
+    family = _family(pid)
     try:
         if gpu is not None:
-            return gpus.process_used_mb(gpu, pid)
-        return int(psutil.Process(pid).memory_info().rss) // 2**20
-    except (psutil.Error, gpus.GPUUnavailable):
+            return gpus.process_used_mb(gpu, {p.pid for p in family} or {pid})
+        if not family:
+            return None
+        return sum(_rss(p) for p in family) // 2**20
+    except gpus.GPUUnavailable:
         return None
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _rss(proc: psutil.Process) -> int:
+    try:
+        return int(proc.memory_info().rss)
+    except psutil.Error:  # one that exited meanwhile
+        return 0
 
 
 def peak_rss_mb(pid: int) -> int | None:

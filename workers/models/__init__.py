@@ -1,4 +1,4 @@
-"""The worker's model-manager thread: the one owner of the llama-server child. It takes
+"""The worker's model-manager thread: the one owner of the engine child. It takes
 commands (`manager`), runs every model transition (`lifecycle`), restarts a crashed child
 (`restarts`), and tells the cluster (`reporter`, `heartbeat`)."""
 

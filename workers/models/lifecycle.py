@@ -1,5 +1,6 @@
-"""The model a worker holds and its llama-server child: every transition of one worker's
-model state — load, serve, unload, fail, restart after a crash — as one state machine.
+"""The model a worker holds and its engine child (llama-server or another): every
+transition of one worker's model state — load, serve, unload, fail, restart after a
+crash — as one state machine.
 
 Only the model manager's thread calls it (`workers.models.manager`), which makes that thread
 the single owner of the child (spawned from it, so PR_SET_PDEATHSIG is tied to a thread that
@@ -32,10 +33,10 @@ from common.memory import MemoryRecord, device_of
 from common.registry import ModelState, WorkerState
 from common.settings import ModelConfig, Settings
 from workers.consumer.queues import QueueControl
+from workers.engine.binary import cpu_threads
+from workers.engine.server import EngineServer, LaunchSpec, ServerState
 from workers.hardware import usage
 from workers.hardware.ledger import DeviceLedger
-from workers.llama.binary import cpu_threads
-from workers.llama.server import LaunchSpec, LlamaServer, ServerState
 from workers.models import preflight
 from workers.models.reporter import Reporter
 from workers.task.runtime import Serving
@@ -52,8 +53,8 @@ class WorkerSpec:
     worker_id: str
     slots: int
     budget_mb: int
-    port: int  # llama-server's port for the worker's life: pool children know the URL
-    binary: Path
+    port: int  # the engine's port for the worker's life: pool children know the URL
+    binary: Path | None  # llama-server's (None: none here; only other engines can load)
     device: str  # its device's ledger (`common.devices`)
     gpu: int | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -84,7 +85,7 @@ class Held:
 
     alias: str
     config: ModelConfig  # as launched: path resolved, context a number
-    server: LlamaServer
+    server: EngineServer
     profile: str
     estimate_mb: int | None
     keep: bool  # pinned, preloaded or the worker's --model: never evicted nor idle-unloaded
@@ -116,6 +117,14 @@ class ModelHost:
         held = self.held
         return held.server.pid if held else None
 
+    def engine_page(self) -> str | None:
+        """The held model's engine metrics page while it serves; None if it has none."""
+        held = self.held
+        if held is None or held.server.state is not ServerState.READY:
+            return None
+        path = held.server.engine.metrics
+        return held.server.base_url + path if path else None
+
     def sample(self) -> dict[str, object]:
         """Fast-moving registry fields, for each heartbeat."""
         held = self.held
@@ -144,6 +153,7 @@ class ModelHost:
             config,
             slots=self.spec.slots,
             device=self.spec.kind,
+            budget_mb=self.spec.budget_mb,
         )
 
     def load(
@@ -177,14 +187,14 @@ class ModelHost:
             return False
         ready = self._grown(ready)
         config = ready.config
-        server = LlamaServer(self._launch_spec(alias, config))
+        server = EngineServer(self._launch_spec(alias, config))
         started = time.monotonic()
         try:
             server.start()
-            server.ensure_ready(self.settings.load_timeout)
+            server.ensure_ready(self.ready_timeout(config))
         except LlamaServerError as exc:
             server.stop()
-            self.fail(alias, f"llama-server could not load it ({_first_words(exc)})", str(exc))
+            self.fail(alias, f"{server.name} could not load it ({_first_words(exc)})", str(exc))
             return False
         measured = usage.used_mb(server.pid or 0, self.spec.gpu)
         if measured is not None and measured > (ready.need_mb or 0):
@@ -355,6 +365,9 @@ class ModelHost:
         self._ledger.leave()
 
     # -- helpers ---------------------------------------------------------------------------
+    def ready_timeout(self, config: ModelConfig) -> float:
+        return self.settings.load_timeout_for(config)
+
     def _record_peak(self, held: Held) -> None:
         if held.server.pid is None or self.spec.gpu is not None:
             return
@@ -382,6 +395,7 @@ class ModelHost:
             mmproj=config.mmproj,
             on_exit=self._wake_manager,
             cpu_threads=cpu_threads() if self.spec.gpu is None else None,
+            engine=config.custom_engine,
         )
 
     def _wake_manager(self) -> None:

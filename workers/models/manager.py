@@ -1,4 +1,4 @@
-"""The worker's model manager: the one thread that owns the llama-server child and the
+"""The worker's model manager: the one thread that owns the engine child and the
 worker's model state (llama-swap's "one run loop, no locks").
 
 It runs for the worker's whole life in its main process. It pops commands from the
@@ -26,7 +26,7 @@ from common.commands import CommandOp, WorkerCommand
 from common.errors import LlamaServerError, ModelBroken
 from common.registry import WorkerState
 from common.settings import ModelConfig
-from workers.llama.server import ServerState
+from workers.engine.server import ServerState
 from workers.models.lifecycle import ModelHost, Parts, WorkerSpec
 from workers.models.restarts import CrashHistory, restart_after_crash
 
@@ -83,6 +83,9 @@ class Manager:
 
     def sample(self) -> dict[str, object]:
         return self.host.sample()
+
+    def engine_page(self) -> str | None:
+        return self.host.engine_page()
 
     # -- the manager thread ----------------------------------------------------------------
     def _run(self) -> None:

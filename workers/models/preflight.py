@@ -1,7 +1,10 @@
 """What a load needs before anything is evicted for it: the model's file read and found
 loadable (its GGUF header; a broken file fails here, with nothing unloaded), its memory need
-on this worker (what a worker measured for the same profile, else `vram_mb`, else the GGUF
-estimate), and its context (`ctx_size: auto` grows to the room the device has).
+on this worker (`vram_mb`, else what a worker measured for the same profile, else what the
+engine claims by its own flag — vLLM's `--gpu-memory-utilization` of the device's budget —
+else the GGUF estimate), and its context (`ctx_size: auto` grows to the room the device
+has). A model on another engine that is not a GGUF file is not read: its engine says at
+load time whether it can run it.
 
 The header's facts are cached in Redis per file version (`redis_keys.gguf_shape_key`), so a
 file is read once for every gateway and worker; a file that is not a GGUF is cached as such.
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import redis
 
 from common import redis_keys
+from common.engines import claimed_mb
 from common.errors import ModelBroken
 from common.estimate import (
     ModelShape,
@@ -38,7 +42,7 @@ SHAPE_TTL_S = 7 * 24 * 3600
 
 @dataclass(frozen=True)
 class Prepared:
-    """A load that may go ahead: its config as llama-server gets it (path resolved, context
+    """A load that may go ahead: its config as the engine gets it (path resolved, context
     a number) and what it needs."""
 
     config: ModelConfig
@@ -79,16 +83,23 @@ def prepare(
     *,
     slots: int,
     device: str,
+    budget_mb: int | None = None,
 ) -> Prepared:
-    """Check the file and work out the load (raises `ModelBroken`)."""
+    """Check the file and work out the load (raises `ModelBroken`). `budget_mb`: the
+    device's, for an engine that claims a fraction of it."""
     config = settings.resolved(config)
+    prof = profile(config, slots, device)
+    claimed = claimed_mb(config.engine_flags, budget_mb)
+    if not config.is_gguf:  # another engine's model: no header to read (ctx is a number)
+        known = usage.read(client, alias, prof)
+        need = config.vram_mb or (known.best_mb() if known else None) or claimed
+        return Prepared(config, prof, need, None)
     shape = shape_of(client, config)
     auto = config.ctx_size == "auto"
     ctx = context_of(shape, config.ctx_size, slots)  # auto: the least it may get, for now
     est = estimate(shape, ctx_size=ctx, slots=slots, flags=config.flags, device=device).total_mb
-    prof = profile(config, slots, device)
     known = None if auto else usage.read(client, alias, prof)  # auto: its ctx varies
-    need = config.vram_mb or (known.best_mb() if known else None) or est
+    need = config.vram_mb or (known.best_mb() if known else None) or claimed or est
     fixed = config.model_copy(update={"ctx_size": ctx})
     return Prepared(fixed, prof, need, est, shape if auto else None)
 

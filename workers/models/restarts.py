@@ -1,4 +1,4 @@
-"""When to restart a crashed llama-server, and when to give up.
+"""When to restart a crashed engine child (llama-server or another), and when to give up.
 
 Exponential backoff (1 s, 2 s, 4 s ... capped) between restarts; the third crash within
 five minutes marks the model `failed` on that worker, so a model that cannot run stops
@@ -53,7 +53,7 @@ class CrashHistory:
 
 
 def restart_after_crash(host: ModelHost, held: Held, crashes: CrashHistory, stop: Event) -> None:
-    """The held model's llama-server died: stop consuming its queues (replicas take the
+    """The held model's engine child died: stop consuming its queues (replicas take the
     work), restart it with backoff on the same port, or give up and mark it failed here."""
     wid, alias = host.spec.worker_id, held.alias
     host.parts.serving.set(None)
@@ -66,15 +66,16 @@ def restart_after_crash(host: ModelHost, held: Held, crashes: CrashHistory, stop
         held.server.stop()
         delay = crashes.record(time.monotonic())
         log.warning(
-            "worker=%s model=%s llama-server crashed rc=%s (%d recent); %s",
+            "worker=%s model=%s %s crashed rc=%s (%d recent); %s",
             wid,
             alias,
+            held.server.name,
             rc,
             crashes.recent,
             "giving up" if delay is None else f"restart in {delay:.0f}s",
         )
         if delay is None:
-            why = f"llama-server crashed {crashes.limit} times within {crashes.window:.0f}s"
+            why = f"{held.server.name} crashed {crashes.limit} times within {crashes.window:.0f}s"
             host.fail(alias, why, f"{why} (last rc={rc}): " + " | ".join(tail))
             return
         held.restarts += 1
@@ -84,7 +85,7 @@ def restart_after_crash(host: ModelHost, held: Held, crashes: CrashHistory, stop
             return
         try:
             held.server.start()
-            held.server.ensure_ready(host.settings.load_timeout)
+            held.server.ensure_ready(host.ready_timeout(held.config))
             break
         except LlamaServerError as exc:
             log.warning("worker=%s model=%s restart failed: %s", wid, alias, exc)

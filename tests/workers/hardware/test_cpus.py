@@ -9,9 +9,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from workers.engine.binary import cpu_threads
 from workers.hardware import cpus
 from workers.hardware.cpus import cgroup_cpu_quota, usable_cpus
-from workers.llama.binary import cpu_threads
 
 
 def _proc(tmp: Path, cgroup: str, mounts: list[tuple[str, Path, str, str]]) -> Path:

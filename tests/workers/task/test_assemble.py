@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from common.assembly import Assembler
 from common.jobs import JobKind
 from corral.tinymodel import make_model
-from workers.llama.server import LaunchSpec, LlamaServer
-from workers.task.assemble import Assembler
+from workers.engine.server import EngineServer, LaunchSpec
 from workers.task.upstream import Abort, Upstream
 
 GREEDY = {"temperature": 0, "top_k": 1, "seed": 1, "max_tokens": 24, "cache_prompt": False}
@@ -23,7 +23,7 @@ GREEDY = {"temperature": 0, "top_k": 1, "seed": 1, "max_tokens": 24, "cache_prom
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     model = make_model(tmp_path_factory.mktemp("assemble") / "m.gguf")
     spec = LaunchSpec(model_path=model, alias="m", ctx_size=2048, parallel=1)
-    with LlamaServer(spec) as srv:
+    with EngineServer(spec) as srv:
         srv.ensure_ready(30)
         yield Upstream(srv.base_url, 30)
 

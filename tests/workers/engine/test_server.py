@@ -19,12 +19,13 @@ import httpx
 import psutil
 import pytest
 
+from common.engines import EngineConfig
 from common.errors import LlamaServerError
 from corral.tinymodel import make_model
 from tests.support import shell_script
+from workers.engine.binary import cpu_threads, exit_reason, resolve_binary
+from workers.engine.server import EngineServer, LaunchSpec, ServerState, _listens
 from workers.hardware.cpus import usable_cpus
-from workers.llama.binary import cpu_threads, exit_reason, resolve_binary
-from workers.llama.server import LaunchSpec, LlamaServer, ServerState, _listens
 
 N_EMBD = 64
 
@@ -71,15 +72,15 @@ def _spec(model: Path, **kw: Any) -> LaunchSpec:
 
 
 @pytest.fixture(scope="module")
-def chat_server(models: dict[str, Path]) -> Iterator[LlamaServer]:
-    with LlamaServer(_spec(models["chat"])) as srv:
+def chat_server(models: dict[str, Path]) -> Iterator[EngineServer]:
+    with EngineServer(_spec(models["chat"])) as srv:
         srv.ensure_ready(30)
         yield srv
 
 
 @pytest.fixture(scope="module")
-def embed_server(models: dict[str, Path]) -> Iterator[LlamaServer]:
-    with LlamaServer(_spec(models["embed"], alias="tiny-embed", embedding=True)) as srv:
+def embed_server(models: dict[str, Path]) -> Iterator[EngineServer]:
+    with EngineServer(_spec(models["embed"], alias="tiny-embed", embedding=True)) as srv:
         srv.ensure_ready(30)
         yield srv
 
@@ -90,7 +91,7 @@ def _sse_events(resp: httpx.Response) -> Iterator[dict[str, Any]]:
             yield json.loads(line[len("data: ") :])
 
 
-def test_ready_server_answers_health(chat_server: LlamaServer) -> None:
+def test_ready_server_answers_health(chat_server: EngineServer) -> None:
     assert chat_server.state is ServerState.READY
     assert chat_server.base_url == f"http://127.0.0.1:{chat_server.port}"
     assert httpx.get(f"{chat_server.base_url}/health").status_code == 200
@@ -99,7 +100,7 @@ def test_ready_server_answers_health(chat_server: LlamaServer) -> None:
     assert any("model loaded" in line for line in chat_server.last_log_lines(200))
 
 
-def test_chat_completion(chat_server: LlamaServer) -> None:
+def test_chat_completion(chat_server: EngineServer) -> None:
     body = {"model": "x", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
     r = httpx.post(f"{chat_server.base_url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 200
@@ -109,7 +110,7 @@ def test_chat_completion(chat_server: LlamaServer) -> None:
     assert data["usage"]["completion_tokens"] <= 16
 
 
-def test_chat_completion_stream_is_utf8(chat_server: LlamaServer) -> None:
+def test_chat_completion_stream_is_utf8(chat_server: EngineServer) -> None:
     body = {
         "messages": [{"role": "user", "content": "hello world"}],
         "stream": True,
@@ -129,7 +130,7 @@ def test_chat_completion_stream_is_utf8(chat_server: LlamaServer) -> None:
     assert usage and usage[-1]["completion_tokens"] == 32
 
 
-def test_completions(chat_server: LlamaServer) -> None:
+def test_completions(chat_server: EngineServer) -> None:
     body = {"prompt": "the model", "max_tokens": 16, "ignore_eos": True}
     r = httpx.post(f"{chat_server.base_url}/v1/completions", json=body, timeout=30)
     assert r.status_code == 200
@@ -137,20 +138,20 @@ def test_completions(chat_server: LlamaServer) -> None:
     assert r.json()["usage"]["completion_tokens"] == 16
 
 
-def test_slots_endpoint(chat_server: LlamaServer) -> None:
+def test_slots_endpoint(chat_server: EngineServer) -> None:
     slots = httpx.get(f"{chat_server.base_url}/slots").json()
     assert len(slots) == 2
     assert {s["n_ctx"] for s in slots} == {2048}  # ctx_size is split over the slots
 
 
-def _tokens_predicted(server: LlamaServer) -> float:
+def _tokens_predicted(server: EngineServer) -> float:
     """llama-server's count of generated tokens of the requests that ran to their end."""
     metrics = httpx.get(f"{server.base_url}/metrics", timeout=5).text
     (line,) = [x for x in metrics.splitlines() if x.startswith("llamacpp:tokens_predicted_total")]
     return float(line.split()[1])
 
 
-def test_client_disconnect_stops_generation(chat_server: LlamaServer) -> None:
+def test_client_disconnect_stops_generation(chat_server: EngineServer) -> None:
     body = {"prompt": "hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}
     url = f"{chat_server.base_url}/v1/completions"
     before = _tokens_predicted(chat_server)
@@ -166,7 +167,7 @@ def test_client_disconnect_stops_generation(chat_server: LlamaServer) -> None:
     assert _tokens_predicted(chat_server) - before < 1500
 
 
-def test_embeddings(embed_server: LlamaServer) -> None:
+def test_embeddings(embed_server: EngineServer) -> None:
     body = {"model": "tiny-embed", "input": ["hello world", "the queue"]}
     r = httpx.post(f"{embed_server.base_url}/v1/embeddings", json=body, timeout=30)
     assert r.status_code == 200
@@ -184,22 +185,22 @@ def test_cpu_threads_unless_the_user_chose(
     monkeypatch.delenv("LLAMA_ARG_THREADS", raising=False)
     usable, physical = usable_cpus(), psutil.cpu_count(logical=False)
     assert 1 <= cpu_threads() == max(1, min(physical or usable, usable - 1))
-    argv = LlamaServer(_spec(models["chat"], cpu_threads=3, flags=("-t", "5"))).command()
+    argv = EngineServer(_spec(models["chat"], cpu_threads=3, flags=("-t", "5"))).command()
     assert argv[argv.index("--threads") + 1] == "3" and argv[-2:] == ["-t", "5"]
-    assert "--threads" not in LlamaServer(_spec(models["chat"])).command()  # a GPU worker
+    assert "--threads" not in EngineServer(_spec(models["chat"])).command()  # a GPU worker
     chosen = _spec(models["chat"], cpu_threads=3, env={"LLAMA_ARG_THREADS": "2"})
-    assert "--threads" not in LlamaServer(chosen).command()
+    assert "--threads" not in EngineServer(chosen).command()
     monkeypatch.setenv("LLAMA_ARG_THREADS", "2")
-    assert "--threads" not in LlamaServer(_spec(models["chat"], cpu_threads=3)).command()
+    assert "--threads" not in EngineServer(_spec(models["chat"], cpu_threads=3)).command()
     monkeypatch.delenv("LLAMA_ARG_THREADS")
-    with LlamaServer(_spec(models["chat"], cpu_threads=1)) as srv:  # llama-server takes it
+    with EngineServer(_spec(models["chat"], cpu_threads=1)) as srv:  # llama-server takes it
         srv.ensure_ready(30)
         assert srv.pid is not None and "--threads" in psutil.Process(srv.pid).cmdline()
 
 
 @pytest.mark.slow
 def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
-    srv = LlamaServer(_spec(tmp_path / "nope.gguf"))
+    srv = EngineServer(_spec(tmp_path / "nope.gguf"))
     srv.start()
     started = time.monotonic()
     with pytest.raises(LlamaServerError, match="before it was ready") as err:
@@ -215,7 +216,7 @@ def test_missing_model_fails_fast_with_log_lines(tmp_path: Path) -> None:
 def test_illegal_instruction_names_the_cause(tmp_path: Path) -> None:
     """A build for another CPU dies of SIGILL while loading: the error says what to do."""
     fake = shell_script(tmp_path / "avx512-server", "echo 'loading model'\nkill -ILL $$\n")
-    srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=fake))
+    srv = EngineServer(_spec(tmp_path / "m.gguf", binary=fake))
     srv.start()
     with pytest.raises(LlamaServerError, match="SIGILL") as err:
         srv.ensure_ready(30)
@@ -227,7 +228,7 @@ def test_illegal_instruction_names_the_cause(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_llama_server_stop_during_start(models: dict[str, Path]) -> None:
-    srv = LlamaServer(_spec(models["chat"]))
+    srv = EngineServer(_spec(models["chat"]))
     errors: list[BaseException] = []
 
     def wait() -> None:
@@ -253,7 +254,7 @@ def test_llama_server_stop_during_start(models: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_stop_kills_whole_group(models: dict[str, Path]) -> None:
-    with LlamaServer(_spec(models["chat"])) as srv:
+    with EngineServer(_spec(models["chat"])) as srv:
         srv.ensure_ready(30)
         pid = srv.pid
         assert pid is not None and _alive(pid)
@@ -266,7 +267,7 @@ def test_llama_server_ignores_sigterm_then_killed(tmp_path: Path) -> None:
     fake = shell_script(
         tmp_path / "stubborn-server", "trap '' TERM\nsleep 300 &\necho grandchild=$!\nwait\n"
     )
-    srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=fake))
+    srv = EngineServer(_spec(tmp_path / "m.gguf", binary=fake))
     srv.start()
     deadline = time.monotonic() + 5
     while not any(line.startswith("grandchild=") for line in srv.last_log_lines()):
@@ -287,8 +288,8 @@ def test_llama_server_child_dies_with_parent(models: dict[str, Path]) -> None:
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from workers.llama.server import LaunchSpec, LlamaServer
-        srv = LlamaServer(LaunchSpec(Path({str(models["chat"])!r}), "tiny", 512, 1))
+        from workers.engine.server import LaunchSpec, EngineServer
+        srv = EngineServer(LaunchSpec(Path({str(models["chat"])!r}), "tiny", 512, 1))
         srv.start()
         srv.ensure_ready(30)
         print(srv.pid, flush=True)
@@ -309,7 +310,7 @@ def test_llama_server_child_dies_with_parent(models: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_unspawnable_binary_raises(tmp_path: Path) -> None:
-    srv = LlamaServer(_spec(tmp_path / "m.gguf", binary=tmp_path / "no-such-binary"))
+    srv = EngineServer(_spec(tmp_path / "m.gguf", binary=tmp_path / "no-such-binary"))
     with pytest.raises(LlamaServerError, match="cannot spawn"):
         srv.start()
     assert srv.state is ServerState.STOPPED and srv.pid is None
@@ -329,7 +330,7 @@ def test_resolve_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 @pytest.mark.slow
 def test_ready_means_our_child_holds_the_port(
-    chat_server: LlamaServer, models: dict[str, Path]
+    chat_server: EngineServer, models: dict[str, Path]
 ) -> None:
     """The port is chosen free but not held until llama-server binds it; a /health 200
     counts only if our child holds the listening socket (whatever took the port meanwhile
@@ -342,3 +343,84 @@ def test_ready_means_our_child_holds_the_port(
         port = squatter.getsockname()[1]
         assert _listens(os.getpid(), port)
         assert not _listens(chat_server.pid, port)
+
+
+# -- other engines: the same supervisor, a command of their own ------------------------------
+
+
+def _engine(binary: Path, *head: str, **fields: Any) -> EngineConfig:
+    args = ["-m", "{model_path}", "--host", "{host}", "--port", "{port}", "--alias", "{alias}"]
+    args += ["--ctx-size", "{ctx_size}", "--parallel", "{slots}"]
+    return EngineConfig(command=[*head, str(binary), *args], **fields)
+
+
+def test_engine_command_is_supervised_like_llama_server(models: dict[str, Path]) -> None:
+    """llama-server given as an engine's command, readiness on another health path, the
+    engine's env in the child's, the spec's env over it, and `flags` last."""
+    engine = _engine(
+        resolve_binary(),
+        health="/v1/models",
+        env={"CORRAL_TEST_ENGINE": "{alias}-{slots}", "CORRAL_TEST_GPU": "engine"},
+        name="my-engine",
+    )
+    spec = _spec(models["chat"], engine=engine, flags=("-n", "3"), env={"CORRAL_TEST_GPU": "w"})
+    with EngineServer(spec) as srv:
+        srv.ensure_ready(30)
+        assert srv.name == "my-engine" and srv.pid is not None
+        argv = psutil.Process(srv.pid).cmdline()
+        assert argv[argv.index("--port") + 1] == str(srv.port) and argv[-2:] == ["-n", "3"]
+        assert "--no-webui" not in argv  # its command, not the built-in one
+        env = psutil.Process(srv.pid).environ()
+        assert env["CORRAL_TEST_ENGINE"] == "tiny-2" and env["CORRAL_TEST_GPU"] == "w"
+        reply = httpx.post(
+            f"{srv.base_url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
+        assert reply.status_code == 200
+
+
+def test_engine_listening_from_a_child_process_is_ready(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """An engine started by a launcher (a shell script, say) listens from a process of its
+    own: that counts as ours; stopping the group takes both."""
+    launcher = shell_script(tmp_path / "launch.sh", '"$@" &\nwait\n')
+    spec = _spec(models["chat"], engine=_engine(resolve_binary(), str(launcher)))
+    with EngineServer(spec) as srv:
+        srv.ensure_ready(30)
+        assert srv.pid is not None and srv.port is not None
+        (server,) = psutil.Process(srv.pid).children()
+        assert _listens(srv.pid, srv.port) and not _listens(srv.pid, srv.port + 1)
+    assert _wait_gone(server.pid, 5) and _wait_gone(srv.pid, 5)
+
+
+def test_engine_without_a_value_for_a_placeholder_fails_before_spawning(
+    models: dict[str, Path],
+) -> None:
+    engine = EngineConfig(command=[str(resolve_binary()), "--mmproj", "{mmproj}"])
+    srv = EngineServer(_spec(models["chat"], engine=engine))
+    with pytest.raises(LlamaServerError, match=r"uses \{mmproj\}, which has no value"):
+        srv.start()
+    assert srv.state is ServerState.STOPPED and srv.pid is None
+
+
+def test_default_engine_is_expanded_from_its_command(models: dict[str, Path]) -> None:
+    srv = EngineServer(_spec(models["chat"], binary=Path("/opt/llama-server"), port=9))
+    assert srv.command() == [
+        "/opt/llama-server",
+        "-m",
+        str(models["chat"]),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "9",
+        "--ctx-size",
+        "4096",
+        "--parallel",
+        "2",
+        "--alias",
+        "tiny",
+        "--metrics",
+        "--slots",
+        "--no-webui",
+    ]

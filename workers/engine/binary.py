@@ -1,6 +1,6 @@
-"""The llama-server binary on this machine: which one runs, the environment it needs, how
-many CPU threads it gets, and what its death by a signal means. `workers.llama.server`
-supervises the process itself."""
+"""The llama-server binary on this machine (the default engine): which one runs, the
+environment it needs, how many CPU threads it gets, and what a child's death by a signal
+means. `workers.engine.server` supervises the process itself."""
 
 from __future__ import annotations
 
