@@ -21,7 +21,7 @@ from common import redis_keys
 from common.estimate import estimate_file
 from common.memory import MemoryRecord, profile
 from common.settings import ModelConfig, Settings
-from corral import status
+from corral import api, status
 from corral.api import Api, ApiError
 
 
@@ -31,8 +31,7 @@ def add_parsers(
 ) -> None:
     def client_flags(p: argparse.ArgumentParser) -> None:
         common(p)
-        p.add_argument("--url", help="gateway URL (default: $CORRAL_URL or the configured port)")
-        p.add_argument("--api-key", help="admin key (default: $CORRAL_ADMIN_KEY)")
+        api.client_flags(p)
 
     mp = sub.add_parser("models", help="list, load, eject, reset models; estimate their memory")
     ms = mp.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -257,4 +256,8 @@ def _model(settings: Settings, name: str, client: redis.Redis | None) -> tuple[s
     path = Path(name).expanduser()
     if path.is_file():
         return path.stem, ModelConfig(model_path=path.resolve())
-    raise SystemExit(f"corral models estimate: unknown model {name!r}")
+    known = set(settings.models)
+    if client is not None:
+        known |= {redis_keys.text(a) for a in client.hkeys(redis_keys.CATALOG)}
+    listed = ", ".join(sorted(known)) or "none: is `corral up` running? else pass a GGUF path"
+    raise SystemExit(f"corral models estimate: unknown model {name!r} (known: {listed})")
