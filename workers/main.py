@@ -17,13 +17,14 @@ import socket
 import uuid
 import warnings
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 from celery.exceptions import SecurityWarning
 
 from common import redis_keys
 from common.devices import cpu_device
-from common.net import free_port
+from common.net import announced_host, free_port
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
 from workers.consumer.celery_app import configure_app
@@ -94,6 +95,8 @@ def run_worker(
         gpu="cpu" if spec.gpu is None else str(spec.gpu),
         device=spec.device,
         metrics_port=metrics.port,
+        # the address it listens on, as Prometheus reaches it (`GET /metrics/targets`)
+        metrics_host=announced_host(settings.worker_metrics_host, urlsplit(redis_url).hostname),
         budget_mb=spec.budget_mb,
     )
     hb = Heartbeat(

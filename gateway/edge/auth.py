@@ -2,7 +2,9 @@
 is read (`gateway.tenancy.principals` says who it is), then passes the key's rate limits
 (`gateway.tenancy.ratelimit`). The principal goes into `request.state.principal`, the
 `x-ratelimit-*` headers onto the reply, and the reply's token usage is charged to the key
-once it is done."""
+once it is done. A generation request over its key's limits is refused once its model is
+known (`request.state.rate_limited`, raised by `gateway.tenancy.admission`), so its 429 is
+counted under that model, as OpenAI's names the model; any other request at once."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.apikeys import ApiKey
 from common.errors import CorralError, RateLimited
 from common.settings import Settings
-from gateway.edge.request_metrics import usage_of
+from gateway.edge.request_metrics import ENDPOINTS, usage_of
 from gateway.errors import send_error
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.tenancy.principals import (
@@ -58,11 +60,18 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers: dict[str, str] = {}
+        limited: _Limited | None = None
         try:
             header = Headers(scope=scope).get("authorization")
             principal = await self._auth.authenticate(self._redis, header, self._epoch.value)
             if principal.key is not None:
                 headers = await self._admit(principal.key)
+        except _Limited as err:
+            log.info("%s %s refused: %s", scope["method"], scope["path"], err.code)
+            if scope["path"] not in ENDPOINTS:
+                await send_error(send, err)
+                return
+            limited = err  # refused by admission, once the model is known
         except CorralError as err:
             log.info("%s %s refused: %s", scope["method"], scope["path"], err.code)
             challenge = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
@@ -72,7 +81,10 @@ class AuthMiddleware:
             log.warning("cannot check the API key: %r", exc)
             await send_error(send, _UNAVAILABLE)
             return
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        if limited is not None:
+            state["rate_limited"] = limited
 
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start" and headers:

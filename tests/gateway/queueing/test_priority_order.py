@@ -143,6 +143,8 @@ def test_queue_full_is_429_with_retry_after(
             assert r.status_code == 429, r.text
             assert r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["retry-after"]) >= 1
+            counted = samples(httpx.get(f"{base}/metrics").text)  # under its model (issue 24)
+            assert value(counted, "corral_requests_total", model=MODEL, status="429") == 1
         assert all(f.result(60).status_code == 200 for f in queued)
     finally:
         small.stop()
