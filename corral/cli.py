@@ -31,6 +31,9 @@ examples:
 
 Config: ./corral.yaml (or CORRAL_CONFIG / --config); every field can be overridden by a
 CORRAL_* environment variable, e.g. CORRAL_REDIS_URL, CORRAL_LLAMA_SERVER.
+On the machine of a running `corral up`, status, models, keys, batches and flower find it
+by themselves (its data dir: --data-dir, CORRAL_DATA_DIR, or ~/.local/share/corral) and
+send its admin key (`corral keys admin` prints it).
 """
 
 
@@ -156,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flower", help="run Flower (task and queue monitor) on the broker")
     _common(fl)
-    fl.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    fl.add_argument(
+        "--redis-url",
+        help="broker URL (default: $CORRAL_REDIS_URL, else the running `corral up`'s)",
+    )
     fl.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     fl.add_argument("--port", type=int, default=5555, help="port (default 5555)")
     fl.add_argument(

@@ -29,7 +29,10 @@ def add_parser(
 ) -> None:
     shared = argparse.ArgumentParser(add_help=False)  # on each action: `keys list --config`
     common(shared)
-    shared.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    shared.add_argument(
+        "--redis-url",
+        help="broker URL (default: $CORRAL_REDIS_URL, else the running `corral up`'s)",
+    )
     kp = sub.add_parser("keys", help="create, list and revoke user API keys")
     ks = kp.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     cr = ks.add_parser(

@@ -68,7 +68,11 @@ def add_parsers(
     es.add_argument("model", help="a configured alias, or a GGUF path")
     es.add_argument("--slots", type=int, help="slots (default: the model's `parallel`)")
     es.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    es.add_argument("--redis-url", help="broker URL, for measured figures")
+    es.add_argument(
+        "--redis-url",
+        help="broker URL, for measured figures (default: $CORRAL_REDIS_URL, else the running "
+        "`corral up`'s)",
+    )
 
     st = sub.add_parser("status", help="workers, budgets, models and queues at a glance")
     client_flags(st)
@@ -224,7 +228,7 @@ def estimate(settings: Settings, name: str, slots: int | None, device: str) -> i
         if model.vram_mb:
             print(f"  vram_mb   {model.vram_mb} MiB (config override)")
         if client is None:
-            print("  measured  (no Redis URL: pass --redis-url or set CORRAL_REDIS_URL)")
+            print("  measured  (no Redis URL, no `corral up` running here: pass --redis-url)")
             return 0
         raw = client.hgetall(redis_keys.memory_key(alias))
         mine = profile(model, slots, device)
