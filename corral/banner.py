@@ -47,7 +47,7 @@ def _access(settings: Settings, url: str, key_made: bool, flag: str) -> tuple[st
     the admin key and on who may call."""
     if not settings.open_until_user_keys:  # CORRAL_ADMIN_KEY: it closes the gateway
         header = ' -H "Authorization: Bearer $CORRAL_ADMIN_KEY"'
-        return header, ["  admin key: CORRAL_ADMIN_KEY's; every call needs a key"]
+        return header, ["  admin key: the one in CORRAL_ADMIN_KEY; every call needs a key"]
     path = local.admin_key_path(settings.data_dir)
     if key_made and settings.admin_key is not None:
         shown = [
