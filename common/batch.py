@@ -16,7 +16,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from common.wire import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from common.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    first_problem,
+)
 
 ENDPOINTS: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
@@ -195,10 +200,17 @@ def _check_line(
         return LineError(code=code, message=message, param=param, line=number)
 
     try:
-        data = json.loads(raw)
-        line = BatchLine.model_validate(data)
-    except (ValueError, ValidationError) as exc:
-        return bad("invalid_json_line", f"Line {number} is not a valid request object: {exc}"[:300])
+        line = BatchLine.model_validate(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        return bad(
+            "invalid_json_line", f"Line {number} is not JSON: {exc.msg} at column {exc.colno}."
+        )
+    except ValidationError as exc:
+        where, msg = first_problem(exc.errors())
+        what = f"{where}: {msg}" if where else msg
+        return bad(
+            "invalid_json_line", f"Line {number} is not a request object ({what})."[:300], where
+        )
     if line.custom_id in seen:
         return bad(
             "duplicate_custom_id", f"custom_id {line.custom_id!r} is not unique.", "custom_id"
@@ -211,9 +223,9 @@ def _check_line(
     try:
         body = wire.model_validate(line.body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return bad("invalid_body", f"body.{where}: {first['msg']}", f"body.{where}")
+        where, msg = first_problem(exc.errors())
+        param = f"body.{where}" if where else "body"
+        return bad("invalid_body", f"{param}: {msg}", param)
     if line.body.get("stream"):
         return bad("invalid_body", "Batch requests cannot stream.", "body.stream")
     model = getattr(body, "model", None)

@@ -76,6 +76,11 @@ class RedisTarget:
     def is_sentinel(self) -> bool:
         return bool(self.sentinels)
 
+    @property
+    def host(self) -> str | None:
+        """A host of the cluster's Redis (its first sentinel's): a peer on its network."""
+        return self.sentinels[0][0] if self.sentinels else urlsplit(self.url).hostname
+
     def __str__(self) -> str:
         """The URL without its passwords (for logs), and the master's name if any."""
         shown = ";".join(_sanitized(part) for part in self.url.split(";"))

@@ -48,7 +48,10 @@ class WorkerInfo(BaseModel):
     gpu: str | None = None  # "cpu", or the GPU index it is pinned to
     device: str | None = None  # its device's memory ledger (`common.devices`)
     upstream: str | None = None  # the llama-server base URL, on the worker's host
-    metrics_port: int | None = None  # the worker's own Prometheus /metrics, on `host`
+    metrics_port: int | None = None  # the worker's own Prometheus /metrics
+    # ...on this address (the one it listens on; for an any-address listener, this host's
+    # address towards the cluster's Redis); unset: on `host`
+    metrics_host: str | None = None
     started_at: float = Field(default_factory=time.time)
     error: str | None = None
     # Models on this worker: one at a time, within a memory budget.
@@ -64,6 +67,13 @@ class WorkerInfo(BaseModel):
     # alias -> the whole story (llama-server's last lines, paths): for admins, never clients
     failed_detail: dict[str, str] = Field(default_factory=dict)
     ctx_size: int | None = None  # the context `model` was loaded with (`ctx_size: auto`)
+
+    def metrics_target(self) -> str | None:
+        """`host:port` of its /metrics, as Prometheus's service discovery lists it."""
+        if not self.metrics_port:
+            return None
+        host = self.metrics_host or self.host
+        return f"[{host}]:{self.metrics_port}" if ":" in host else f"{host}:{self.metrics_port}"
 
     def model_state(self, alias: str) -> ModelState:
         """`alias`'s state on this worker."""

@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     # Tenancy and hardening. The admin key is a SecretStr so it never shows in a
     # repr, a log line or a dumped config.
     admin_key: SecretStr | None = None  # CORRAL_ADMIN_KEY: every route, management included
+    # The admin key leaves a loopback (or --insecure) gateway open until a user key exists:
+    # `corral up`'s own local key, a credential for the CLI that locks nobody out.
+    open_until_user_keys: bool = False
     insecure: bool = False  # run without keys on a non-loopback address (--insecure)
     priority_over_cap: Literal["downgrade", "reject"] = "downgrade"
     max_body_bytes: int = Field(default=8 * 2**20, ge=1024)  # larger bodies: 413
@@ -292,8 +295,8 @@ class Settings(BaseSettings):
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise InvalidRequest(
-                "No Redis URL: pass --redis-url or set CORRAL_REDIS_URL "
-                "(`corral up` starts an embedded server instead)."
+                "No Redis URL: pass --redis-url or set CORRAL_REDIS_URL (`corral up` starts "
+                "an embedded server, which the CLI finds by itself on the same machine)."
             )
         return self.redis_url
 

@@ -9,6 +9,7 @@ they come; only the model list is built here.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -18,12 +19,29 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def first_problem(
+    errors: Sequence[Mapping[str, Any]], skip: tuple[str, ...] = ()
+) -> tuple[str | None, str]:
+    """The first of pydantic's `errors()` for people: its field as a dotted path (None for
+    the whole object; parts in `skip` left out) and its message, without pydantic's own
+    prefixes, input echoes or links."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in skip]
+    message = str(first.get("msg", "Invalid value")).removeprefix("Value error, ")
+    if first.get("type") in ("model_type", "model_attributes_type", "dict_type"):
+        message = "Input should be a JSON object"  # not "...or instance of <our class>"
+    return ".".join(loc) or None, message
+
+
 class StreamOptions(WireModel):
     include_usage: bool | None = None
 
 
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]  # OpenAI's
+
+
 class ChatMessage(WireModel):
-    role: str = Field(min_length=1)
+    role: Role  # a made-up one is a 400, as OpenAI answers
     # str, a list of content parts, or None (an assistant turn with tool calls)
     content: str | list[dict[str, Any]] | None = None
 

@@ -1,11 +1,11 @@
-"""`corral batches submit|list|show|results`: the Batch API from the command line, against
-any gateway (`--url`, default the local one; `--api-key` or `$CORRAL_API_KEY`)."""
+"""`corral batches submit|list|show|results|cancel`: the Batch API from the command line,
+against a gateway (`corral.api`: `--url`, default the running `corral up`'s or the configured
+one; `--api-key`, default the admin key the CLI finds, `corral.local`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from common.settings import Settings
+from corral import api
 
 FINAL = {"completed", "failed", "cancelled", "expired"}
 
@@ -27,16 +30,7 @@ def add_parser(
     def action(name: str, help: str) -> argparse.ArgumentParser:
         ap = bs.add_parser(name, help=help)
         common(ap)
-        ap.add_argument(
-            "--url",
-            default=os.environ.get("CORRAL_URL", "http://127.0.0.1:8000"),
-            help="gateway base URL (default: $CORRAL_URL or http://127.0.0.1:8000)",
-        )
-        ap.add_argument(
-            "--api-key",
-            default=os.environ.get("CORRAL_API_KEY"),
-            help="API key (default: $CORRAL_API_KEY)",
-        )
+        api.client_flags(ap)
         return ap
 
     sb = action("submit", "upload a JSONL file and start a batch on it")
@@ -58,16 +52,16 @@ def add_parser(
     cn.add_argument("batch_id")
 
 
-def run(args: argparse.Namespace) -> int:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    with httpx.Client(base_url=args.url, headers=headers, timeout=60) as http:
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    base, headers = api.target(settings, args.url, args.api_key)
+    with httpx.Client(base_url=base, headers=headers, timeout=60) as http:
         try:
             return ACTIONS[args.batches_command](http, args)
         except httpx.HTTPStatusError as exc:
             print(f"corral batches: {_error(exc.response)}", file=sys.stderr)
             return 1
         except httpx.HTTPError as exc:
-            print(f"corral batches: cannot reach {args.url}: {exc}", file=sys.stderr)
+            print(f"corral batches: cannot reach {base}: {exc}", file=sys.stderr)
             return 1
 
 
@@ -109,7 +103,10 @@ def submit(http: httpx.Client, args: argparse.Namespace) -> int:
 
 
 def list_batches(http: httpx.Client, args: argparse.Namespace) -> int:
-    for b in _get(http, f"/v1/batches?limit={args.limit}")["data"]:
+    found = _get(http, f"/v1/batches?limit={args.limit}")["data"]
+    if not found:
+        print("no batches (submit one with `corral batches submit FILE`)", file=sys.stderr)
+    for b in found:
         c = b["request_counts"]
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(b["created_at"]))
         print(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from common.errors import CorralError
 from common.settings import ModelConfig, Settings, load_settings
-from corral import batches_cli, keys_cli, models_cli
+from corral import batches_cli, keys_cli, local, models_cli
 from corral.logs import setup_logging
 from corral.redis_server import EmbeddedRedisError
 
@@ -30,11 +32,21 @@ examples:
 
 Config: ./corral.yaml (or CORRAL_CONFIG / --config); every field can be overridden by a
 CORRAL_* environment variable, e.g. CORRAL_REDIS_URL, CORRAL_LLAMA_SERVER.
+On the machine of a running `corral up`, status, models, keys, batches and flower find it
+by themselves (its data dir: --data-dir, CORRAL_DATA_DIR, or ~/.local/share/corral) and
+send its admin key (`corral keys admin` prints it).
 """
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: $CORRAL_CONFIG or ./corral.yaml)")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="demo models, Redis data, run files and the local admin key of `corral up`; "
+        "client commands find the `corral up` running with it (default: $CORRAL_DATA_DIR "
+        "or ~/.local/share/corral)",
+    )
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ...")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
 
@@ -69,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", help="gateway bind address (default 127.0.0.1)")
     up.add_argument("--port", type=int, help="gateway port (default 8000)")
     up.add_argument("--slots", type=_positive, help="parallel slots per model (default: config, 2)")
-    up.add_argument("--data-dir", type=Path, help="demo models, Redis data, run files")
     up.add_argument(
         "--ram-budget",
         help="the memory models may use on the CPU, shared by every model, e.g. 8GiB "
@@ -149,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = sub.add_parser("flower", help="run Flower (task and queue monitor) on the broker")
     _common(fl)
-    fl.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    fl.add_argument(
+        "--redis-url",
+        help="broker URL (default: $CORRAL_REDIS_URL, else the running `corral up`'s)",
+    )
     fl.add_argument("--address", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     fl.add_argument("--port", type=int, default=5555, help="port (default 5555)")
     fl.add_argument(
@@ -183,10 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+def _settings(
+    args: argparse.Namespace, *, config: str | Path | None = None, **overrides: Any
+) -> Settings:
     return load_settings(
-        args.config, log_level=args.log_level, log_format=args.log_format, **overrides
+        config or args.config,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        data_dir=args.data_dir,
+        **overrides,
     )
+
+
+def _client_settings(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Settings for a client command (keys, models, status, batches, flower): when nothing
+    names a cluster (a Redis URL, or a gateway's `--url`/`CORRAL_URL`), those of the `corral
+    up` running with this data dir (its run config); and the key to send (`corral.local`)."""
+    settings = _settings(args, **overrides)
+    if not (settings.redis_url or getattr(args, "url", None) or os.environ.get("CORRAL_URL")):
+        run = local.running_config(settings.data_dir)
+        if run is not None:
+            settings = _settings(args, config=run, **overrides)
+    return local.client_key(settings)
 
 
 def _positive(text: str) -> int:
@@ -204,7 +236,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         args,
         host=args.host,
         port=args.port,
-        data_dir=args.data_dir,
         insecure=args.insecure,
         max_models_per_device=args.models_per_device,
     )
@@ -234,7 +265,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 print(f"corral up: {exc}", file=sys.stderr)
                 return 1
-        return Cluster(settings, models, budget).run()
+        settings, key_made = local.with_local_admin_key(settings)
+        return Cluster(settings, models, budget, key_made).run()
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -315,7 +347,7 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_flower(args: argparse.Namespace) -> int:
     from corral.flower import run_flower
 
-    settings = _settings(args, redis_url=args.redis_url)
+    settings = _client_settings(args, redis_url=args.redis_url)
     setup_logging(settings.log_level, "flower", settings.log_format)
     return run_flower(
         settings,
@@ -335,26 +367,43 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    settings = _settings(args, redis_url=args.redis_url)
+    settings = _client_settings(args, redis_url=getattr(args, "redis_url", None))
     setup_logging(settings.log_level, "keys", settings.log_format)
+    if args.keys_command == "admin":
+        return print_admin_key(settings)
     return keys_cli.run(settings, args)
 
 
+def print_admin_key(settings: Settings) -> int:
+    """`corral keys admin`: the local admin key `corral up` made in the data dir."""
+    secret = local.read_admin_key(settings.data_dir)
+    if secret is None:
+        print(
+            f"corral keys: no local admin key in {settings.data_dir} (`corral up` makes one"
+            " at its first start, unless CORRAL_ADMIN_KEY is set)",
+            file=sys.stderr,
+        )
+        return 1
+    print(secret)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
-    settings = _settings(args, redis_url=getattr(args, "redis_url", None))
+    settings = _client_settings(args, redis_url=getattr(args, "redis_url", None))
     setup_logging(settings.log_level, "models", settings.log_format)
     return models_cli.run_models(settings, args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _client_settings(args)
     setup_logging(settings.log_level, "status", settings.log_format)
     return models_cli.run_status(settings, args)
 
 
 def cmd_batches(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level or "WARNING", "batches")
-    return batches_cli.run(args)
+    settings = _client_settings(args)
+    setup_logging(args.log_level or "WARNING", "batches", settings.log_format)
+    return batches_cli.run(settings, args)
 
 
 COMMANDS = {

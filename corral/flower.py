@@ -131,7 +131,9 @@ def run_flower(
     credentials = basic_auth(basic_auth_flag, os.environ if env is None else env)
     check_access(credentials, address, unauthenticated)
     if not settings.redis_url:
-        raise FlowerRefused("no Redis URL: pass --redis-url or set CORRAL_REDIS_URL")
+        raise FlowerRefused(
+            "no Redis URL and no `corral up` running here: pass --redis-url or set CORRAL_REDIS_URL"
+        )
     app = flower_app(settings, settings.redis_url)
     if credentials:
         use_basic_auth(credentials)

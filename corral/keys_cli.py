@@ -2,7 +2,9 @@
 
 `create` prints the secret alone on stdout (so `KEY=$(corral keys create --name ci)` works)
 and what it made on stderr; the secret is shown this once and stored nowhere. Changes take
-effect at once on every gateway: they look keys up in Redis on each request.
+effect at once on every gateway: they look keys up in Redis on each request. `--models`
+names models the cluster knows (its catalog), else nothing is made. `admin` prints the
+local admin key of `corral up` (`corral.local`; the CLI answers it before any Redis).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def add_parser(
 ) -> None:
     shared = argparse.ArgumentParser(add_help=False)  # on each action: `keys list --config`
     common(shared)
-    shared.add_argument("--redis-url", help="broker URL (default: $CORRAL_REDIS_URL)")
+    shared.add_argument(
+        "--redis-url",
+        help="broker URL (default: $CORRAL_REDIS_URL, else the running `corral up`'s)",
+    )
     kp = sub.add_parser("keys", help="create, list and revoke user API keys")
     ks = kp.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     cr = ks.add_parser(
@@ -53,6 +58,11 @@ def add_parser(
     ks.add_parser("list", parents=[shared], help="list keys (never their secrets)")
     rv = ks.add_parser("revoke", parents=[shared], help="revoke a key at once, by id or name")
     rv.add_argument("key", help="key id (key_...) or name")
+    ks.add_parser(
+        "admin",
+        parents=[shared],
+        help="print the local admin key `corral up` made in its data dir (readable by you only)",
+    )
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -103,6 +113,10 @@ def create(client: redis.Redis, args: argparse.Namespace) -> int:
         print(f"corral keys: a key named {args.name!r} exists already", file=sys.stderr)
         return 1
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    problem = unknown_models(client, models or [])
+    if problem:
+        print(f"corral keys: {problem}", file=sys.stderr)
+        return 1
     key, secret = issue(
         args.name, max_priority=args.max_priority, rpm=args.rpm, tpm=args.tpm, models=models
     )
@@ -113,6 +127,18 @@ def create(client: redis.Redis, args: argparse.Namespace) -> int:
     print(f"created {key.id} ({describe(key)}); its secret, shown only now:", file=sys.stderr)
     print(secret)
     return 0
+
+
+def unknown_models(client: redis.Redis, models: list[str]) -> str | None:
+    """Why `--models` names a model the cluster does not know (its catalog: configured,
+    announced and discovered models), or None. A key for a model nobody serves yet can be
+    made once the model is configured."""
+    known = {redis_keys.text(a) for a in client.hkeys(redis_keys.CATALOG)}
+    unknown = [m for m in models if m not in known]
+    if not unknown:
+        return None
+    listed = ", ".join(sorted(known)) or "none yet: start a gateway or `corral up` first"
+    return f"unknown model(s) {', '.join(unknown)} (models this cluster knows: {listed})"
 
 
 def describe(key: ApiKey) -> str:

@@ -22,7 +22,7 @@ from common.estimate import estimate_file
 from common.memory import MemoryRecord, profile
 from common.redis_conn import RedisTarget
 from common.settings import ModelConfig, Settings
-from corral import status
+from corral import api, status
 from corral.api import Api, ApiError
 
 
@@ -32,8 +32,7 @@ def add_parsers(
 ) -> None:
     def client_flags(p: argparse.ArgumentParser) -> None:
         common(p)
-        p.add_argument("--url", help="gateway URL (default: $CORRAL_URL or the configured port)")
-        p.add_argument("--api-key", help="admin key (default: $CORRAL_ADMIN_KEY)")
+        api.client_flags(p)
 
     mp = sub.add_parser("models", help="list, load, eject, reset models; estimate their memory")
     ms = mp.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -70,7 +69,11 @@ def add_parsers(
     es.add_argument("model", help="a configured alias, or a GGUF path")
     es.add_argument("--slots", type=int, help="slots (default: the model's `parallel`)")
     es.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    es.add_argument("--redis-url", help="broker URL, for measured figures")
+    es.add_argument(
+        "--redis-url",
+        help="broker URL, for measured figures (default: $CORRAL_REDIS_URL, else the running "
+        "`corral up`'s)",
+    )
 
     st = sub.add_parser("status", help="workers, budgets, models and queues at a glance")
     client_flags(st)
@@ -229,7 +232,7 @@ def estimate(settings: Settings, name: str, slots: int | None, device: str) -> i
         if model.vram_mb:
             print(f"  vram_mb   {model.vram_mb} MiB (config override)")
         if client is None:
-            print("  measured  (no Redis URL: pass --redis-url or set CORRAL_REDIS_URL)")
+            print("  measured  (no Redis URL, no `corral up` running here: pass --redis-url)")
             return 0
         raw = client.hgetall(redis_keys.memory_key(alias))
         mine = profile(model, slots, device)
@@ -261,4 +264,8 @@ def _model(settings: Settings, name: str, client: redis.Redis | None) -> tuple[s
     path = Path(name).expanduser()
     if path.is_file():
         return path.stem, ModelConfig(model_path=path.resolve())
-    raise SystemExit(f"corral models estimate: unknown model {name!r}")
+    known = set(settings.models)
+    if client is not None:
+        known |= {redis_keys.text(a) for a in client.hkeys(redis_keys.CATALOG)}
+    listed = ", ".join(sorted(known)) or "none: is `corral up` running? else pass a GGUF path"
+    raise SystemExit(f"corral models estimate: unknown model {name!r} (known: {listed})")

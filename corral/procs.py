@@ -56,15 +56,17 @@ class Child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
 
-    def stop(self, grace: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> int | None:
-        """`sig` to the process (it stops its own children in order), then SIGKILL to the
-        whole group after `grace`. Idempotent; returns the exit code."""
+    def stop(self, grace: float = 10.0, sig: signal.Signals | None = signal.SIGTERM) -> int | None:
+        """`sig` to the process (it stops its own children in order; None: it was sent one
+        already, and a second would say it stops twice), then SIGKILL to the whole group
+        after `grace`. Idempotent; returns the exit code."""
         proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, sig)
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
             deadline = time.monotonic() + grace
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)

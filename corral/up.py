@@ -34,6 +34,8 @@ from common.discovery import discover
 from common.net import is_loopback
 from common.redis_conn import RedisTarget
 from common.settings import ModelConfig, Settings
+from corral import local
+from corral.banner import banner
 from corral.procs import Child
 from corral.redis_server import EmbeddedRedis
 from corral.supervise import Supervised, Supervisor
@@ -48,6 +50,8 @@ DEMO_NOTE = (
     "(corral-demo for chat/completions, corral-demo-embed for embeddings). "
     "They answer with gibberish; pass --model PATH (a GGUF file) for a real one."
 )
+
+DEMO_MODELS = ("corral-demo", "corral-demo-embed")  # the file stems `ensure_demo_models` writes
 
 
 def collect_models(
@@ -64,14 +68,17 @@ def collect_models(
                 raise SystemExit(f"corral up: {p} is not a GGUF file (it starts with {head!r})")
         found[p.stem] = ModelConfig(model_path=p, embedding=embedding, preload=True)
     models_dir = settings.models_dir or settings.data_dir / "models"
-    if not found and not discover(models_dir):
+    # Nothing but the demo files of an earlier run: the demo again (preloaded, the
+    # embedding one as such), not two plain models on demand.
+    if not found and set(discover(models_dir)) <= set(DEMO_MODELS):
         from corral.tinymodel import ensure_demo_models
 
         chat, embed = ensure_demo_models(settings.data_dir)
         print(DEMO_NOTE, flush=True)
+        chat_alias, embed_alias = DEMO_MODELS
         found = {
-            "corral-demo": ModelConfig(model_path=chat, preload=True),
-            "corral-demo-embed": ModelConfig(model_path=embed, embedding=True, preload=True),
+            chat_alias: ModelConfig(model_path=chat, preload=True),
+            embed_alias: ModelConfig(model_path=embed, embedding=True, preload=True),
         }
     if slots:
         found = {a: m.model_copy(update={"parallel": slots}) for a, m in found.items()}
@@ -101,15 +108,17 @@ def claim_data_dir(data_dir: Path) -> Iterator[int | None]:
     """Hold `data_dir` for this run (an exclusive lock on a file in it, released when the
     process ends however it ends); yields None, or the pid of the `corral up` that holds
     it: two runs on one data dir would share one Valkey append-only file."""
-    run_dir = data_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with (run_dir / "corral-up.lock").open("a+") as lock:
+    lock_path = data_dir / local.LOCK_FILE
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             yield int(lock.read().strip() or 0)
             return
+        # An earlier run's config names a Valkey that is gone: no client may read it as ours.
+        (data_dir / local.RUN_CONFIG).unlink(missing_ok=True)
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
@@ -132,26 +141,31 @@ def worker_flags(settings: Settings, gpus: list[GPUInfo], budget: str | None) ->
 
 def write_run_config(settings: Settings, models: dict[str, ModelConfig], url: str) -> Path:
     """The effective config every child reads: one source of truth for this run."""
-    run_dir = settings.data_dir / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    path = settings.data_dir / local.RUN_CONFIG
+    path.parent.mkdir(parents=True, exist_ok=True)
     # No secrets in the file: they reach the children in their environment.
     data: dict[str, Any] = settings.model_dump(
         mode="json", exclude={"models", "redis_url", "admin_key", "redis_sentinel_password"}
     )
     data["redis_url"] = url
     data["models"] = {a: m.model_dump(mode="json") for a, m in models.items()}
-    path = run_dir / "corral-up.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
 class Cluster:
     def __init__(
-        self, settings: Settings, models: dict[str, ModelConfig], budget: str | None = None
+        self,
+        settings: Settings,
+        models: dict[str, ModelConfig],
+        budget: str | None = None,
+        key_made: bool = False,
     ) -> None:
         self.settings = settings
         self.models = models
         self.budget = budget  # --ram-budget / --vram-budget: the device's memory for Corral
+        self.key_made = key_made  # the local admin key is new: the banner shows it, once
+        self.url = settings.redis_url or ""  # the run's Redis, once started
         self.redis: EmbeddedRedis | None = None
         self.children: list[Child] = []
         self._supervisor = Supervisor([])
@@ -184,6 +198,7 @@ class Cluster:
             problem = exposure_problem(self.settings.model_copy(update={"redis_url": url}))
             if problem:  # API keys live in Redis: checked once it runs, before the workers
                 raise SystemExit(f"corral up: {problem}")
+        self.url = url
         config = write_run_config(self.settings, self.models, url)
         exe = [sys.executable, "-m", "corral"]
         # The run config holds the effective settings (file, environment, flags): a CORRAL_*
@@ -241,21 +256,7 @@ class Cluster:
         return all(models.get(a, {}).get("status") in ("ready", "failed") for a in wanted)
 
     def _announce(self) -> None:
-        base = f"{self.settings.local_url()}/v1"
-        chat = next((a for a, m in self.models.items() if not m.embedding), None)
-        preloaded = [a for a, m in self.models.items() if self.settings.preloaded(a, m)]
-        on_demand = [a for a in self.models if a not in preloaded]
-        print(f"\nCorral is up: {base}", flush=True)
-        print(f"  loaded:    {', '.join(preloaded) or 'none'}", flush=True)
-        if on_demand:
-            print(f"  on demand: {', '.join(on_demand)}", flush=True)
-        if chat:
-            print(
-                f"  try:    curl {base}/chat/completions -H 'Content-Type: application/json' "
-                f'-d \'{{"model": "{chat}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'',
-                flush=True,
-            )
-        print("  stop:   Ctrl-C\n", flush=True)
+        print(banner(self.settings, self.models, self.url, self.key_made), flush=True)
 
     def _watch(self) -> int:
         while not self._stop.wait(0.5):
@@ -274,8 +275,11 @@ class Cluster:
         for child in workers:
             child.send_signal(signal.SIGTERM)  # all at once: each drains, stops its llama-server
         grace = self.settings.drain_timeout + 10.0  # a worker's drain, then its own stop
-        for child in [*workers, *(c for c in self.children if c not in workers)]:
-            child.stop(grace=grace)
+        for child in workers:
+            child.stop(grace=grace, sig=None)  # signalled once: Celery says "Warm shutdown" once
+        for child in self.children:
+            if child not in workers:
+                child.stop(grace=10.0)
         self.children.clear()
         if self.redis is not None:
             self.redis.stop()

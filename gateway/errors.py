@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Send
 
 from common.errors import CorralError, InvalidRequest, NoCapacity
+from common.wire import first_problem
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,10 @@ async def send_error(
 
 def describe_validation(exc: RequestValidationError) -> InvalidRequest:
     """One readable message naming the first offending field (OpenAI's `param`)."""
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
-    param = ".".join(loc) or None
-    msg = str(first.get("msg", "Invalid request body.")).removeprefix("Value error, ")
+    param, msg = first_problem(errors, skip=("body",))
     where = f" at '{param}'" if param else ""
     return InvalidRequest(f"Invalid request body{where}: {msg}.", param=param)
 

@@ -59,6 +59,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _own_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default data dir is the session's own: no CLI command run by a test finds a
+    `corral up` that a user of this machine runs (`corral.local`), nor its admin key."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        patch.delenv("CORRAL_DATA_DIR", raising=False)
+        patch.delenv("CORRAL_API_KEY", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _close_openai_clients() -> Iterator[None]:
     yield
     close_clients()

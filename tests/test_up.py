@@ -90,6 +90,8 @@ def test_corral_up_serves_then_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         assert "[tasks]" not in quiet and "(prefork)" not in quiet  # no gguf writer notes
         assert "Writing the following files" not in quiet
         assert "SecurityWarning" not in quiet  # Celery's seven lines, as root: one of ours
+        assert "pynvml" not in quiet  # the deprecated package warned at every start (issue 24)
+        assert quiet.count("Warm shutdown") <= 3  # once per worker at most (issue 24)
         assert ("runs as root" in quiet) == (os.geteuid() == 0)
         assert wait_for(lambda: not any(alive(p) for p in family), 10), [
             (p, psutil.Process(p).cmdline()) for p in family if alive(p)

@@ -24,7 +24,7 @@ from celery.exceptions import SecurityWarning
 from common import redis_keys
 from common.devices import cpu_device
 from common.errors import LlamaServerError
-from common.net import free_port
+from common.net import announced_host, free_port
 from common.redis_conn import RedisTarget
 from common.registry import WorkerInfo, WorkerState
 from common.settings import ModelConfig, Settings
@@ -77,7 +77,8 @@ def run_worker(
         if model.is_gguf and not model.model_path.is_file():
             raise FileNotFoundError(f"model file not found for {alias!r}: {model.model_path}")
     spec = _spec(settings, alias, model, opts)
-    client = RedisTarget.of(settings, redis_url).client()
+    target = RedisTarget.of(settings, redis_url)
+    client = target.client()
     if alias is not None and model is not None:
         client.hset(redis_keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
     tasklog.install()  # the request id on every log line of a task
@@ -101,6 +102,8 @@ def run_worker(
         gpu="cpu" if spec.gpu is None else str(spec.gpu),
         device=spec.device,
         metrics_port=metrics.port,
+        # the address it listens on, as Prometheus reaches it (`GET /metrics/targets`)
+        metrics_host=announced_host(settings.worker_metrics_host, target.host),
         budget_mb=spec.budget_mb,
     )
     hb = Heartbeat(

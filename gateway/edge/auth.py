@@ -2,7 +2,9 @@
 is read (`gateway.tenancy.principals` says who it is), then passes the key's rate limits
 (`gateway.tenancy.ratelimit`). The principal goes into `request.state.principal`, the
 `x-ratelimit-*` headers onto the reply, and the reply's token usage is charged to the key
-once it is done."""
+once it is done. A generation request over its key's limits is refused once its model is
+known (`request.state.rate_limited`, raised by `gateway.tenancy.admission`), so its 429 is
+counted under that model, as OpenAI's names the model; any other request at once."""
 
 from __future__ import annotations
 
@@ -58,12 +60,17 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers: dict[str, str] = {}
+        counted = False  # admitted against the key's limits: settled once it is answered
+        limited: _Limited | None = None
         try:
             header = Headers(scope=scope).get("authorization")
             principal = await self._auth.authenticate(self._redis, header, self._epoch.value)
-            limited = principal.key is not None and scope["path"] in ENDPOINTS
-            if limited and principal.key is not None:  # generation requests only count
-                headers = await self._admit(principal.key)
+            if principal.key is not None and scope["path"] in ENDPOINTS:
+                headers = await self._admit(principal.key)  # generation requests only count
+                counted = True
+        except _Limited as err:
+            log.info("%s %s refused: %s", scope["method"], scope["path"], err.code)
+            limited = err  # the route refuses it once the model is known (metrics by model)
         except CorralError as err:
             log.info("%s %s refused: %s", scope["method"], scope["path"], err.code)
             challenge = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
@@ -73,7 +80,10 @@ class AuthMiddleware:
             log.warning("cannot check the API key: %r", exc)
             await send_error(send, _UNAVAILABLE)
             return
-        scope.setdefault("state", {})["principal"] = principal
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        if limited is not None:
+            state["rate_limited"] = limited
 
         status = 0
 
@@ -88,7 +98,7 @@ class AuthMiddleware:
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
-            if limited and principal.key is not None:
+            if counted and principal.key is not None:
                 await self._settle(principal.key, scope, status)
 
     async def _admit(self, key: ApiKey) -> dict[str, str]:

@@ -1,8 +1,9 @@
-"""The edge's clock: `MetricsMiddleware` times every generation request (end to end, and to
+"""The edge's clock: `MetricsMiddleware` times every generation request (end to end; to
 the first streamed byte: the gateway sends a stream's headers with its first chunk, so that
-is the time to first token as the client sees it) and counts it by endpoint, model,
-priority and status into the gateway's metrics (`gateway.monitoring.metrics`). Token
-counts come from the `usage` of the request's final frame.
+is the time to first token as the client sees it; and to the worker's start, its queue
+wait) and counts it by endpoint, model, priority and status into the gateway's metrics
+(`gateway.monitoring.metrics`). Token counts come from the `usage` of the request's final
+frame.
 
 Labels stay bounded: `model` is set only once the catalog knew the model (before that it
 is `unknown`).
@@ -84,13 +85,14 @@ class MetricsMiddleware:
                 scope,
                 endpoint,
                 status,
-                time.perf_counter() - start,
+                start,
                 first - start if stream and first is not None else None,
             )
 
     def _observe(
-        self, scope: Scope, endpoint: str, status: int, total: float, ttft: float | None
+        self, scope: Scope, endpoint: str, status: int, begun: float, ttft: float | None
     ) -> None:
+        total = time.perf_counter() - begun
         state = scope.get("state", {})
         labels = {
             "endpoint": endpoint,
@@ -101,6 +103,9 @@ class MetricsMiddleware:
         self._m.duration.labels(**labels).observe(total)
         if ttft is not None and status == 200:
             self._m.ttft.labels(**labels).observe(ttft)
+        started = getattr(state.get("subscription"), "started_at", None)
+        if isinstance(started, float):
+            self._m.queue_wait.labels(**labels).observe(max(0.0, started - begun))
         usage = usage_of(scope) or {}
         if usage.get("prompt_tokens"):
             self._m.prompt_tokens.labels(**labels).inc(int(usage["prompt_tokens"]))

@@ -13,8 +13,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from common.priority import Priority
 from common.registry import WorkerInfo
 
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Seconds, for waits and latencies: coarse below one second (the gateway's own hops), then
+# thirteen bounds to a decade from 1 s, each at most 1.25 x the one before, up to an hour
+# (`max_request_timeout`), so p50/p95 read with `histogram_quantile` (which interpolates
+# inside a bucket) stay within a few percent from seconds to minutes.
+_STEPS = (1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8)
+SECONDS_BUCKETS = (
+    *(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75),
+    *(step * decade for decade in (1, 10, 100) for step in _STEPS),
+    *(1000, 1250, 1500, 1800, 2400, 3000, 3600),
+)
 
 
 class GatewayMetrics:
@@ -31,14 +39,21 @@ class GatewayMetrics:
             "corral_request_duration_seconds",
             "End-to-end time of a generation request.",
             labels,
-            buckets=_E2E_BUCKETS,
+            buckets=SECONDS_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "corral_time_to_first_token_seconds",
             "Time to the first streamed chunk.",
             labels,
-            buckets=_TTFT_BUCKETS,
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "corral_queue_wait_seconds",
+            "Time from a request's arrival to a worker starting it (a model load included).",
+            labels,
+            buckets=SECONDS_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(

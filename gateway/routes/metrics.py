@@ -1,7 +1,9 @@
 """`GET /metrics` (Prometheus text) and `GET /metrics/targets`: the live workers' own
 /metrics endpoints in Prometheus's HTTP service-discovery format, so Prometheus scrapes
 exactly the workers in the registry, and a worker that leaves drops out (its series go
-stale and disappear)."""
+stale and disappear). Each target is the address the worker's /metrics listens on
+(`WorkerInfo.metrics_target`), not its host name, which may resolve elsewhere (Debian maps
+it to 127.0.1.1, where a worker listening on 127.0.0.1 is not)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ async def metrics(state: State) -> Response:
 async def metrics_targets(state: State) -> list[dict[str, Any]]:
     out = []
     for info in await read_workers(state.redis):
-        if info.metrics_port:
+        target = info.metrics_target()
+        if target:
             labels = {"worker": info.id, "model": info.model or ""}
-            out.append({"targets": [f"{info.host}:{info.metrics_port}"], "labels": labels})
+            out.append({"targets": [target], "labels": labels})
     return out

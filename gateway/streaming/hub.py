@@ -60,6 +60,7 @@ class Subscription:
         self.deadline = deadline
         self.restartable = restartable  # nothing is relayed before the end (non-streaming)
         self.worker: str | None = None
+        self.started_at: float | None = None  # perf_counter() at its first START frame
         self.finished = False
         self.usage: dict[str, Any] | None = None  # the final frame's (rate limits, metrics)
         self.relayed = 0  # chunks received (a token each): the usage of a stream cut short
@@ -94,6 +95,8 @@ class Subscription:
         self._next_seq += 1
         if frame.type is FrameType.START:
             self.worker = frame.worker
+            if self.started_at is None:  # its queue wait ends (a restart does not reset it)
+                self.started_at = time.perf_counter()
         elif frame.type is FrameType.CHUNKS:
             self.relayed += len(frame.chunks)
         if frame.final:

@@ -8,7 +8,9 @@ both the caller's key and the model's config.
   cap (`priority_over_cap: downgrade`, the reply's `X-Request-Priority` says so) or is
   refused with 403 (`reject`).
 
-It also labels the request (model, priority) for the metrics middleware.
+It also labels the request (model, priority) for the metrics middleware, and refuses a
+request over its key's rate limits (429) that the edge let through until its model was
+known (`gateway.edge.auth`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 
 from fastapi import Request
 
-from common.errors import InvalidRequest, PermissionDenied
+from common.errors import CorralError, InvalidRequest, PermissionDenied
 from common.priority import Priority
 from common.settings import ModelConfig, Settings
 from common.wire import WireModel
@@ -34,6 +36,10 @@ def admit(
     body: WireModel,
     wanted: Priority,
 ) -> Priority:
+    request.state.model = alias
+    limited = getattr(request.state, "rate_limited", None)
+    if isinstance(limited, CorralError):
+        raise limited
     principal = principal_of(request)
     key = principal.key if principal else None
     if key is not None and not key.allows_model(alias):
@@ -54,7 +60,6 @@ def admit(
             )
         log.info("priority %s over the cap of key=%s: runs at %s", wanted, key.id, cap)
         priority = cap
-    request.state.model = alias
     request.state.priority = priority.value
     return priority
 

@@ -2,7 +2,8 @@
 
 Checked at start (`corral gateway`, `corral up`): with no admin key and no user key in
 Redis, a gateway bound beyond loopback refuses to start unless `--insecure` is given; on
-loopback it runs open and says so.
+loopback it runs open and says so. An admin key that leaves the gateway open until a user
+key exists (`open_until_user_keys`: `corral up`'s local key) counts as none here.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ log = logging.getLogger(__name__)
 def check_exposure(settings: Settings, client: redis.Redis) -> str | None:
     """At start: why this gateway must not run (keyless on a reachable address), or None.
     Says so when it runs open on loopback."""
-    if settings.admin_key is not None or client.exists(redis_keys.API_KEYS):
+    closing_admin = settings.admin_key is not None and not settings.open_until_user_keys
+    if closing_admin or client.exists(redis_keys.API_KEYS):
         return None
     where = f"{settings.host}:{settings.port}"
+    none = "no user API key yet" if settings.admin_key else "no API keys configured"
     if settings.insecure:
-        log.warning("no API keys configured: OPEN to anyone who can reach %s (--insecure)", where)
+        log.warning("%s: OPEN to anyone who can reach %s (--insecure)", none, where)
         return None
     if is_loopback(settings.host):
-        log.warning("no API keys configured: open, but only on loopback (%s)", where)
+        log.warning("%s: open, but only on loopback (%s)", none, where)
         return None
     return (
         f"refusing to serve {where} without API keys: set CORRAL_ADMIN_KEY (and create user "

@@ -7,8 +7,10 @@
   are told apart by their tags, so a route added later without one of `USER_TAGS` is
   admin-only: closed unless opened on purpose.
 - No key configured at all (no admin key, no user key in Redis): the gateway is open, but
-  only on a loopback address or with `--insecure` (`gateway.tenancy.exposure`); if every
-  key is revoked later it answers 401, never opens.
+  only on a loopback address or with `--insecure` (`gateway.tenancy.exposure`).
+- An admin key with `open_until_user_keys` (`corral up`'s local key) keeps that: the
+  gateway stays open as above until a user key exists, and the admin key is one more
+  credential. Any other admin key closes the gateway to callers without a key.
 
 Secrets are never logged; the log names a key by its id and name.
 
@@ -84,6 +86,7 @@ class Authenticator:
         admin = settings.admin_key.get_secret_value() if settings.admin_key else None
         self._admin_digest = digest(admin) if admin else None
         self._open_allowed = settings.insecure or is_loopback(settings.host)
+        self._admin_closes = admin is not None and not settings.open_until_user_keys
         # digest of the secret ("-": none) -> (keys epoch, read at, its record, any key?)
         self._cache: dict[str, tuple[int, float, str | None, bool]] = {}
 
@@ -98,7 +101,7 @@ class Authenticator:
             key = ApiKey.model_validate_json(raw)
             if token and same_secret(token, key.digest):
                 return Principal(Role.USER, key)
-        if self._admin_digest is None and not any_keys and self._open_allowed:
+        if not self._admin_closes and not any_keys and self._open_allowed:
             return Principal(Role.OPEN)
         if token is None:
             raise AuthenticationFailed(

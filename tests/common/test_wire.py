@@ -31,6 +31,7 @@ def test_unknown_fields_pass_through() -> None:
         {"model": "", "messages": [{"role": "user", "content": "x"}]},
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+        {"model": "m", "messages": [{"role": "wizard", "content": "x"}]},  # issue 24
     ],
 )
 def test_bad_chat_bodies_are_refused(body: dict[str, object]) -> None:

@@ -101,6 +101,7 @@ def test_chunked_upload_over_the_file_limit_is_413(gw: Cluster) -> None:
         ({"model": 7, "messages": HI}, "model"),
         ({"model": CHAT, "messages": "hello"}, "messages"),
         ({"model": CHAT, "messages": [{"content": "no role"}]}, "messages.0.role"),
+        ({"model": CHAT, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": CHAT, "messages": HI, "temperature": "hot"}, "temperature"),
         ({"model": CHAT, "messages": HI, "temperature": 9}, "temperature"),
         ({"model": CHAT, "messages": HI, "max_tokens": 0}, "max_tokens"),

@@ -55,6 +55,8 @@ def test_gateway_metrics_count_what_clients_got(cluster: Cluster, client: openai
     assert grew("corral_request_duration_seconds_count", **chat) == 2
     assert grew("corral_time_to_first_token_seconds_count", **chat, priority="high") == 1
     assert grew("corral_time_to_first_token_seconds_count", **chat, priority="normal") == 0
+    assert grew("corral_queue_wait_seconds_count", **chat) == 2  # both started on a worker
+    assert grew("corral_queue_wait_seconds_count", endpoint="chat", model="unknown") == 0
     assert reply.usage is not None and streamed
     assert grew("corral_completion_tokens_total", **chat) == reply.usage.completion_tokens + 7
     assert (
@@ -88,7 +90,8 @@ def test_worker_serves_its_own_metrics(cluster: Cluster, client: openai.OpenAI) 
     assert value(found, "corral_worker_restarts_total", **me) == 0
 
     targets = httpx.get(f"{cluster.base_url}/metrics/targets", timeout=10).json()
-    assert {"targets": [f"{worker.host}:{worker.metrics_port}"], "labels": me} in targets
+    # where its /metrics listens (127.0.0.1 by default), not its host name (issue 24)
+    assert {"targets": [f"127.0.0.1:{worker.metrics_port}"], "labels": me} in targets
 
 
 def test_a_leaving_workers_series_disappear(
@@ -112,7 +115,7 @@ def test_a_leaving_workers_series_disappear(
         (info,) = [w for w in workers(cluster.redis_url) if w.pid == extra.pid]
         url = f"http://127.0.0.1:{info.metrics_port}/metrics"
         assert value(scrape(url), "corral_worker_slots", worker=info.id) == 1
-        target = f"{info.host}:{info.metrics_port}"
+        target = f"127.0.0.1:{info.metrics_port}"
 
         def listed() -> bool:
             found = httpx.get(f"{cluster.base_url}/metrics/targets", timeout=10).json()

@@ -159,6 +159,8 @@ def test_the_cap_is_per_priority_and_counts_live_requests_only(
             assert full.json()["error"]["code"] == "queue_full"
             assert "low queue" in full.json()["error"]["message"]
             assert int(full.headers["retry-after"]) >= 1
+            counted = samples(httpx.get(f"{base}/metrics").text)  # under its model
+            assert value(counted, "corral_requests_total", model=MODEL, status="429") == 1
             high = background.send(1, "high", base_url=base)  # its own queue has room
             assert wait_for(lambda: _depth(qcluster, "high") == 1, 20, 0.05)
 

@@ -20,6 +20,7 @@ from common import redis_keys
 from common.errors import AuthenticationFailed
 from common.net import free_port
 from common.settings import Settings
+from corral.redis_server import EmbeddedRedis
 from gateway.tenancy.exposure import check_exposure
 from gateway.tenancy.principals import Authenticator, Role
 from tests.conftest import CHAT, EMBED, Cluster
@@ -47,7 +48,7 @@ def user_key(gw: Cluster, name: str, **limits: object) -> str:
 
 def test_key_lifecycle_through_the_cli(gw: Cluster) -> None:
     args = ["keys", "create", "--name", "alice", "--max-priority", "normal", "--rpm", "100"]
-    args += ["--models", f"{CHAT},other"]
+    args += ["--models", f"{CHAT},{EMBED}"]
     # the first user key without an admin key would lock the owner out: refused, said why
     refused = corral(gw.redis_url, *args)
     assert refused.returncode == 1 and "CORRAL_ADMIN_KEY" in refused.stderr, refused.stderr
@@ -59,10 +60,13 @@ def test_key_lifecycle_through_the_cli(gw: Cluster) -> None:
     assert secret.startswith("sk-corral-") and "shown only now" in made.stderr
     dup = corral(gw.redis_url, "keys", "create", "--name", "alice")
     assert dup.returncode == 1 and "exists" in dup.stderr
+    typo = corral(gw.redis_url, "keys", "create", "--name", "bob", "--models", "no-such-model")
+    assert typo.returncode == 1 and "unknown model(s) no-such-model" in typo.stderr
+    assert CHAT in typo.stderr  # the models it knows
 
     listed = corral(gw.redis_url, "keys", "list")
     assert listed.returncode == 0 and "alice" in listed.stdout
-    assert "max_priority=normal" in listed.stdout and f"models={CHAT},other" in listed.stdout
+    assert "max_priority=normal" in listed.stdout and f"models={CHAT},{EMBED}" in listed.stdout
     assert secret not in listed.stdout and secret[-4:] in listed.stdout  # the hint only
 
     reply = client(gw.base_url, secret).chat.completions.with_raw_response.create(
@@ -253,3 +257,49 @@ def test_key_lookups_are_cached_within_an_epoch(cluster: Cluster) -> None:
             await r.aclose()
 
     asyncio.run(run())
+
+
+def test_the_local_admin_key_leaves_a_loopback_gateway_open_until_a_user_key(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """`corral up`'s own admin key (`open_until_user_keys`) is one more credential: the
+    README's `api_key="unused"` works until someone creates a user key; another admin key
+    closes the gateway, as it always did; beyond loopback it closes it too."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/6"  # a database of its own, no keys
+
+    async def run() -> None:
+        r = aioredis.Redis.from_url(url, decode_responses=True)
+        mine = Settings(redis_url=url, admin_key=SecretStr(ADMIN_KEY), open_until_user_keys=True)
+        auth = Authenticator(mine)
+        try:
+            assert (await auth.authenticate(r, None)).role is Role.OPEN
+            assert (await auth.authenticate(r, "Bearer unused")).role is Role.OPEN
+            assert (await auth.authenticate(r, f"Bearer {ADMIN_KEY}")).role is Role.ADMIN
+            given = Authenticator(mine.model_copy(update={"open_until_user_keys": False}))
+            with pytest.raises(AuthenticationFailed):
+                await given.authenticate(r, None)
+            exposed = Authenticator(mine.model_copy(update={"host": "0.0.0.0"}))
+            with pytest.raises(AuthenticationFailed):
+                await exposed.authenticate(r, None)
+            _, secret = add_key(url, "first-user")
+            with pytest.raises(AuthenticationFailed):
+                await auth.authenticate(r, "Bearer unused", epoch=1)
+            assert (await auth.authenticate(r, f"Bearer {secret}", epoch=1)).role is Role.USER
+            assert (await auth.authenticate(r, f"Bearer {ADMIN_KEY}", epoch=1)).role is Role.ADMIN
+        finally:
+            await r.flushdb()
+            await r.aclose()
+
+    asyncio.run(run())
+    client = redis.Redis.from_url(url)
+    try:  # at start, the local key does not count as a key: 0.0.0.0 without keys is refused
+        exposed = Settings(
+            redis_url=url, host="0.0.0.0", admin_key=SecretStr(ADMIN_KEY), open_until_user_keys=True
+        )
+        assert check_exposure(exposed, client) is not None
+        assert (
+            check_exposure(exposed.model_copy(update={"open_until_user_keys": False}), client)
+            is None
+        )
+    finally:
+        client.close()

@@ -167,6 +167,9 @@ def test_token_limit_counts_real_usage(gw: Cluster) -> None:
         scraped = samples(http.get("/metrics", headers=bearer(ADMIN_KEY)).text)
     rejected = value(scraped, "corral_ratelimit_rejections_total", key="tpm-test", limit="tokens")
     assert rejected == 1
+    # the 429 is counted under its model, not `unknown` (issue 24)
+    assert value(scraped, "corral_requests_total", model=CHAT, status="429") == 1
+    assert value(scraped, "corral_requests_total", model="unknown", status="429") == 0
 
 
 def test_a_stream_cut_short_is_charged_what_it_was_sent(gw: Cluster) -> None:
