@@ -46,7 +46,12 @@ def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[s
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": soft_time_limit(settings.task_time_limit),
         "task_create_missing_queues": True,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A task running when the broker goes away runs on: its own Redis client reconnects
+        # (a restart, a Sentinel failover), its START is sent again until its gateway is
+        # back (`workers.task.publisher`), and its claim keeps a redelivered copy from
+        # running twice. Cancelled, it died with nothing said to its client, and its
+        # message came back only after the visibility timeout.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,

@@ -4,8 +4,9 @@
 knows them too.
 
 A gateway announces its own models at start and every few seconds (`announce`, with the
-time in `redis_keys.CATALOG_SEEN`); an entry that nobody has announced for `STALE_S` and
-that no live worker holds leaves the catalog (`prune`): a model from an earlier run's config
+time in `redis_keys.CATALOG_SEEN`; a worker marks the model it holds there at each
+heartbeat); an entry that nobody has announced for `STALE_S` and that no live worker holds
+leaves the catalog (`prune`): a model from an earlier run's config
 is gone, and a request for it is a 404 at once rather than a wait for a load nobody can do.
 
 Every generation request looks its model up here, so entries read from Redis (with the

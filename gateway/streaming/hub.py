@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -240,6 +241,7 @@ class StreamHub:
                 await conn.subscribe(redis_keys.KEYS_CHANGED)
             self._keys_changed()  # notes may have been missed while disconnected
             self._ready.set()
+            log.info("gateway=%s pub/sub subscribed at %s", self.gateway_id, _host_of(url))
             await conn.run()
         finally:
             if conn is not None:
@@ -272,3 +274,9 @@ class StreamHub:
     def _fail_all(self, err: CorralError) -> None:
         for sub in list(self._subs.values()):
             sub.deliver(err)
+
+
+def _host_of(url: str) -> str:
+    """`host:port` of a Redis URL, for a log line (never its password)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.hostname else parts.path

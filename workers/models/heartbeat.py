@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import redis
@@ -76,10 +77,12 @@ class Heartbeat:
     def _beat(self) -> None:
         with self._lock:
             payload = self._info.model_dump_json()
-            worker_id = self._info.id
+            worker_id, held = self._info.id, self._info.model
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(redis_keys.worker_key(worker_id), payload, px=self._ttl_ms)
         pipe.sadd(redis_keys.WORKERS, worker_id)
+        if held:  # its catalog entry outlives a missed beat (a broker restart) by a grace
+            pipe.zadd(redis_keys.CATALOG_SEEN, {held: time.time()})
         if self._also is not None:
             self._also(pipe)
         pipe.execute()
