@@ -51,6 +51,9 @@ class Job(BaseModel):
     batch_id: str | None = None
     custom_id: str | None = None
     owner: str | None = None  # the id of the API key that sent it (`gateway.tenancy.ownership`)
+    # What it shares with earlier requests (`common.affinity`): its worker remembers it
+    # ran this key, so the next request with the key goes to that replica's prompt cache.
+    affinity: str | None = None
 
     def expired(self, now: float | None = None) -> bool:
         return (now if now is not None else time.time()) >= self.deadline

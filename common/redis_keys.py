@@ -2,7 +2,10 @@
 
 Queue names sort in priority order (`p1-high.<alias>` < `p2-normal.<alias>` <
 `p3-low.<alias>`): with kombu's `queue_order_strategy='sorted'` a worker's BRPOP then
-always drains high before normal before low.
+always drains high before normal before low. A replica's own affinity queue of a priority
+(`p1-high+<alias>@<worker>`) sorts just before that priority's shared queue and after
+every queue of a higher priority: the replica takes the requests sent to it first, and
+strict priority holds.
 """
 
 from __future__ import annotations
@@ -36,6 +39,41 @@ def client_request_key(owner: str | None, client_id: str) -> str:
     """String: our request id for a client's own `X-Request-ID`, per API key (`-`: the admin
     and an open gateway), so a client finds (and cancels) its request by its own id."""
     return f"{PREFIX}:client-request:{owner or '-'}:{client_id}"
+
+
+def affinity_queue(alias: str, priority: Priority, worker_id: str) -> str:
+    """The Celery queue (and Redis list) of `alias` requests at `priority` sent to one
+    replica for its prompt cache (`gateway.queueing.affinity`). Its messages are routed
+    to the shared queue (`queue_name`): one restored or sent back lands there."""
+    return f"p{_RANK[priority]}-{priority.value}+{alias}@{worker_id}"
+
+
+def affinity_queues(alias: str, worker_id: str) -> list[str]:
+    """A replica's affinity queues of `alias`, highest priority first."""
+    return [affinity_queue(alias, p, worker_id) for p in sorted(_RANK, key=_RANK.__getitem__)]
+
+
+def consumed_queues(alias: str, worker_id: str) -> list[str]:
+    """Every queue a worker serving `alias` consumes: the shared ones, its own affinity
+    queues, and the batch queue."""
+    return [*affinity_queues(alias, worker_id), *worker_queues(alias)]
+
+
+def affinity_key(alias: str, key: str) -> str:
+    """String (with a TTL): the worker that last ran a request of `alias` with this
+    affinity key (`common.affinity`), written by that worker as it claims the task."""
+    return f"{PREFIX}:affinity:{alias}:{key}"
+
+
+def kombu_bindings(queue: str) -> list[str]:
+    """The keys kombu's Redis transport keeps for a queue a consumer declared (its exchange
+    is named after it): its binding table and that table's permanent copy."""
+    return [f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+
+
+# Hash affinity queue -> JSON {alias, priority, worker}: every replica's affinity queues,
+# so the sweeper finds those of replicas that left (`gateway.queueing.affinity_sweep`).
+AFFINITY_QUEUES = f"{PREFIX}:affinity-queues"
 
 
 def live_key(queue: str) -> str:
@@ -232,6 +270,7 @@ BATCHES = f"{PREFIX}:batches"  # sorted set of batch ids by creation time
 BATCHES_ACTIVE = f"{PREFIX}:batches:active"  # set of batches not final yet
 BATCH_LEADER = f"{PREFIX}:batches:leader"  # lock: the gateway that supervises batches now
 AGING_LEADER = f"{PREFIX}:aging:leader"  # lock: the gateway promoting aged low requests now
+AFFINITY_LEADER = f"{PREFIX}:affinity:leader"  # lock: the gateway sweeping affinity queues
 
 
 def batch_key(batch_id: str) -> str:

@@ -70,6 +70,11 @@ class ModelConfig(BaseModel):
     # repeat_penalty, max_tokens...; the request's own values win
     defaults: dict[str, Any] = Field(default_factory=dict)
     cache: CacheConfig | None = None  # the response cache; None: off (`cache: true`: on)
+    # With two or more replicas: a request goes to the replica that served its affinity key
+    # last (its prompt cache, `common.affinity`), and to the shared queue if that replica
+    # has not taken it within `affinity_wait` seconds (busy, or gone). false: shared only.
+    affinity: bool = True
+    affinity_wait: float = Field(default=2.0, ge=0)
 
     @field_validator("engine", mode="before")
     @classmethod

@@ -48,6 +48,7 @@ class Outcome:
     ttft_ms: float | None = None  # enqueued -> first token
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = None  # of the prompt, taken from the engine's prompt cache
     timings: Mapping[str, Any] | None = None  # llama-server's `timings` of the request
 
     def record_fields(self) -> dict[str, str]:
@@ -58,6 +59,8 @@ class Outcome:
         if self.prompt_tokens or self.completion_tokens:
             out["prompt_tokens"] = str(self.prompt_tokens)
             out["completion_tokens"] = str(self.completion_tokens)
+        if self.cached_tokens is not None:
+            out["cached_tokens"] = str(self.cached_tokens)
         return out
 
     def increments(self) -> dict[str, int]:

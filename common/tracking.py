@@ -57,6 +57,12 @@ class RequestRecord(BaseModel):
     ttft_ms: float | None = None  # enqueued -> first token, as its worker measured it
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens its engine had in its prompt cache
+    # Prefix affinity (`gateway.queueing.affinity`): "hit" (sent to the replica that ran
+    # its key last), "new" (to its key's rendezvous replica), "spill" (moved to the shared
+    # queue after `affinity_wait`); unset: the shared queue from the start.
+    affinity: str | None = None
+    affinity_worker: str | None = None  # the replica it was sent to (`worker` ran it)
 
     @classmethod
     def from_hash(cls, raw: Mapping[Any, Any]) -> RequestRecord:

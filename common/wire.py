@@ -69,6 +69,8 @@ class _Generation(WireModel):
     )
     service_tier: str | None = None
     user: str | None = None
+    # requests that share it go to the replica holding their prompt cache (`common.affinity`)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
 
 
 class ChatCompletionRequest(_Generation):

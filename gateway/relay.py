@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from common.affinity import affinity_key
 from common.errors import CorralError, InvalidRequest, WorkerLost
 from common.frames import FrameType
 from common.jobs import Job, JobKind
@@ -20,6 +21,7 @@ from common.settings import ModelConfig, Settings
 from common.tracking import RequestState
 from common.wire import WireModel
 from gateway.aio import cancel_and_wait
+from gateway.queueing.affinity import preference
 from gateway.state import GATEWAY_STOPPING, GatewayState
 from gateway.streaming.hub import Subscription
 from gateway.streaming.sse import GiveUp, SSEResponse, wait_disconnect
@@ -60,6 +62,8 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
     if cached.hit is not None:  # no queue, no worker, no load
         usage = bool((fields.get("stream_options") or {}).get("include_usage"))
         return cached.reply(stream, usage, headers)
+    owner = caller_of(request).owner
+    session = request.headers.get("x-session-id")
     job = Job(
         request_id=request_id,
         kind=kind,
@@ -69,14 +73,17 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         priority=priority,
         channel=state.hub.channel(request_id),
         deadline=time.time() + timeout,
-        owner=caller_of(request).owner,
+        owner=owner,
+        affinity=affinity_key(kind, fields, session, owner) if model.affinity else None,
     )
     sub = await state.hub.open(request_id, job.deadline, restartable=not job.stream)
     request.state.subscription = sub  # its final usage: rate limits and metrics
     try:
         await state.placer.ensure(model_name, sub)  # load it somewhere if nobody holds it
         client_id = getattr(request.state, "client_request_id", None)
-        await state.dispatcher.submit(job, client_id=client_id)
+        ready = await state.placer.ready_replicas(model_name)
+        prefer = preference(job, model, ready)
+        await state.dispatcher.submit(job, client_id=client_id, affinity=prefer)
     except BaseException:
         sub.close()
         raise

@@ -26,6 +26,7 @@ from gateway.monitoring.metrics import GatewayMetrics
 from gateway.monitoring.model_events import StatusFeed
 from gateway.monitoring.overview import overview
 from gateway.placement.placer import Placer
+from gateway.queueing.affinity_sweep import AffinitySweeper
 from gateway.queueing.aging import Promoter
 from gateway.queueing.dispatch import Dispatcher
 from gateway.streaming.hub import StreamHub
@@ -66,6 +67,7 @@ class GatewayState:
     placer: Placer
     feed: StatusFeed
     promoter: Promoter | None = None  # aging, if `low_max_wait` is set
+    sweeper: AffinitySweeper = field(init=False)  # affinity queues of replicas that left
     draining: bool = False  # shutting down: no new request, /health says so
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     board: Board = field(init=False)  # the status page's feed, read only while watched
@@ -74,6 +76,7 @@ class GatewayState:
     def __post_init__(self) -> None:
         self.board = Board(self.feed, functools.partial(overview, self))
         self.cache = ResponseCache(self.redis, self.metrics)
+        self.sweeper = AffinitySweeper(self.redis, self.hub.gateway_id)
 
     @classmethod
     async def start(
@@ -88,7 +91,7 @@ class GatewayState:
         target = RedisTarget.of(settings, url)
         hub = StreamHub(client, f"gw-{uuid.uuid4().hex[:8]}", target, on_keys_changed=epoch.bump)
         await hub.start()
-        dispatcher = Dispatcher(settings, url, client)
+        dispatcher = Dispatcher(settings, url, client, metrics.affinity)
         catalog = Catalog(settings, client)
         files = RedisFileStore(client)
         store = BatchStore(client, files)
@@ -103,6 +106,9 @@ class GatewayState:
         await catalog.prune({w.model for w in view.workers if w.model})
         await placer.start()
         state._background.append(asyncio.create_task(supervisor.run(), name="corral-batches"))
+        state._background.append(
+            asyncio.create_task(state.sweeper.run(), name="corral-affinity-sweep")
+        )
         if settings.low_max_wait is not None:
             state.promoter = Promoter(
                 client,
@@ -131,6 +137,8 @@ class GatewayState:
             await cancel_and_wait(task)
         if self.promoter is not None:
             await self.promoter.stop()
+        await self.sweeper.stop()
+        await self.dispatcher.spills.stop()
         await self.batches.stop()
         await self.placer.stop()
         await self.board.stop()

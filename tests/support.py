@@ -192,9 +192,10 @@ class Blocker:
     """A long streaming generation holding the model's only slot until cancelled. Serve a
     `slow_model`, or the generation may end before the test is done with the slot."""
 
-    def __init__(self, base_url: str, model: str, key: str | None = None) -> None:
+    def __init__(self, base_url: str, model: str, key: str | None = None, **extra: Any) -> None:
         self.base_url = base_url
         self.model = model
+        self.extra = extra  # more body fields (e.g. `prompt_cache_key`)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.request_id = ""
         self.events: list[str] = []
@@ -213,6 +214,7 @@ class Blocker:
             "max_tokens": 8000,
             "stream": True,
             "ignore_eos": True,
+            **self.extra,
         }
         with httpx.stream(
             "POST",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -80,7 +81,10 @@ def run_worker(
     target = RedisTarget.of(settings, redis_url)
     client = target.client()
     if alias is not None and model is not None:
-        client.hset(redis_keys.CATALOG, alias, model.model_dump_json())  # every gateway knows it
+        pipe = client.pipeline(transaction=False)  # every gateway knows it, from now
+        pipe.hset(redis_keys.CATALOG, alias, model.model_dump_json())
+        pipe.zadd(redis_keys.CATALOG_SEEN, {alias: time.time()})
+        pipe.execute()
     tasklog.install()  # the request id on every log line of a task
     manager: Manager | None = None
     ledger = DeviceLedger(client, spec.device, spec.worker_id, spec.budget_mb)
@@ -91,7 +95,7 @@ def run_worker(
     )
     metrics.serve(settings.worker_metrics_host, settings.worker_metrics_port)
     initial = [redis_keys.worker_queue(spec.worker_id)]
-    initial += redis_keys.worker_queues(alias) if alias else []
+    initial += redis_keys.consumed_queues(alias, spec.worker_id) if alias else []
     queues = QueueControl(configure_app(settings, redis_url), spec.worker_id, initial)
     info = WorkerInfo(
         id=spec.worker_id,
@@ -213,6 +217,9 @@ def _consume(
     ]
     log.info("worker=%s consuming queues=%s slots=%d", worker_id, ",".join(queues), slots)
     _one_line_if_root(worker_id)
+    # Celery warns at each broker reconnect that it will cancel running tasks by default in
+    # 6.0; Corral sets the behaviour it wants (`common.celery_config`).
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5\.1 we introduced an optional")
     app.worker_main(argv)
 
 

@@ -101,6 +101,14 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.affinity = Counter(
+            "corral_affinity",
+            "Requests routed by prefix affinity: hit (to the replica that ran their key "
+            "last), new (a key new, or whose replica left: to its rendezvous replica), spill "
+            "(moved to the shared queue: that replica did not take it within affinity_wait).",
+            ["model", "result"],
+            registry=r,
+        )
         self.promotions = Counter(
             "corral_promotions",
             "Low requests promoted to normal after `low_max_wait`.",

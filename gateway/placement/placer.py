@@ -94,6 +94,10 @@ class Placer:
                 self.waiters.discard(alias, sub)  # the request ends here, not queued
             raise
 
+    async def ready_replicas(self, alias: str) -> list[str]:
+        """The ids of the workers serving `alias` now, as `ensure` just saw them."""
+        return [w.id for w in (await self.view(ENSURE_VIEW_MAX_AGE_S)).ready(alias)]
+
     # -- the management API --------------------------------------------------------------
     async def load(self, alias: str, replicas: int | None = None) -> Plan:
         """Place `replicas` copies (default: the config's); returns at once."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from common import redis_keys
@@ -29,6 +30,7 @@ from common.frames import out_of_band_error
 from common.jobs import Job
 from common.settings import Settings
 from common.tracking import RequestState
+from gateway.queueing.affinity import Preference, Spills
 from gateway.queueing.records import Tracker
 from gateway.queueing.task_message import TaskMessage, TaskMessages
 
@@ -37,36 +39,57 @@ log = logging.getLogger(__name__)
 CANCEL_TTL_S = 3600
 CANCEL_RETRY_S = 120.0  # a cancel the broker missed is tried again this long
 
-# KEYS: the list to push on, the request record, the queue's binding table and its permanent
-# set, the recent-requests list, the queue's live set (`redis_keys.live_key`), the client
-# id's key (`redis_keys.client_request_key`).
+# KEYS: the shared queue's list, the request record, the queue's binding table and its
+# permanent set, the recent-requests list, the queue's live set (`redis_keys.live_key`),
+# the client id's key (`redis_keys.client_request_key`), then with affinity: the key's
+# last-replica key and each candidate replica's affinity queue.
 # ARGV: the cap (-1: none), the record's TTL, the binding, the message, the request id, the
-# recent list's length, the deadline, now, the client's id ("": none), then the record's
-# fields. The cap counts the
-# live requests of this priority only (a low flood cannot take a high request's room), and
-# dead ones (cancelled, expired) leave the count as they die.
-# Returns {1 if enqueued else 0, the depth found}.
+# recent list's length, the deadline, now, the client's id ("": none), the number n of
+# candidates, their worker ids (in the key's rendezvous order), then the record's fields.
+# The cap counts the live requests of this priority only (a low flood cannot take a high
+# request's room), and dead ones (cancelled, expired) leave the count as they die. With
+# candidates, the message goes to the affinity queue of the replica that ran the key last
+# if it is one of them ("hit"), else to the first ("new"); the record says which.
+# Returns {1 if enqueued else 0, the depth found, "hit"|"new"|"", the replica chosen}.
 ENQUEUE_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
 local depth = redis.call('ZCARD', KEYS[6])
 local cap = tonumber(ARGV[1])
-if cap >= 0 and depth >= cap then return {0, depth} end
-redis.call('HSET', KEYS[2], unpack(ARGV, 10))
+if cap >= 0 and depth >= cap then return {0, depth, '', ''} end
+local n = tonumber(ARGV[10])
+local target, result, chosen = KEYS[1], '', ''
+if n > 0 then
+  local last = redis.call('GET', KEYS[8])
+  local pick = 1
+  result = 'new'
+  for i = 1, n do
+    if ARGV[10 + i] == last then pick = i; result = 'hit'; break end
+  end
+  target, chosen = KEYS[8 + pick], ARGV[10 + pick]
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 11 + n))
+if n > 0 then redis.call('HSET', KEYS[2], 'affinity', result, 'affinity_worker', chosen) end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[7], ARGV[5], 'EX', ARGV[2]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 redis.call('SADD', KEYS[4], ARGV[3])
-redis.call('LPUSH', KEYS[1], ARGV[4])
+redis.call('LPUSH', target, ARGV[4])
 redis.call('LPUSH', KEYS[5], ARGV[5])
 redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[6]) - 1)
 redis.call('ZADD', KEYS[6], ARGV[7], ARGV[5])
 redis.call('EXPIRE', KEYS[6], ARGV[2])
-return {1, depth}
+return {1, depth, result, chosen}
 """
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, redis_url: str, client: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        client: aioredis.Redis,
+        affinity: Counter | None = None,
+    ) -> None:
         self._settings = settings
         self._redis = client
         self._celery = Celery("corral-gateway", set_as_current=False)
@@ -74,6 +97,8 @@ class Dispatcher:
         self._messages = TaskMessages(self._celery)
         self._enqueue = client.register_script(ENQUEUE_LUA)
         self.tracker = Tracker(client)
+        self._affinity_counter = affinity  # `corral_affinity_total`, by model and result
+        self.spills = Spills(client, affinity)
         self._later: set[asyncio.Task[None]] = set()  # cancels waiting for the broker
         self._pool = ThreadPoolExecutor(
             max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-dispatch"
@@ -84,25 +109,38 @@ class Dispatcher:
         self._celery.close()
 
     async def submit(
-        self, job: Job, *, resubmit: bool = False, client_id: str | None = None
+        self,
+        job: Job,
+        *,
+        resubmit: bool = False,
+        client_id: str | None = None,
+        affinity: Preference | None = None,
     ) -> None:
         """Enqueue `job` on its model's queue for its priority, within the depth cap (a
         resubmit is always let in), and record it (`GET /v1/requests/{id}`, also by the
-        client's own `client_id`)."""
+        client's own `client_id`). With an `affinity` preference it goes to one replica's
+        own queue, for `affinity.wait` seconds (`gateway.queueing.affinity`)."""
         message = self._messages.build(job, redis_keys.queue_name(job.model, job.priority))
         fields, ttl = self.tracker.record_fields(job, client_id)
         route = message.route
         limit = self._settings.max_queue_size_per_model
-        enqueued, depth = await self._enqueue(
-            keys=[
-                route.list_key,
-                redis_keys.request_key(job.request_id),
-                route.binding_key,
-                route.permanent_key,
-                redis_keys.RECENT_REQUESTS,
-                redis_keys.live_key(route.queue),
-                redis_keys.client_request_key(job.owner, client_id or ""),
-            ],
+        replicas = list(affinity.replicas) if affinity is not None else []
+        keys = [
+            route.list_key,
+            redis_keys.request_key(job.request_id),
+            route.binding_key,
+            route.permanent_key,
+            redis_keys.RECENT_REQUESTS,
+            redis_keys.live_key(route.queue),
+            redis_keys.client_request_key(job.owner, client_id or ""),
+        ]
+        if replicas and job.affinity is not None:
+            keys.append(redis_keys.affinity_key(job.model, job.affinity))
+            keys += [redis_keys.affinity_queue(job.model, job.priority, w) for w in replicas]
+        else:
+            replicas = []
+        enqueued, depth, result, chosen = await self._enqueue(
+            keys=keys,
             args=[
                 -1 if resubmit else limit,
                 ttl,
@@ -113,6 +151,8 @@ class Dispatcher:
                 job.deadline,
                 time.time(),
                 client_id or "",
+                len(replicas),
+                *replicas,
                 *(item for pair in fields.items() for item in pair),
             ],
         )
@@ -122,6 +162,13 @@ class Dispatcher:
                 f"waiting, limit {limit}). Retry later.",
                 retry_after=5,
             )
+        routed = ""
+        if affinity is not None and result:
+            worker, outcome = redis_keys.text(chosen), redis_keys.text(result)
+            if self._affinity_counter is not None:
+                self._affinity_counter.labels(model=job.model, result=outcome).inc()
+            self.spills.after(affinity.wait, job, worker, message.entry)
+            routed = f" affinity={outcome} replica={worker}"
         event = self._messages.sent_event(message)  # for Flower; the worker has the task
         if event is not None:
             try:
@@ -129,12 +176,13 @@ class Dispatcher:
             except RedisError as exc:  # the task is queued: a lost event must not fail it
                 log.warning("job=%s task-sent event not sent: %r", job.request_id, exc)
         log.info(
-            "job=%s model=%s priority=%s kind=%s stream=%s enqueued",
+            "job=%s model=%s priority=%s kind=%s stream=%s enqueued%s",
             job.request_id,
             job.model,
             job.priority.value,
             job.kind.value,
             job.stream,
+            routed,
         )
 
     async def send_batch_items(self, jobs: list[Job]) -> None:

@@ -130,16 +130,15 @@ class Tracker:
     async def place(self, records: list[RequestRecord], workers: list[WorkerInfo]) -> None:
         """Fill in each queued record's position and estimated start (`gateway.queueing.eta`):
         one script per model finds them all in its queues."""
-        by_model: dict[str, list[RequestRecord]] = {}
+        by_queues: dict[tuple[str, str | None], list[RequestRecord]] = {}
         for record in records:
             if record.state is RequestState.QUEUED:
-                by_model.setdefault(record.model, []).append(record)
+                replica = record.affinity_worker if record.affinity in ("hit", "new") else None
+                by_queues.setdefault((record.model, replica), []).append(record)
         now = time.time()
-        for model, queued in by_model.items():
-            args: list[Any] = []
-            for record in queued:
-                args += (record.request_id, record.priority.rank + 1)
-            found = await self._positions(keys=redis_keys.model_queues(model), args=args)
+        for (model, replica), queued in by_queues.items():
+            keys, args = _position_args(model, replica, queued)
+            found = await self._positions(keys=keys, args=args)
             slots = await eta.read_slots(self._redis, model, workers)
             for record, position in zip(queued, found, strict=True):
                 record.position = int(position) or None
@@ -169,6 +168,25 @@ class Tracker:
             live, _ = await cluster.running(self._redis, model)
             out[model] = {"priorities": per, "running": len(live)}
         return out
+
+
+def _position_args(
+    model: str, replica: str | None, queued: list[RequestRecord]
+) -> tuple[list[str], list[Any]]:
+    """The queues in the order a replica takes from them, and each request's own queue
+    (`POSITIONS_LUA`): the shared ones; for requests waiting in `replica`'s affinity
+    queues, each of its own queues before the shared one of the same priority."""
+    args: list[Any] = []
+    if replica is None:
+        for record in queued:
+            args += (record.request_id, record.priority.rank + 1)
+        return redis_keys.model_queues(model), args
+    keys = []
+    for p in sorted(Priority, key=lambda p: p.rank):
+        keys += [redis_keys.affinity_queue(model, p, replica), redis_keys.queue_name(model, p)]
+    for record in queued:
+        args += (record.request_id, 2 * record.priority.rank + 1)
+    return keys, args
 
 
 def enqueued_at(message: str) -> float | None:

@@ -32,3 +32,30 @@ def test_all_keys_share_the_prefix() -> None:
         redis_keys.CATALOG,
     ):
         assert name.startswith("corral:")
+
+
+def test_a_replicas_affinity_queues_sort_just_before_their_shared_queue() -> None:
+    """kombu's sorted BRPOP takes a replica's own requests of a priority first, and still
+    every high request before any normal one, whatever the alias or worker id."""
+    for alias, worker in (("m", "w1@host"), ("A.b-1", "0-worker@x"), ("zz", "~")):
+        consumed = [*redis_keys.consumed_queues(alias, worker), redis_keys.worker_queue(worker)]
+        order = sorted(consumed)
+        assert order[1:] == [
+            redis_keys.affinity_queue(alias, Priority.HIGH, worker),
+            redis_keys.queue_name(alias, Priority.HIGH),
+            redis_keys.affinity_queue(alias, Priority.NORMAL, worker),
+            redis_keys.queue_name(alias, Priority.NORMAL),
+            redis_keys.affinity_queue(alias, Priority.LOW, worker),
+            redis_keys.queue_name(alias, Priority.LOW),
+            redis_keys.batch_queue(alias),
+        ]
+
+
+def test_kombu_binding_keys_are_kombus_own() -> None:
+    from kombu.transport.redis import Channel
+
+    q = "p1-high+m@w"
+    assert redis_keys.kombu_bindings(q) == [
+        Channel.keyprefix_queue % (q,),
+        Channel.keyprefix_binding_permanent % (q,),
+    ]

@@ -37,7 +37,7 @@ from workers.engine.binary import cpu_threads
 from workers.engine.server import EngineServer, LaunchSpec, ServerState
 from workers.hardware import usage
 from workers.hardware.ledger import DeviceLedger
-from workers.models import preflight
+from workers.models import affinity, preflight
 from workers.models.reporter import Reporter
 from workers.task.runtime import Serving
 
@@ -247,7 +247,7 @@ class ModelHost:
         self._serving.set(held.alias)
         if consume:
             try:
-                self._queues.consume(redis_keys.worker_queues(held.alias))
+                self._queues.consume(redis_keys.consumed_queues(held.alias, self.spec.worker_id))
             except QueueError as exc:
                 log.error("worker=%s model=%s %s", self.spec.worker_id, held.alias, exc)
                 self.unload()
@@ -263,6 +263,7 @@ class ModelHost:
             restarts=held.restarts,
         )
         self._report.event(held.alias, ModelState.READY)
+        affinity.register(self._redis, held.alias, self.spec.worker_id)
         return True
 
     def unload(self, next_model: str | None = None, lock: str | None = None) -> None:
@@ -276,9 +277,10 @@ class ModelHost:
             self._report.release(next_model, lock)  # the swap is visible: next_model is set
         self._serving.set(None)
         try:
-            self._queues.stop_consuming(redis_keys.worker_queues(held.alias))
+            self._queues.stop_consuming(redis_keys.consumed_queues(held.alias, wid))
         except QueueError as exc:
             log.error("worker=%s model=%s %s", wid, held.alias, exc)
+        affinity.give_back(self._redis, held.alias, wid)
         if not self._queues.drain(self.settings.task_time_limit, self._stop):
             log.warning("worker=%s model=%s unloading with tasks still running", wid, held.alias)
         self._record_peak(held)

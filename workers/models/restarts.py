@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from common import redis_keys
 from common.errors import LlamaServerError, QueueError
 from common.registry import ModelState, WorkerState
+from workers.models import affinity
 
 if TYPE_CHECKING:
     from workers.models.lifecycle import Held, ModelHost
@@ -58,9 +59,10 @@ def restart_after_crash(host: ModelHost, held: Held, crashes: CrashHistory, stop
     wid, alias = host.spec.worker_id, held.alias
     host.parts.serving.set(None)
     try:
-        host.parts.queues.stop_consuming(redis_keys.worker_queues(alias))
+        host.parts.queues.stop_consuming(redis_keys.consumed_queues(alias, wid))
     except QueueError as exc:
         log.error("worker=%s model=%s %s", wid, alias, exc)
+    affinity.give_back(host.parts.redis, alias, wid)
     while True:
         rc, tail = held.server.returncode, held.server.last_log_lines(3)
         held.server.stop()

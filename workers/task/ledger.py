@@ -20,6 +20,7 @@ from redis.connection import Connection
 from redis.exceptions import NoScriptError
 
 from common import redis_keys, telemetry
+from common.affinity import AFFINITY_TTL_S
 from common.jobs import Job
 from common.telemetry import Outcome
 from common.tracking import RECORD_TTL_S, RequestState, running_member
@@ -35,16 +36,18 @@ class Claim(StrEnum):
     CANCELLED = "cancelled"  # cancelled while queued: nobody claimed it, drop it unrun
 
 
-# KEYS: cancel, claim, record, running set, then the model's live sets (the request leaves
-# them: it is no longer waiting). ARGV: worker id, claim TTL, start time, running member,
-# request id, then the record's field/value pairs. Returns {"cancelled"}, {"first"}
-# (claimed, record written) or {"taken", <owner>}.
+# KEYS: cancel, claim, record, running set, the request's affinity key
+# (`redis_keys.affinity_key`), then the model's live sets (the request leaves them: it is
+# no longer waiting). ARGV: worker id, claim TTL, start time, running member, request id,
+# the affinity key's TTL (0: the request has none), then the record's field/value pairs.
+# Returns {"cancelled"}, {"first"} (claimed, record written) or {"taken", <owner>}.
 _BEGIN_LUA = """
-for i = 5, #KEYS do redis.call('ZREM', KEYS[i], ARGV[5]) end
+for i = 6, #KEYS do redis.call('ZREM', KEYS[i], ARGV[5]) end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'cancelled'} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('HSET', KEYS[3], unpack(ARGV, 6))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 7))
   redis.call('ZADD', KEYS[4], ARGV[3], ARGV[4])
+  if ARGV[6] ~= '0' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[6]) end
   return {'first'}
 end
 return {'taken', redis.call('GET', KEYS[2])}
@@ -85,10 +88,12 @@ class PendingClaim:
             redis_keys.claim_key(request_id),
             redis_keys.request_key(request_id),
             redis_keys.running_key(job.model),
+            redis_keys.affinity_key(job.model, job.affinity or "-"),
             *redis_keys.live_keys(job.model),
         ]
         member = running_member(worker_id, request_id)
-        self._args = [worker_id, self._ttl, now, member, request_id]
+        remember = AFFINITY_TTL_S if job.affinity else 0  # this replica holds its prefix now
+        self._args = [worker_id, self._ttl, now, member, request_id, remember]
         for name, value in _record(job, worker_id, now).items():
             self._args += (name, value)
         self._conn = self._r.connection_pool.get_connection()
@@ -181,6 +186,8 @@ def _redelivered(
         and r.exists(redis_keys.worker_key(holder))
     ):
         return Claim.DUPLICATE
+    if _ended(r, job):  # its run ended and was answered: a late copy (a broker blip)
+        return Claim.DUPLICATE
     if job.stream:
         return Claim.LOST
     if r.set(f"{key}:rerun", worker_id, nx=True, ex=ttl):
@@ -190,6 +197,12 @@ def _redelivered(
     # No third run. A dead worker's loss its gateway sees (the heartbeat); a pool child's
     # only the verdict can tell, or the client would wait for its deadline.
     return Claim.LOST if lost else Claim.DUPLICATE
+
+
+def _ended(r: redis.Redis, job: Job) -> bool:
+    """Whether the request's record says its run ended (done, failed, cancelled...)."""
+    state = r.hget(redis_keys.request_key(job.request_id), "state")
+    return state is not None and RequestState(redis_keys.text(state)).final
 
 
 def _record(job: Job, worker_id: str, now: float) -> dict[Any, Any]:
@@ -213,6 +226,8 @@ def started(r: redis.Redis, job: Job, worker_id: str) -> None:
     pipe = r.pipeline(transaction=False)
     pipe.hset(redis_keys.request_key(job.request_id), mapping=_record(job, worker_id, now))
     pipe.zadd(redis_keys.running_key(job.model), {running_member(worker_id, job.request_id): now})
+    if job.affinity:
+        pipe.set(redis_keys.affinity_key(job.model, job.affinity), worker_id, ex=AFFINITY_TTL_S)
     pipe.execute()
 
 

@@ -36,5 +36,14 @@ def measured(
         ttft_ms=max(0.0, first - job.enqueued_at) * 1000 if first is not None else None,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
+        cached_tokens=cached_tokens(usage),
         timings=timings,
     )
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """The prompt tokens the engine took from its prompt cache (OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`, which llama-server sends), if it says."""
+    details = usage.get("prompt_tokens_details")
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return int(value) if isinstance(value, int | float) else None
