@@ -1,4 +1,5 @@
-"""One gateway at a time for a cluster-wide duty (batch supervision, aging of low requests).
+"""One gateway at a time for a cluster-wide duty (batch supervision, aging of low requests,
+the affinity sweep).
 
 Every gateway runs the duty's loop, but each round starts by holding a lock: a key
 holding the gateway's id, with a short TTL the holder refreshes every round. A gateway
@@ -70,3 +71,27 @@ async def lead_forever(
         except Exception:
             log.exception("%s round failed", what)
         await asyncio.sleep(interval)
+
+
+class LeaderDuty:
+    """A cluster-wide duty every gateway runs and only the lock's holder performs.
+
+    A subclass sets `name`, `interval` and `_leader` and defines `tick` (one round)."""
+
+    name: str
+    interval: float
+    _leader: LeaderLock
+
+    async def tick(self) -> object:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Every gateway runs this; only the lock's holder does `tick`."""
+        await lead_forever(self._leader, self.tick, self.interval, self.name)
+
+    async def stop(self) -> None:
+        """Hand the duty over at once (call after cancelling `run`)."""
+        try:
+            await self._leader.release()
+        except RedisError as exc:  # it expires on its own within the lock's TTL
+            log.warning("%s lock not released: %r", self.name, exc)

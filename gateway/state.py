@@ -21,6 +21,7 @@ from gateway.batches.store import BatchStore
 from gateway.batches.supervisor import BatchSupervisor
 from gateway.cache import ResponseCache
 from gateway.catalog import Catalog
+from gateway.leader import LeaderDuty
 from gateway.monitoring.board import Board
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.monitoring.model_events import StatusFeed
@@ -66,8 +67,7 @@ class GatewayState:
     batches: BatchRunner
     placer: Placer
     feed: StatusFeed
-    promoter: Promoter | None = None  # aging, if `low_max_wait` is set
-    sweeper: AffinitySweeper = field(init=False)  # affinity queues of replicas that left
+    duties: list[LeaderDuty] = field(default_factory=list)  # cluster-wide, one leader each
     draining: bool = False  # shutting down: no new request, /health says so
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     board: Board = field(init=False)  # the status page's feed, read only while watched
@@ -76,7 +76,6 @@ class GatewayState:
     def __post_init__(self) -> None:
         self.board = Board(self.feed, functools.partial(overview, self))
         self.cache = ResponseCache(self.redis, self.metrics)
-        self.sweeper = AffinitySweeper(self.redis, self.hub.gateway_id)
 
     @classmethod
     async def start(
@@ -98,26 +97,22 @@ class GatewayState:
         await owner_index.backfill_once(client, [files, store])
         placer = Placer(settings, client, catalog)
         batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
-        supervisor = BatchSupervisor(client, batches, dispatcher, catalog, hub.gateway_id)
         feed = StatusFeed(client)
         state = cls(settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed)
         await catalog.announce()
         view = await placer.view(0)
         await catalog.prune({w.model for w in view.workers if w.model})
         await placer.start()
-        state._background.append(asyncio.create_task(supervisor.run(), name="corral-batches"))
-        state._background.append(
-            asyncio.create_task(state.sweeper.run(), name="corral-affinity-sweep")
-        )
-        if settings.low_max_wait is not None:
-            state.promoter = Promoter(
-                client,
-                catalog,
-                hub.gateway_id,
-                settings.low_max_wait,
-                metrics.promotions,
+        state.duties.append(BatchSupervisor(client, batches, dispatcher, catalog, hub.gateway_id))
+        state.duties.append(AffinitySweeper(client, hub.gateway_id))
+        if settings.low_max_wait is not None:  # aging of low requests
+            promoter = Promoter(
+                client, catalog, hub.gateway_id, settings.low_max_wait, metrics.promotions
             )
-            state._background.append(asyncio.create_task(state.promoter.run(), name="corral-aging"))
+            state.duties.append(promoter)
+        for duty in state.duties:
+            name = f"corral-{duty.name.replace(' ', '-')}"
+            state._background.append(asyncio.create_task(duty.run(), name=name))
         return state
 
     async def drain(self, grace: float) -> None:
@@ -135,9 +130,8 @@ class GatewayState:
     async def stop(self) -> None:
         for task in self._background:
             await cancel_and_wait(task)
-        if self.promoter is not None:
-            await self.promoter.stop()
-        await self.sweeper.stop()
+        for duty in self.duties:
+            await duty.stop()
         await self.dispatcher.spills.stop()
         await self.batches.stop()
         await self.placer.stop()

@@ -25,7 +25,7 @@ from gateway.batches import output
 from gateway.batches.intake import BatchRunner
 from gateway.batches.store import item_id, item_job
 from gateway.catalog import Catalog
-from gateway.leader import LeaderLock, lead_forever
+from gateway.leader import LeaderDuty, LeaderLock
 from gateway.queueing.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ PLACE_EVERY_S = 5.0  # how often a batch with items left asks for its models to 
 CANCEL_GRACE_S = 30  # a cancelling batch whose queued items nobody takes ends after this
 
 
-class BatchSupervisor:
+class BatchSupervisor(LeaderDuty):
+    name = "batch supervisor"
+
     def __init__(
         self,
         client: aioredis.Redis,
@@ -51,14 +53,10 @@ class BatchSupervisor:
         self.store = runner.store
         self._dispatcher = dispatcher
         self._catalog = catalog
-        self._interval = interval
+        self.interval = interval
         self._stalled: dict[str, float] = {}  # batch id -> when it was first seen stalled
         self._placed_at: dict[str, float] = {}  # batch id -> when its models were last placed
         self._leader = LeaderLock(client, redis_keys.BATCH_LEADER, gateway_id, ttl=5)
-
-    async def run(self) -> None:
-        """Every gateway runs this; only the lock's holder supervises."""
-        await lead_forever(self._leader, self.tick, self._interval, "batch supervisor")
 
     async def _lead(self) -> bool:
         return await self._leader.hold()

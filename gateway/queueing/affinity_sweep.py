@@ -21,7 +21,7 @@ from common.affinity import GIVE_BACK_LUA
 from common.priority import Priority
 from common.registry import WorkerState
 from gateway.cluster import read_workers
-from gateway.leader import LeaderLock, lead_forever
+from gateway.leader import LeaderDuty, LeaderLock
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,14 @@ SWEEP_S = 2.0
 LEADER_TTL_S = 10.0
 
 
-class AffinitySweeper:
+class AffinitySweeper(LeaderDuty):
+    name = "affinity sweep"
+
     def __init__(self, client: aioredis.Redis, holder: str, interval: float = SWEEP_S) -> None:
         self._redis = client
         self.interval = interval
         self._leader = LeaderLock(client, redis_keys.AFFINITY_LEADER, holder, LEADER_TTL_S)
         self._give_back = client.register_script(GIVE_BACK_LUA)
-
-    async def run(self) -> None:
-        """Every gateway runs this; only the lock's holder sweeps."""
-        await lead_forever(self._leader, self.tick, self.interval, "affinity sweep")
-
-    async def stop(self) -> None:
-        """Hand the duty over at once (call after cancelling `run`)."""
-        try:
-            await self._leader.release()
-        except aioredis.RedisError as exc:  # it expires on its own within LEADER_TTL_S
-            log.warning("affinity sweep lock not released: %r", exc)
 
     async def tick(self) -> int:
         """One look at every registered affinity queue; how many requests moved."""

@@ -40,7 +40,7 @@ from prometheus_client import Counter
 from common import redis_keys
 from common.priority import Priority
 from gateway.catalog import Catalog
-from gateway.leader import LeaderLock, lead_forever
+from gateway.leader import LeaderDuty, LeaderLock
 from gateway.queueing.records import enqueued_at
 from gateway.queueing.task_message import set_task_body, task_body
 
@@ -103,7 +103,9 @@ def retarget(message: str, queue: str, priority: Priority) -> tuple[str, str]:
     return str(body[0][0]["request_id"]), json.dumps(envelope)
 
 
-class Promoter:
+class Promoter(LeaderDuty):
+    name = "aging"
+
     def __init__(
         self,
         client: aioredis.Redis,
@@ -119,17 +121,6 @@ class Promoter:
         self._leader = LeaderLock(client, redis_keys.AGING_LEADER, holder, LEADER_TTL_S)
         self._promote = client.register_script(PROMOTE_LUA)
         self._promotions = promotions  # `corral_promotions_total`, by model
-
-    async def run(self) -> None:
-        """Every gateway runs this; only the lock's holder promotes."""
-        await lead_forever(self._leader, self.tick, self.interval, "aging")
-
-    async def stop(self) -> None:
-        """Hand the duty over at once (call after cancelling `run`)."""
-        try:
-            await self._leader.release()
-        except aioredis.RedisError as exc:  # it expires on its own within LEADER_TTL_S
-            log.warning("aging lock not released: %r", exc)
 
     async def tick(self) -> int:
         """One look at every model's oldest low request; how many requests were promoted."""
