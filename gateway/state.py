@@ -22,6 +22,7 @@ from gateway.batches.supervisor import BatchSupervisor
 from gateway.cache import ResponseCache
 from gateway.catalog import Catalog
 from gateway.monitoring.board import Board
+from gateway.monitoring.liveness import Liveness
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.monitoring.model_events import StatusFeed
 from gateway.monitoring.overview import overview
@@ -66,6 +67,7 @@ class GatewayState:
     batches: BatchRunner
     placer: Placer
     feed: StatusFeed
+    liveness: Liveness  # what /health says about Redis and the workers
     promoter: Promoter | None = None  # aging, if `low_max_wait` is set
     sweeper: AffinitySweeper = field(init=False)  # affinity queues of replicas that left
     draining: bool = False  # shutting down: no new request, /health says so
@@ -100,7 +102,12 @@ class GatewayState:
         batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
         supervisor = BatchSupervisor(client, batches, dispatcher, catalog, hub.gateway_id)
         feed = StatusFeed(client)
-        state = cls(settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed)
+        liveness = Liveness.of(target)
+        await liveness.refresh()
+        liveness.start()
+        state = cls(
+            settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed, liveness
+        )
         await catalog.announce()
         view = await placer.view(0)
         await catalog.prune({w.model for w in view.workers if w.model})
@@ -133,6 +140,7 @@ class GatewayState:
             self.hub.fail_all(GATEWAY_STOPPING)
 
     async def stop(self) -> None:
+        await self.liveness.stop()
         for task in self._background:
             await cancel_and_wait(task)
         if self.promoter is not None:
