@@ -55,7 +55,7 @@ from corral.tinymodel import _WORDS, make_model
 from workers.engine.binary import resolve_binary
 
 MODEL = "bench-aff"
-SLOTS = 4
+SLOTS = 4  # per replica (`--slots`)
 CTX_PER_SLOT = 4096
 REPLY_TOKENS = 32
 THREADS = "1"  # per llama-server: two replicas share this machine's two cores
@@ -229,11 +229,11 @@ def stream(
 
 def conversation(send: Sender, seed: int, turns: int) -> list[Turn]:
     rng = random.Random(seed)
-    messages = [{"role": "system", "content": f"conversation {seed}: " + words(rng, 1400)}]
+    messages = [{"role": "system", "content": f"conversation {seed}: " + words(rng, 350)}]
     out = []
-    with httpx.Client(timeout=300) as http:
-        for t in range(1, turns + 1):
-            messages.append({"role": "user", "content": words(rng, 12)})
+    for t in range(1, turns + 1):
+        messages.append({"role": "user", "content": words(rng, 12)})
+        with httpx.Client(timeout=300) as http:  # a connection a turn: servers drop idle ones
             ttft, text, usage = stream(http, send(), messages)
             details = usage.get("prompt_tokens_details") or {}
             out.append(
@@ -258,7 +258,7 @@ def conversations(send: Sender, n: int, turns: int) -> tuple[list[Turn], float]:
 def no_prefix(send: Sender, requests: int = 48, parallel: int = 8) -> float:
     """Completion tokens a second over prompts that share nothing."""
     rng = random.Random(7)
-    prompts = [f"{i} " + words(rng, 150) for i in range(requests)]
+    prompts = [f"{i} " + words(rng, 50) for i in range(requests)]
 
     def one(prompt: str) -> int:
         with httpx.Client(timeout=300) as http:
@@ -337,15 +337,23 @@ def report(s: dict[str, dict[str, Any]], turns: int, n: int, flags: list[str]) -
 
 
 def main() -> int:
+    global SLOTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conversations", type=int, default=8)
     ap.add_argument("--turns", type=int, default=5)
+    ap.add_argument(
+        "--slots",
+        type=int,
+        default=SLOTS,
+        help=f"slots per replica (default {SLOTS}: one per conversation in all)",
+    )
     ap.add_argument(
         "--engine-flags", default="", help='extra llama-server flags, e.g. "--cache-ram 0"'
     )
     ap.add_argument("--json", action="store_true", help="print the summary as JSON too")
     args = ap.parse_args()
     flags = args.engine_flags.split()
+    SLOTS = args.slots
     out: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="corral-bench-aff-") as tmp:
         root = Path(tmp)
@@ -370,6 +378,7 @@ def main() -> int:
             with setup as send:
                 progress(f"{name}: measuring...")
                 out[name] = summary(measure(send, args.conversations, args.turns), args.turns)
+                progress(f"{name}: {json.dumps(out[name])}")
     report(out, args.turns, args.conversations, flags)
     if args.json:
         print(json.dumps(out, indent=2))

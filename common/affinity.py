@@ -16,16 +16,17 @@ The first two are namespaced by the API key that sent them (two tenants' "sessio
 not one session); a prompt's hash is not (a shared prefix is shared in the cache too).
 Embeddings have no key: they keep no prompt cache.
 
-A key seen for the first time goes to its rendezvous (highest random weight) replica:
-when replicas join or leave, only the keys of the replica that left, and the share the
-newcomer wins, move.
+The worker that runs a request remembers its key (`redis_keys.affinity_key`); the next
+request with the key goes to that replica (`gateway.queueing.affinity`). When replicas
+join or leave, only the keys of a replica that left move, each to whichever replica is
+free first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from common.jobs import JobKind
@@ -107,12 +108,6 @@ def _prompt_text(prompt: Any) -> str:
             return first
         return json.dumps(prompt if isinstance(first, int) else first)[:PREFIX_BYTES]
     return ""
-
-
-def rendezvous(key: str, replicas: Iterable[str]) -> list[str]:
-    """`replicas` in the order `key` prefers them (highest random weight first): the first
-    is where a key seen for the first time goes."""
-    return sorted(replicas, key=lambda worker: _digest(key, worker), reverse=True)
 
 
 # KEYS: a replica's affinity queue, the shared queue of its model and priority. Moves every

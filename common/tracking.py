@@ -59,8 +59,8 @@ class RequestRecord(BaseModel):
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens its engine had in its prompt cache
     # Prefix affinity (`gateway.queueing.affinity`): "hit" (sent to the replica that ran
-    # its key last), "new" (to its key's rendezvous replica), "spill" (moved to the shared
-    # queue after `affinity_wait`); unset: the shared queue from the start.
+    # its key last), "new" (no ready replica ran its key: the shared queue), "spill" (a hit
+    # moved to the shared queue after `affinity_wait`); unset: no affinity.
     affinity: str | None = None
     affinity_worker: str | None = None  # the replica it was sent to (`worker` ran it)
 

@@ -263,8 +263,10 @@ def test_flower_requires_basic_auth(stack: Stack) -> None:
 def test_flower_lists_the_worker_and_its_queues(stack: Stack) -> None:
     info = stack.api(f"/api/workers?workername={stack.worker_id}").json()[stack.worker_id]
     consumed = {q["name"] for q in info["active_queues"]}
-    # the model's queues, plus the worker's private one (never published to)
-    assert consumed == {*redis_keys.worker_queues("tiny"), redis_keys.worker_queue(stack.worker_id)}
+    # the model's shared queues, its own affinity queues (prompt-cache hits) and the
+    # worker's private one (never published to)
+    expected = {*redis_keys.consumed_queues("tiny", stack.worker_id)}
+    assert consumed == expected | {redis_keys.worker_queue(stack.worker_id)}
 
 
 def test_queue_lengths_show_every_model_queue_and_its_depth(stack: Stack) -> None:

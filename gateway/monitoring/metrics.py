@@ -104,8 +104,8 @@ class GatewayMetrics:
         self.affinity = Counter(
             "corral_affinity",
             "Requests routed by prefix affinity: hit (to the replica that ran their key "
-            "last), new (a key new, or whose replica left: to its rendezvous replica), spill "
-            "(moved to the shared queue: that replica did not take it within affinity_wait).",
+            "last), new (no ready replica ran the key: the shared queue), spill (a hit moved "
+            "to the shared queue: its replica did not take it within affinity_wait).",
             ["model", "result"],
             registry=r,
         )

@@ -3,10 +3,13 @@ and never waits on it for long.
 
 With two or more ready replicas of a model (and `affinity` on), the enqueue script
 (`gateway.queueing.dispatch`) pushes a request that has an affinity key
-(`common.affinity`) onto one replica's own queue of its priority
-(`redis_keys.affinity_queue`) instead of the shared one: the replica that ran the key
-last ("hit"), else the key's rendezvous replica ("new"). The message itself is routed to
-the shared queue, so a copy kombu restores or a worker sends back lands there.
+(`common.affinity`) onto the own queue of its priority (`redis_keys.affinity_queue`) of
+the replica that ran the key last ("hit"), if it is ready. A key no ready replica ran
+("new": nothing of it is cached anywhere) goes to the shared queue, where whichever
+replica is free first takes it and becomes the key's: pinning it to a replica chosen by
+hashing gained no cache and, on prompts that share nothing, left a free replica idle
+while another queued (`benchmarks/README.md`). The message itself is routed to the
+shared queue, so a copy kombu restores or a worker sends back lands there.
 
 Each replica consumes its own queue of a priority just before the shared one (the names
 sort so), so strict priority holds: every high request is taken before any normal one.
@@ -29,7 +32,6 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from common import redis_keys
-from common.affinity import rendezvous
 from common.jobs import Job
 from common.settings import ModelConfig
 
@@ -50,8 +52,8 @@ return 1
 
 @dataclass(frozen=True)
 class Preference:
-    """Where a request with an affinity key may go: the ready replicas, in the key's
-    rendezvous order, and how long the one chosen has to take it."""
+    """Where a request with an affinity key may go: the ready replicas, and how long the
+    one that holds its key has to take it."""
 
     replicas: tuple[str, ...]
     wait: float
@@ -64,7 +66,7 @@ def preference(job: Job, model: ModelConfig, ready: list[str]) -> Preference | N
         return None
     if len(ready) < 2:
         return None
-    return Preference(tuple(rendezvous(job.affinity, ready)), model.affinity_wait)
+    return Preference(tuple(ready), model.affinity_wait)
 
 
 class Spills:

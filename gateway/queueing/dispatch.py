@@ -42,14 +42,14 @@ CANCEL_RETRY_S = 120.0  # a cancel the broker missed is tried again this long
 # KEYS: the shared queue's list, the request record, the queue's binding table and its
 # permanent set, the recent-requests list, the queue's live set (`redis_keys.live_key`),
 # the client id's key (`redis_keys.client_request_key`), then with affinity: the key's
-# last-replica key and each candidate replica's affinity queue.
+# last-replica key and each ready replica's affinity queue.
 # ARGV: the cap (-1: none), the record's TTL, the binding, the message, the request id, the
 # recent list's length, the deadline, now, the client's id ("": none), the number n of
-# candidates, their worker ids (in the key's rendezvous order), then the record's fields.
+# ready replicas, their worker ids, then the record's fields.
 # The cap counts the live requests of this priority only (a low flood cannot take a high
 # request's room), and dead ones (cancelled, expired) leave the count as they die. With
-# candidates, the message goes to the affinity queue of the replica that ran the key last
-# if it is one of them ("hit"), else to the first ("new"); the record says which.
+# replicas, the message goes to the affinity queue of the one that ran the key last if it
+# is among them ("hit"), else to the shared queue ("new"); the record says which.
 # Returns {1 if enqueued else 0, the depth found, "hit"|"new"|"", the replica chosen}.
 ENQUEUE_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[8])
@@ -60,15 +60,17 @@ local n = tonumber(ARGV[10])
 local target, result, chosen = KEYS[1], '', ''
 if n > 0 then
   local last = redis.call('GET', KEYS[8])
-  local pick = 1
   result = 'new'
   for i = 1, n do
-    if ARGV[10 + i] == last then pick = i; result = 'hit'; break end
+    if ARGV[10 + i] == last then
+      target, chosen, result = KEYS[8 + i], last, 'hit'
+      break
+    end
   end
-  target, chosen = KEYS[8 + pick], ARGV[10 + pick]
 end
 redis.call('HSET', KEYS[2], unpack(ARGV, 11 + n))
-if n > 0 then redis.call('HSET', KEYS[2], 'affinity', result, 'affinity_worker', chosen) end
+if result == 'hit' then redis.call('HSET', KEYS[2], 'affinity', 'hit', 'affinity_worker', chosen)
+elseif result == 'new' then redis.call('HSET', KEYS[2], 'affinity', 'new') end
 if ARGV[9] ~= '' then redis.call('SET', KEYS[7], ARGV[5], 'EX', ARGV[2]) end
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
@@ -167,8 +169,10 @@ class Dispatcher:
             worker, outcome = redis_keys.text(chosen), redis_keys.text(result)
             if self._affinity_counter is not None:
                 self._affinity_counter.labels(model=job.model, result=outcome).inc()
-            self.spills.after(affinity.wait, job, worker, message.entry)
-            routed = f" affinity={outcome} replica={worker}"
+            routed = f" affinity={outcome}"
+            if worker:  # waiting in that replica's own queue, for `affinity.wait` at most
+                self.spills.after(affinity.wait, job, worker, message.entry)
+                routed += f" replica={worker}"
         event = self._messages.sent_event(message)  # for Flower; the worker has the task
         if event is not None:
             try:

@@ -87,33 +87,35 @@ def count(counter: Counter, model: str, result: str) -> float:
     return counter.labels(model=model, result=result)._value.get()
 
 
-def test_a_new_key_goes_to_its_first_replica_then_hits_the_one_that_ran_it(
+def test_a_key_goes_to_the_replica_that_ran_it_and_a_new_one_to_the_shared_queue(
     db: redis.Redis, redis_server: EmbeddedRedis, model: str
 ) -> None:
     prefer = Preference(("w2", "w1"), wait=60)
-    first, second, third = job(model), job(model), job(model)
+    first, second, third, fourth = job(model), job(model), job(model), job(model)
 
     async def work(d: Dispatcher, counter: Counter) -> tuple[float, ...]:
-        await d.submit(first, affinity=prefer)
+        await d.submit(first, affinity=prefer)  # nobody ran "conv" yet
         db.set(redis_keys.affinity_key(model, "conv"), "w1")  # w1 ran it (its claim)
         await d.submit(second, affinity=prefer)
-        db.set(redis_keys.affinity_key(model, "conv"), "w9")  # a replica gone since
         await d.submit(third, affinity=prefer)
-        # positions in the queues the chosen replica takes from
+        db.set(redis_keys.affinity_key(model, "conv"), "w9")  # a replica gone since
+        await d.submit(fourth, affinity=prefer)
+        # positions in the queues the replica takes from
         records = [await d.tracker.get(j.request_id) for j in (first, second, third)]
         positions = tuple(float(r.position or 0) for r in records if r is not None)
         return count(counter, model, "new"), count(counter, model, "hit"), *positions
 
-    assert run(redis_server.url, work) == (2, 1, 1, 1, 2)
-    assert routed(db, model, "w2") == [first.request_id, third.request_id]
-    assert routed(db, model, "w1") == [second.request_id]
-    assert shared(db, model) == []
+    assert run(redis_server.url, work) == (2, 2, 1, 1, 2)
+    assert routed(db, model, "w1") == [second.request_id, third.request_id]
+    assert routed(db, model, "w2") == []
+    assert shared(db, model) == [first.request_id, fourth.request_id]
     record = db.hgetall(redis_keys.request_key(second.request_id))
     assert (record["affinity"], record["affinity_worker"]) == ("hit", "w1")
-    assert db.hget(redis_keys.request_key(third.request_id), "affinity") == "new"
+    record = db.hgetall(redis_keys.request_key(fourth.request_id))
+    assert record["affinity"] == "new" and "affinity_worker" not in record
     # counted as waiting (depth, caps) like any queued request; routed to the shared queue
     live = redis_keys.live_key(redis_keys.queue_name(model, NORMAL))
-    assert db.zcard(live) == 3
+    assert db.zcard(live) == 4
     entry = json.loads(str(db.lindex(redis_keys.affinity_queue(model, NORMAL, "w1"), 0)))
     assert entry["properties"]["delivery_info"]["routing_key"] == redis_keys.queue_name(
         model, NORMAL
@@ -140,6 +142,8 @@ def test_a_request_its_replica_does_not_take_in_time_spills_to_the_shared_queue(
 ) -> None:
     waiting, taken = job(model, "a"), job(model, "b")
     older = job(model, key=None)
+    for key in ("a", "b"):
+        db.set(redis_keys.affinity_key(model, key), "w1")
 
     async def work(d: Dispatcher, counter: Counter) -> float:
         await d.submit(older)
@@ -155,7 +159,7 @@ def test_a_request_its_replica_does_not_take_in_time_spills_to_the_shared_queue(
     assert routed(db, model, "w1") == []
     assert shared(db, model) == [waiting.request_id, older.request_id]  # served next
     assert db.hget(redis_keys.request_key(waiting.request_id), "affinity") == "spill"
-    assert db.hget(redis_keys.request_key(taken.request_id), "affinity") == "new"
+    assert db.hget(redis_keys.request_key(taken.request_id), "affinity") == "hit"
 
 
 def test_a_replica_gives_its_queues_back_oldest_first(db: redis.Redis, model: str) -> None:
