@@ -58,7 +58,7 @@ def test_concurrent_reads_of_a_key_share_one_call_and_its_error() -> None:
         await asyncio.sleep(0.01)
         waiting[0].cancel()  # one caller leaves: the read goes on for the others
         gate.set()
-        got = await asyncio.gather(*waiting, return_exceptions=True)
+        got: list[object] = list(await asyncio.gather(*waiting, return_exceptions=True))
         return got, await shared("a")  # the read ended: a later call reads again
 
     got, again = asyncio.run(main())
