@@ -271,6 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+async def warm_up(cluster: Cluster, args: Any) -> None:
+    """Twice as many 1-token requests as there are slots, at once, through each gateway:
+    every pool child has run a task (and exists: the meter reads the process tree once)."""
+    slots = len(cluster.workers) * args.slots
+    samples = await asyncio.gather(
+        *(
+            fetch(
+                cluster.ports[i % len(cluster.ports)],
+                PATH,
+                chat_body(f"w{i} {nonce()}", 1, True, ALIAS),
+            )
+            for i in range(2 * slots)
+        )
+    )
+    if bad := [s for s in samples if s.error]:
+        raise RuntimeError(f"warm-up: {len(bad)} errors, the first: {bad[0].error}")
+    await asyncio.sleep(1.0)
+
+
 async def measure(cluster: Cluster, args: Any) -> list[dict[str, Any]]:
     meter = CpuMeter(cluster)
     rows = []
@@ -356,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 cluster.add_workers([worker] * (count - len(cluster.workers)), timeout=900)
                 progress(f"{count} workers ready ({time.monotonic() - t0:.0f} s)")
+                asyncio.run(warm_up(cluster, args))
                 limit = check_memory(cluster, limit)
                 rows += asyncio.run(measure(cluster, args))
     if args.json:
