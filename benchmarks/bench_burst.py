@@ -22,18 +22,27 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
-from rig import Cluster, CpuMeter, HealthProbe, Sample, chat_body, fetch, pct, progress, running
+from rig import (
+    Cluster,
+    CpuMeter,
+    HealthProbe,
+    Sample,
+    chat_body,
+    entry,
+    fetch,
+    pct,
+    progress,
+    running,
+)
 
 from corral.tinymodel import make_model
 from workers.engine.binary import cpu_threads, resolve_binary
@@ -208,18 +217,8 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r["errors"] for runs in per.values() for r in runs) else 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted: every child process was stopped")
-        return 130
+    return entry(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

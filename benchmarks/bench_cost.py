@@ -25,12 +25,10 @@ import argparse
 import asyncio
 import json
 import random
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
@@ -41,6 +39,7 @@ from rig import (
     Sample,
     Used,
     chat_body,
+    entry,
     fetch,
     open_loop,
     pct,
@@ -297,18 +296,8 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r["errors"] for r in results.values()) else 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted: every child process was stopped")
-        return 130
+    return entry(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

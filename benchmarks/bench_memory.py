@@ -24,18 +24,16 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 import psutil
 from bench_scale import ALIAS, PATH, config
-from rig import Cluster, Sample, chat_body, fetch, progress, running
+from rig import Cluster, Sample, chat_body, entry, fetch, progress, running
 
 MIB = 2**20
 HOLD_TOKENS = 3000  # at 1 token a second: streams that outlast the measurement (and fit ctx_size)
@@ -199,18 +197,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted: every child process was stopped")
-        return 130
+    return entry(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,10 @@ import asyncio
 import itertools
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psutil
@@ -53,6 +51,7 @@ from rig import (
     Used,
     chat_body,
     closed_loop,
+    entry,
     fetch,
     pct,
     progress,
@@ -385,18 +384,8 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r["errors"] for r in rows) else 0
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        progress("interrupted: every child process was stopped")
-        return 130
+    return entry(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

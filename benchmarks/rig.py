@@ -14,15 +14,18 @@ Scripts here are run as `python benchmarks/NAME.py`, so they import this as `rig
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -39,6 +42,26 @@ CORRAL = [sys.executable, "-m", "corral"]
 
 def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def entry(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], int],
+    argv: list[str] | None = None,
+) -> int:
+    """A script's `main`: parse, `run`; SIGTERM and Ctrl-C stop it with every child process
+    (each script stops its cluster on the way out)."""
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        progress("interrupted: every child process was stopped")
+        return 130
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def pct(values: Sequence[float], q: float) -> float:
