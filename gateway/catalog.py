@@ -29,6 +29,7 @@ from common import redis_keys
 from common.discovery import discover, signature
 from common.errors import InvalidRequest, ModelNotFound
 from common.settings import ModelConfig, Settings
+from gateway.aio import Shared
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Catalog:
         self._settings = settings
         self._redis = client
         self._cache: dict[str, tuple[ModelConfig, float]] = {}  # alias -> (config, read at)
+        self._shared_read = Shared(self._read)
         self._own: dict[str, ModelConfig] = {}  # this gateway's models, paths resolved
         self._scanned: tuple[tuple[str, int, int], ...] | None = None
         self._written = 0.0  # when the entries themselves were last written
@@ -136,6 +138,9 @@ class Catalog:
         cached = self._cache.get(alias)
         if cached is not None and time.monotonic() - cached[1] < CACHE_S:
             return cached[0]
+        return await self._shared_read(alias)  # a burst's requests share one read
+
+    async def _read(self, alias: str) -> ModelConfig:
         pipe = self._redis.pipeline(transaction=False)
         pipe.hget(redis_keys.CATALOG, alias)
         pipe.hget(redis_keys.MODEL_DEFAULTS, alias)

@@ -23,6 +23,7 @@ from gateway.cache import ResponseCache
 from gateway.catalog import Catalog
 from gateway.leader import LeaderDuty
 from gateway.monitoring.board import Board
+from gateway.monitoring.liveness import Liveness
 from gateway.monitoring.metrics import GatewayMetrics
 from gateway.monitoring.model_events import StatusFeed
 from gateway.monitoring.overview import overview
@@ -67,6 +68,7 @@ class GatewayState:
     batches: BatchRunner
     placer: Placer
     feed: StatusFeed
+    liveness: Liveness  # what /health says about Redis and the workers
     duties: list[LeaderDuty] = field(default_factory=list)  # cluster-wide, one leader each
     draining: bool = False  # shutting down: no new request, /health says so
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -98,7 +100,12 @@ class GatewayState:
         placer = Placer(settings, client, catalog)
         batches = BatchRunner(client, store, dispatcher, catalog, hub.gateway_id, placer.ensure)
         feed = StatusFeed(client)
-        state = cls(settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed)
+        liveness = Liveness.of(target)
+        await liveness.refresh()
+        liveness.start()
+        state = cls(
+            settings, client, metrics, hub, dispatcher, catalog, batches, placer, feed, liveness
+        )
         await catalog.announce()
         view = await placer.view(0)
         await catalog.prune({w.model for w in view.workers if w.model})
@@ -128,6 +135,7 @@ class GatewayState:
             self.hub.fail_all(GATEWAY_STOPPING)
 
     async def stop(self) -> None:
+        await self.liveness.stop()
         for task in self._background:
             await cancel_and_wait(task)
         for duty in self.duties:

@@ -32,7 +32,7 @@ from common.errors import CorralError, ModelBroken
 from common.locks import RELEASE_LUA
 from common.registry import ModelEvent, ModelState, WorkerState
 from common.settings import ModelConfig, Settings
-from gateway.aio import cancel_and_wait
+from gateway.aio import Shared, cancel_and_wait
 from gateway.catalog import Catalog
 from gateway.cluster import View, read_view
 from gateway.placement import policy
@@ -64,6 +64,7 @@ class Placer:
         self._policy = policy.Policy(settings.min_residency, settings.max_swap_wait)
         self.waiters = Waiters(client, settings.load_timeout)
         self._view: View | None = None
+        self._shared_view = Shared(self._read_view)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._said: dict[str, str] = {}  # alias -> last reconcile complaint (log once)
@@ -138,9 +139,17 @@ class Placer:
 
     async def view(self, max_age: float) -> View:
         """The registry, read at most `max_age` seconds ago."""
-        if self._view is None or time.monotonic() - self._view.taken_at > max_age:
-            self._view = await read_view(self._redis)
-        return self._view
+        if self._view is not None and time.monotonic() - self._view.taken_at <= max_age:
+            return self._view
+        # A read under way is fresh enough for a caller that takes any age (a burst's
+        # requests share it); one that wants a read from now on (0) makes its own.
+        view = await (self._shared_view(None) if max_age > 0 else read_view(self._redis))
+        if self._view is None or view.taken_at >= self._view.taken_at:
+            self._view = view
+        return view
+
+    async def _read_view(self, _: None) -> View:
+        return await read_view(self._redis)
 
     # -- deciding ------------------------------------------------------------------------
     async def _place(

@@ -3,7 +3,9 @@
 The enqueue is one Redis round trip on the event loop: a script checks the model's queue
 depth and, within the cap, writes the request's record and LPUSHes the task message; the
 task's `task-sent` event for Flower is built and PUBLISHed after it, off the path to the
-first token (`gateway.queueing.task_message` builds both as kombu would).
+first token (`gateway.queueing.task_message` builds both as kombu would), and only while
+someone hears it: a PUBLISH that reached no subscriber (no Flower) stops the events, but
+for one every `EVENT_RECHECK_S` that looks for a listener again.
 `send_task` would cost a thread hop and more before the first token. Cancelling sets
 a cancel key the worker checks before and while it runs, and revokes the task id (on a
 small thread pool: `revoke` blocks, in kombu) so a worker that has not fetched it yet
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CANCEL_TTL_S = 3600
 CANCEL_RETRY_S = 120.0  # a cancel the broker missed is tried again this long
+EVENT_RECHECK_S = 1.0  # while nobody hears `task-sent` events, one is sent this often
 
 # KEYS: the shared queue's list, the request record, the queue's binding table and its
 # permanent set, the recent-requests list, the queue's live set (`redis_keys.live_key`),
@@ -84,6 +88,23 @@ return {1, depth, result, chosen}
 """
 
 
+class Listeners:
+    """Whether anyone (Flower) hears the `task-sent` events: a PUBLISH answers how many
+    subscribers got it. After one nobody heard, `wanted` is False for `EVENT_RECHECK_S`,
+    so a listener that subscribes misses at most that long of events."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._unheard_at: float | None = None
+
+    def wanted(self) -> bool:
+        since = self._unheard_at
+        return since is None or self._clock() - since >= EVENT_RECHECK_S
+
+    def heard(self, receivers: int) -> None:
+        self._unheard_at = None if receivers > 0 else self._clock()
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -102,6 +123,7 @@ class Dispatcher:
         self._affinity_counter = affinity  # `corral_affinity_total`, by model and result
         self.spills = Spills(client, affinity)
         self._later: set[asyncio.Task[None]] = set()  # cancels waiting for the broker
+        self._listeners = Listeners()  # of the `task-sent` events
         self._pool = ThreadPoolExecutor(
             max_workers=min(32, settings.broker_pool_limit), thread_name_prefix="corral-dispatch"
         )
@@ -173,12 +195,8 @@ class Dispatcher:
             if worker:  # waiting in that replica's own queue, for `affinity.wait` at most
                 self.spills.after(affinity.wait, job, worker, message.entry)
                 routed += f" replica={worker}"
-        event = self._messages.sent_event(message)  # for Flower; the worker has the task
-        if event is not None:
-            try:
-                await self._redis.publish(event.channel, event.payload)
-            except RedisError as exc:  # the task is queued: a lost event must not fail it
-                log.warning("job=%s task-sent event not sent: %r", job.request_id, exc)
+        if self._listeners.wanted():  # for Flower; the worker has the task already
+            await self._send_event(job, message)
         log.info(
             "job=%s model=%s priority=%s kind=%s stream=%s enqueued%s",
             job.request_id,
@@ -188,6 +206,15 @@ class Dispatcher:
             job.stream,
             routed,
         )
+
+    async def _send_event(self, job: Job, message: TaskMessage) -> None:
+        event = self._messages.sent_event(message)
+        if event is None:
+            return
+        try:
+            self._listeners.heard(int(await self._redis.publish(event.channel, event.payload)))
+        except RedisError as exc:  # the task is queued: a lost event must not fail it
+            log.warning("job=%s task-sent event not sent: %r", job.request_id, exc)
 
     async def send_batch_items(self, jobs: list[Job]) -> None:
         """Enqueue batch items on their model's batch queue: below every interactive

@@ -12,6 +12,13 @@ cancel costs no extra round trip while tokens flow; when the stream is quiet (a 
 prompt being processed) the thread polls the key on its own. A PUBLISH that reached no
 subscriber means the gateway that owned the request is gone: that cancels too.
 
+A stream sends its frames on a connection it holds from its first frame to its last,
+writing the two commands and reading the two replies itself: at a few tens of tokens a
+second each token is a frame, and redis-py's `Pipeline` cost more than the frame (a pooled
+connection taken and given back, its checks and hooks, every time). On any error the
+connection is dropped and that frame goes through a `Pipeline`, with the client's retries
+(a broker restarting); the final frame always does (it carries the record's end).
+
 Flusher threads outlive their stream: the next request's publisher takes an idle one.
 Starting a thread made the task wait right before its llama-server call (longer on busy
 cores), because `Thread.start` blocks until the new thread runs. They are
@@ -30,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.connection import Connection
 
 from common.frames import Frame, FrameType
 
@@ -112,6 +120,7 @@ class Publisher:
         self.first_chunk_at: float | None = None  # epoch s the first chunk was queued
         self._started = False
         self._done = threading.Event()
+        self._conn: Connection | None = None  # the stream's own, used under the send lock
 
     # -- called from the task thread ------------------------------------------------
     def start(self) -> None:
@@ -181,18 +190,22 @@ class Publisher:
 
     # -- the flusher thread -----------------------------------------------------------
     def _run(self) -> None:
-        with self._send_lock:
-            self._send_start()
-        while True:
-            if not self._wait_until_due():  # a quiet spell
-                self._poll_cancel()
-                continue
+        try:
             with self._send_lock:
-                frame = self._take()  # None if the task thread sent it meanwhile
-                if frame is not None:
-                    self._send(frame)
-            if frame is not None and frame.final:
-                return
+                self._send_start()
+            while True:
+                if not self._wait_until_due():  # a quiet spell
+                    self._poll_cancel()
+                    continue
+                with self._send_lock:
+                    frame = self._take()  # None if the task thread sent it meanwhile
+                    if frame is not None:
+                        self._send(frame)
+                if frame is not None and frame.final:
+                    return
+        finally:
+            with self._send_lock:
+                self._release(broken=False)
 
     def _wait_until_due(self) -> bool:
         """Wait until a frame is due: ACCEPTED or the final frame at once, chunks once
@@ -234,10 +247,7 @@ class Publisher:
         deadline = time.monotonic() + LISTENER_WAIT_S
         while True:
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.publish(self._channel, start)
-                pipe.exists(self._cancel_key)
-                receivers, cancelled = pipe.execute()
+                receivers, cancelled = self._publish(start)
             except redis.RedisError as exc:
                 log.warning("publish failed channel=%s: %r", self._channel, exc)
                 receivers, cancelled = 0, 0
@@ -252,13 +262,12 @@ class Publisher:
     def _send(self, frame: Frame) -> None:
         frame.seq = self._seq
         self._seq += 1
+        payload = frame.model_dump_json(exclude_defaults=True)
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.publish(self._channel, frame.model_dump_json(exclude_defaults=True))
-            pipe.exists(self._cancel_key)
-            if frame.final and self._also is not None:
-                self._also(pipe)
-            receivers, cancelled, *_ = pipe.execute()
+            if frame.final:
+                receivers, cancelled = self._publish_piped(payload, self._also)
+            else:
+                receivers, cancelled = self._publish(payload)
         except redis.RedisError as exc:
             log.warning("publish failed channel=%s: %r", self._channel, exc)
             receivers, cancelled = 0, 1
@@ -267,6 +276,43 @@ class Publisher:
             self._last_flush = self._last_check
         if (receivers == 0 or cancelled) and not frame.final:
             self._cancel("no listener" if receivers == 0 else "cancel key set")
+
+    def _publish(self, payload: str) -> tuple[int, int]:
+        """PUBLISH and EXISTS in one round trip on the stream's own connection: (receivers,
+        cancelled). Called with the send lock held."""
+        try:
+            if self._conn is None:
+                self._conn = self._redis.connection_pool.get_connection()
+            conn = self._conn
+            conn.send_packed_command(
+                conn.pack_commands(
+                    [("PUBLISH", self._channel, payload), ("EXISTS", self._cancel_key)]
+                )
+            )
+            return int(conn.read_response()), int(conn.read_response())
+        except (redis.RedisError, OSError) as exc:  # its replies unread: the connection goes
+            log.info("publish retried on a new connection channel=%s: %r", self._channel, exc)
+            self._release(broken=True)
+        return self._publish_piped(payload, None)
+
+    def _publish_piped(
+        self, payload: str, also: Callable[[redis.client.Pipeline], None] | None
+    ) -> tuple[int, int]:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.publish(self._channel, payload)
+        pipe.exists(self._cancel_key)
+        if also is not None:
+            also(pipe)
+        receivers, cancelled, *_ = pipe.execute()
+        return int(receivers), int(cancelled)
+
+    def _release(self, *, broken: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if broken:
+            conn.disconnect()
+        self._redis.connection_pool.release(conn)
 
     def _poll_cancel(self) -> None:
         if self.cancelled or time.monotonic() - self._last_check < CANCEL_POLL_S:

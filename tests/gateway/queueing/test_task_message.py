@@ -34,7 +34,7 @@ from common.priority import Priority
 from common.settings import Settings
 from common.tracking import RequestRecord, RequestState
 from corral.redis_server import EmbeddedRedis
-from gateway.queueing.dispatch import Dispatcher
+from gateway.queueing.dispatch import EVENT_RECHECK_S, Dispatcher, Listeners
 from gateway.queueing.task_message import TaskMessages, args_repr
 
 T = TypeVar("T")
@@ -297,3 +297,42 @@ def test_a_lost_task_sent_event_does_not_fail_the_request(
     with_dispatcher(redis_server.url, work)
     queued = db.lrange(redis_keys.queue_name(model, Priority.NORMAL), 0, -1)
     assert [decoded(e)["headers"]["id"] for e in queued] == [job.request_id]
+
+
+def test_listeners_stop_the_events_nobody_hears_and_look_again() -> None:
+    now = [100.0]
+    listeners = Listeners(clock=lambda: now[0])
+    assert listeners.wanted()  # the first event always goes
+    listeners.heard(0)
+    assert not listeners.wanted()
+    now[0] += EVENT_RECHECK_S - 0.01
+    assert not listeners.wanted()
+    now[0] += 0.02
+    assert listeners.wanted()  # one goes out to look for a listener
+    listeners.heard(1)
+    now[0] += 0.001
+    assert listeners.wanted()  # heard: every event goes
+    listeners.heard(2)
+    assert listeners.wanted()
+
+
+def test_task_sent_events_nobody_hears_are_not_published(
+    redis_server: EmbeddedRedis, model: str
+) -> None:
+    """No subscriber (no Flower): after the first event, none for `EVENT_RECHECK_S`."""
+    jobs = [make_job(model) for _ in range(3)]
+    published: list[str] = []
+
+    async def work(d: Dispatcher) -> None:
+        real = d._redis.publish
+
+        async def counting(channel: str, payload: str) -> int:
+            published.append(channel)
+            return int(await real(channel, payload))
+
+        d._redis.publish = counting  # type: ignore[method-assign,assignment]
+        for job in jobs:
+            await d.submit(job)
+
+    with_dispatcher(redis_server.url, work)
+    assert [c.endswith("task.sent") for c in published] == [True]

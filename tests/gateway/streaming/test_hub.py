@@ -18,6 +18,7 @@ from common.errors import NoCapacity, StreamBroken
 from common.frames import Frame, FrameType
 from common.redis_conn import RedisTarget
 from corral.redis_server import EmbeddedRedis
+from gateway.monitoring.liveness import Liveness
 from gateway.routes.health import health
 from gateway.streaming import hub
 from gateway.streaming.hub import StreamHub, Subscription
@@ -120,7 +121,9 @@ def test_health_says_error_while_the_hub_cannot_subscribe(
         await client.ping()  # a pooled connection, kept
         hub = StreamHub(client, "gw-hub", RedisTarget(own_redis.url))
         await hub.start()
-        state = SimpleNamespace(redis=client, hub=hub, draining=False)
+        liveness = Liveness(client, owns_client=False)
+        await liveness.refresh()
+        state = SimpleNamespace(liveness=liveness, hub=hub, draining=False)
         try:
             up = (await health(state)).status_code  # type: ignore[arg-type]
             connected = int(r.info("clients")["connected_clients"])

@@ -269,3 +269,45 @@ def _wait(check: object, timeout: float) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def test_a_stream_holds_one_connection_and_gives_it_back(r: redis.Redis) -> None:
+    frames, t, ps = _listen(r)
+    pub = Publisher(r, CHANNEL, CANCEL, "w1", interval=0.005)
+    pub.start()
+    held = set()
+    for i in range(20):
+        pub.chunk(f'{{"i":{i}}}')
+        time.sleep(0.01)  # quiet enough that each chunk is a frame of its own
+        held.add(id(pub._conn))
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert len(frames) > 10 and [f.seq for f in frames] == list(range(len(frames)))
+    assert len(held) == 1  # one connection for every frame
+    assert pub._conn is None  # back in the pool once the final frame went out
+    assert held <= {id(c) for c in r.connection_pool._available_connections}
+
+
+def test_a_frame_whose_connection_was_killed_goes_out_on_another(r: redis.Redis) -> None:
+    """The stream's own connection dropped by the server (a restart, a proxy): the next
+    frame is sent through a pipeline on a fresh connection; no frame is lost."""
+    frames, t, ps = _listen(r)
+    pub = Publisher(r, CHANNEL, CANCEL, "w1", interval=0.005)
+    pub.start()
+    pub.chunk('{"i":0}')
+    assert _wait(lambda: any(f.chunks for f in frames), 2)
+    assert pub._conn is not None and pub._conn._sock is not None
+    port = pub._conn._sock.getsockname()[1]
+    killed = [c for c in r.client_list() if c["addr"].endswith(f":{port}")]
+    assert len(killed) == 1
+    r.client_kill_filter(_id=killed[0]["id"])
+    time.sleep(0.02)
+    pub.chunk('{"i":1}')
+    pub.finish(FrameType.DONE)
+    t.join(5)
+    ps.close()
+    assert not pub.cancelled
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert [c for f in frames for c in f.chunks] == ['{"i":0}', '{"i":1}']
+    assert frames[-1].type is FrameType.DONE
