@@ -45,6 +45,7 @@ from typing import Any
 
 import httpx
 import psutil
+from rig import pct
 
 from common.net import free_port
 from corral.procs import Child
@@ -229,17 +230,6 @@ class LevelResult:
     first_error: str | None = None
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for an empty list."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 class Prompts:
     """Unique prompts: a counter, a per-run nonce and random words, the unique part first
     so no two requests share more than the chat template's prefix."""
@@ -335,8 +325,8 @@ def summarize(
         wall_s=round(wall, 3),
         tokens=tokens,
         tokens_per_s=tokens / wall if wall > 0 else 0.0,
-        ttft_p50_ms=percentile(ttfts, 50),
-        ttft_p99_ms=percentile(ttfts, 99),
+        ttft_p50_ms=pct(ttfts, 50),
+        ttft_p99_ms=pct(ttfts, 99),
         ttft_mean_ms=statistics.fmean(ttfts) if ttfts else float("nan"),
         first_error=errors[0] if errors else None,
     )
