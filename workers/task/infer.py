@@ -139,7 +139,7 @@ def _run(job: Job, claim: ledger.PendingClaim) -> tuple[RequestState, str | None
     on_sent = functools.partial(_confirm, job, claim, pub)
     began = time.time()
     state, error, final, fields, timings = _call_upstream(
-        job, claim, rt.upstream, pub, abort, on_sent
+        job, claim, rt.upstream(job.model), pub, abort, on_sent
     )
     try:
         _ours(claim)  # read by `_confirm` already, unless the call failed before it was sent
@@ -293,7 +293,7 @@ def _run_batch_item(job: Job) -> None:
     usage: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     try:
-        result = whole_reply(rt.upstream, job.kind, body, Abort())
+        result = whole_reply(rt.upstream(job.model), job.kind, body, Abort())
         batch_sink.record_success(r, job, result)
         state, error = RequestState.DONE, None
         usage, timings = result.get("usage"), result.get("timings")

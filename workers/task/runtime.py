@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import redis
 from celery.exceptions import Reject
 
+from common.engines import LLAMA_SERVER
 from common.redis_conn import RedisTarget
 from common.settings import Settings
 from workers.task.upstream import Upstream
@@ -87,7 +88,7 @@ class Runtime:
     serving: Serving = field(default_factory=Serving)
     _pid: int = field(default=-1, repr=False)
     _redis: redis.Redis | None = field(default=None, repr=False)
-    _upstream: Upstream | None = field(default=None, repr=False)
+    _upstreams: dict[str, Upstream] = field(default_factory=dict, repr=False)  # by engine
 
     def require_serving(self, alias: str) -> None:
         """Send the task back to its queue unless this worker serves `alias` right now.
@@ -108,7 +109,7 @@ class Runtime:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._redis = None
-            self._upstream = None
+            self._upstreams = {}
 
     @property
     def redis(self) -> redis.Redis:
@@ -118,12 +119,18 @@ class Runtime:
             self._redis = target.client(health_check_interval=30)
         return self._redis
 
-    @property
-    def upstream(self) -> Upstream:
+    def upstream(self, alias: str) -> Upstream:
+        """The client of the local engine serving `alias`, named for that engine in its
+        errors (a worker may serve models of several engines in turn)."""
         self._check_pid()
-        if self._upstream is None:
-            self._upstream = Upstream(self.upstream_url, self.settings.task_time_limit)
-        return self._upstream
+        model = self.settings.models.get(alias)
+        custom = model.custom_engine if model is not None else None
+        engine = custom.program if custom is not None else LLAMA_SERVER
+        found = self._upstreams.get(engine)
+        if found is None:
+            found = Upstream(self.upstream_url, self.settings.task_time_limit, engine)
+            self._upstreams[engine] = found
+        return found
 
 
 _runtime: Runtime | None = None

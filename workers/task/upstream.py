@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from common.engines import LLAMA_SERVER
 from common.errors import CorralError, InvalidRequest, UpstreamError
 from common.errors import Timeout as TimeoutError_
 
@@ -74,8 +75,8 @@ class Abort:
             sock.shutdown(socket.SHUT_RDWR)
 
 
-def upstream_error(status: int, raw: bytes) -> CorralError:
-    """llama-server's error reply in the OpenAI envelope, keeping its status and message."""
+def upstream_error(status: int, raw: bytes, engine: str = LLAMA_SERVER) -> CorralError:
+    """The engine's error reply in the OpenAI envelope, keeping its status and message."""
     try:
         err = json.loads(raw).get("error", {})
         message = err.get("message") or raw.decode(errors="replace")
@@ -85,7 +86,7 @@ def upstream_error(status: int, raw: bytes) -> CorralError:
         return InvalidRequest(message, code=err.get("type") or "invalid_request", status=400)
     if status == 504:
         return TimeoutError_(message)
-    return UpstreamError(f"llama-server: {message}", status=status if status >= 500 else 502)
+    return UpstreamError(f"{engine}: {message}", status=status if status >= 500 else 502)
 
 
 @dataclass
@@ -96,12 +97,14 @@ class StreamEnd:
 
 
 class Upstream:
-    """One per worker process: a client for the local llama-server."""
+    """A client for the worker's local engine (llama-server unless the model names another:
+    `engine`, the name its errors carry)."""
 
-    def __init__(self, base_url: str, read_timeout: float) -> None:
+    def __init__(self, base_url: str, read_timeout: float, engine: str = LLAMA_SERVER) -> None:
         url = urlsplit(base_url)
         self._host, self._port = url.hostname or "127.0.0.1", url.port
         self._read_timeout = read_timeout
+        self.engine = engine
 
     @contextmanager
     def _call(
@@ -122,13 +125,13 @@ class Upstream:
             on_sent()
             resp = conn.getresponse()
             if resp.status != 200:
-                raise upstream_error(resp.status, resp.read())
+                raise upstream_error(resp.status, resp.read(), self.engine)
             on_accepted()
             yield resp
         except (OSError, http.client.HTTPException) as exc:
             if abort.fired:
                 raise Aborted() from exc
-            raise UpstreamError(f"llama-server call failed: {exc!r}", code=UNREACHABLE) from exc
+            raise UpstreamError(f"{self.engine} call failed: {exc!r}", code=UNREACHABLE) from exc
         finally:
             conn.close()
 
@@ -143,7 +146,7 @@ class Upstream:
             data: dict[str, Any] = json.loads(raw)
         except ValueError:
             raise UpstreamError(
-                f"llama-server sent a reply that is not JSON: {raw[:200]!r}"
+                f"{self.engine} sent a reply that is not JSON: {raw[:200]!r}"
             ) from None
         return data
 
@@ -173,14 +176,14 @@ class Upstream:
             for raw in iter(resp.readline, b""):
                 line = raw.decode(errors="replace").rstrip("\r\n")
                 if line.startswith("error:"):
-                    raise _stream_error(line[6:].strip())
+                    raise _stream_error(line[6:].strip(), self.engine)
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
                 if data.startswith('{"error"'):
-                    raise _stream_error(data)
+                    raise _stream_error(data, self.engine)
                 if '"usage"' in data:
                     chunk = json.loads(data)
                     if chunk.get("usage"):
@@ -200,7 +203,7 @@ class Upstream:
                     raise Aborted()
                 # http.client's chunked readline reads a connection dropped between two
                 # chunks as the end: llama-server died (with its killed worker, say).
-                raise UpstreamError("llama-server ended the stream early", code=UNREACHABLE)
+                raise UpstreamError(f"{self.engine} ended the stream early", code=UNREACHABLE)
         if held:
             on_chunk(*held)
         return end
@@ -218,9 +221,10 @@ def _role_only(data: str) -> bool:
     return isinstance(delta, dict) and not any(v for k, v in delta.items() if k != "role")
 
 
-def _stream_error(data: str) -> CorralError:
+def _stream_error(data: str, engine: str) -> CorralError:
     try:
         err = json.loads(data).get("error", {})
-        return upstream_error(int(err.get("code") or 500), json.dumps({"error": err}).encode())
+        body = json.dumps({"error": err}).encode()
+        return upstream_error(int(err.get("code") or 500), body, engine)
     except (ValueError, AttributeError, TypeError):
-        return UpstreamError(f"llama-server stream error: {data[:500]}")
+        return UpstreamError(f"{engine} stream error: {data[:500]}")

@@ -9,10 +9,14 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
+from common.engines import EngineConfig
 from common.errors import CorralError, InvalidRequest
+from common.settings import ModelConfig, Settings
+from workers.task.runtime import Runtime
 from workers.task.upstream import UNREACHABLE, Abort, Aborted, Upstream
 
 ROLE = '{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}]}'
@@ -140,3 +144,24 @@ def test_a_reply_that_is_not_json_is_an_upstream_error(base: str) -> None:
     with pytest.raises(CorralError, match="not JSON") as err:
         Upstream(base, read_timeout=10).request("/notjson", {}, Abort())
     assert err.value.status == 502
+
+
+def test_errors_name_the_models_engine(base: str) -> None:
+    """A model served by another engine (vLLM, say) is not blamed on llama-server."""
+    with pytest.raises(CorralError, match=r"^vllm ended the stream early"):
+        Upstream(base, read_timeout=10, engine="vllm").stream("/cut", {}, [].append, Abort())
+    with pytest.raises(CorralError, match=r"^vllm call failed"):
+        Upstream("http://127.0.0.1:9", read_timeout=1, engine="vllm").request("/x", {}, Abort())
+
+
+def test_a_runtime_names_each_models_engine() -> None:
+    engine = EngineConfig(command=["/opt/vllm/bin/vllm", "serve", "{model_path}"])
+    models = {
+        "v": ModelConfig(model_path=Path("/m/v"), engine=engine),
+        "l": ModelConfig(model_path=Path("/m/l.gguf")),
+    }
+    rt = Runtime(Settings(models=models), "redis://unused", "w1", "http://127.0.0.1:1")
+    assert rt.upstream("v").engine == "vllm"
+    assert rt.upstream("l").engine == "llama-server"
+    assert rt.upstream("dropped-in").engine == "llama-server"  # a GGUF found in models_dir
+    assert rt.upstream("l") is rt.upstream("dropped-in")  # one client per engine
