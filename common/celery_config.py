@@ -52,8 +52,7 @@ def celery_config(settings: Settings, *, redis_url: str | None = None) -> dict[s
         # running twice. Cancelled, it died with nothing said to its client, and its
         # message came back only after the visibility timeout.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        # Workers send task events only while a Flower asks (`workers.consumer.task_events`).
-        "worker_send_task_events": False,
+        "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
         "worker_disable_rate_limits": True,

@@ -118,16 +118,6 @@ def show_model_queues(queues: ModelQueues) -> None:
     BaseHandler.get_active_queue_names = get_active_queue_names
 
 
-def ask_for_task_events(app: Celery) -> None:
-    """Workers send task events only while asked (`workers.consumer.task_events`); Flower
-    asks every 5 s from 5 s after its start. Asking at once, the tasks of those first
-    seconds are listed too."""
-    try:
-        app.control.enable_events()
-    except Exception as exc:  # kombu's errors vary by transport; Flower asks again in 5 s
-        log.warning("could not ask the workers for task events yet: %r", exc)
-
-
 def run_flower(
     settings: Settings,
     *,
@@ -159,7 +149,6 @@ def run_flower(
         RedisTarget.of(settings),
         "basic" if credentials else "none (loopback)",
     )
-    ask_for_task_events(app)
     try:
         return app.start(flower_argv(address, port)) or 0
     finally:

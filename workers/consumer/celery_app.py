@@ -15,7 +15,6 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 from common.celery_config import celery_config
 from common.redis_conn import is_sentinel_url
 from common.settings import Settings
-from workers.consumer.task_events import ExpireTaskEvents
 
 app = Celery("corral", include=["workers.task.infer"])
 
@@ -98,7 +97,6 @@ def configure_app(settings: Settings, redis_url: str) -> Celery:
     options = dict(app.conf.broker_transport_options)
     app.conf.broker_transport_options = {**options, "polling_interval": BRPOP_TIMEOUT_S}
     app.conf.worker_consumer = f"{__name__}:Consumer"
-    app.steps["consumer"].add(ExpireTaskEvents)  # task events only while Flower asks
     # Acks written unblocked (`workers.consumer.broker`); TLS URLs keep kombu's own transport.
     if redis_url.startswith("redis://"):
         app.conf.broker_transport = "workers.consumer.broker:Transport"
