@@ -279,7 +279,8 @@ def test_a_stream_holds_one_connection_and_gives_it_back(r: redis.Redis) -> None
     for i in range(20):
         pub.chunk(f'{{"i":{i}}}')
         time.sleep(0.01)  # quiet enough that each chunk is a frame of its own
-        held.add(id(pub._conn))
+        if pub._conn is not None:  # None until the flusher sent its first frame
+            held.add(id(pub._conn))
     pub.finish(FrameType.DONE)
     t.join(5)
     ps.close()
