@@ -16,8 +16,8 @@ import pytest
 
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster, start_cluster
-from tests.gateway.test_worker_death import MODEL, Call, _no_tasks_left, _record, _running_on
-from tests.support import alive, busy_slots, corral_child, slow_model, wait_for, workers
+from tests.gateway.test_worker_death import MODEL, _no_tasks_left, _record, _running_on
+from tests.support import Call, alive, busy_slots, corral_child, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
@@ -41,10 +41,10 @@ def test_a_stopping_gateway_finishes_what_it_can_and_ends_the_rest_clearly(
 ) -> None:
     cluster, _ = drained
     (worker,) = workers(cluster.redis_url, MODEL)
-    stream = Call(cluster.base_url, stream=True, max_tokens=8000)
-    whole = Call(cluster.base_url, stream=False, max_tokens=8000)
+    stream = Call(cluster.base_url, MODEL, stream=True, max_tokens=8000)
+    whole = Call(cluster.base_url, MODEL, stream=False, max_tokens=8000)
     assert wait_for(lambda: _running_on(cluster, worker.id) == 2, 20)
-    short = Call(cluster.base_url, stream=False, max_tokens=24)  # done within the drain
+    short = Call(cluster.base_url, MODEL, stream=False, max_tokens=24)  # done within the drain
     gateway = cluster.children[0]
     assert gateway.pid is not None
     time.sleep(0.2)
@@ -71,8 +71,8 @@ def test_a_stopping_worker_hands_a_whole_reply_to_another_and_tells_a_stream(
 ) -> None:
     cluster, model = drained
     (a,) = workers(cluster.redis_url, MODEL)
-    stream = Call(cluster.base_url, stream=True, max_tokens=16000)
-    whole = Call(cluster.base_url, stream=False, max_tokens=3000)
+    stream = Call(cluster.base_url, MODEL, stream=True, max_tokens=16000)
+    whole = Call(cluster.base_url, MODEL, stream=False, max_tokens=3000)
     assert wait_for(lambda: _running_on(cluster, a.id) == 2, 20)
     b_child = corral_child(
         "worker-b",

@@ -4,7 +4,6 @@ non-streaming request runs again elsewhere (once), queued work goes to another w
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -22,7 +21,15 @@ from common import redis_keys
 from common.registry import WorkerInfo
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster, start_cluster
-from tests.support import alive, busy_slots, corral_child, slow_model, wait_for, workers
+from tests.support import (
+    Call,
+    alive,
+    busy_slots,
+    corral_child,
+    slow_model,
+    wait_for,
+    workers,
+)
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
@@ -54,37 +61,6 @@ def two_workers(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[tuple[C
     cluster.stop()
 
 
-class Call(threading.Thread):
-    """One request in the background, remembering when each part arrived."""
-
-    def __init__(self, base_url: str, stream: bool, max_tokens: int, model: str = MODEL) -> None:
-        super().__init__(daemon=True)
-        self.url = f"{base_url}/v1/chat/completions"
-        self.body = {
-            "model": model,
-            "messages": HI,
-            "max_tokens": max_tokens,
-            "stream": stream,
-            "ignore_eos": True,
-        }
-        self.request_id = ""
-        self.status = 0
-        self.lines: list[str] = []
-        self.result: dict[str, Any] = {}
-        self.ended_at = 0.0
-        self.start()
-
-    def run(self) -> None:
-        with httpx.stream("POST", self.url, json=self.body, timeout=60) as resp:
-            self.request_id = resp.headers["x-request-id"]
-            self.status = resp.status_code
-            if self.body["stream"]:
-                self.lines = [x for x in resp.iter_lines() if x.startswith("data:")]
-            else:
-                self.result = json.loads(resp.read())
-        self.ended_at = time.monotonic()
-
-
 def _record(cluster: Cluster, request_id: str) -> dict[str, Any]:
     data: dict[str, Any] = httpx.get(f"{cluster.base_url}/v1/requests/{request_id}").json()
     return data
@@ -101,8 +77,8 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
     (a,) = workers(cluster.redis_url, MODEL)
     a_child = cluster.children[1]
     # A (2 slots) takes a stream and a non-streaming request
-    stream_a = Call(cluster.base_url, stream=True, max_tokens=8000)
-    plain_a = Call(cluster.base_url, stream=False, max_tokens=1500)
+    stream_a = Call(cluster.base_url, MODEL, stream=True, max_tokens=8000)
+    plain_a = Call(cluster.base_url, MODEL, stream=False, max_tokens=1500)
     assert wait_for(lambda: _running_on(cluster, a.id) == 2, 20)
     # B (1 slot) joins and takes one more stream; then a short request must queue
     b_child = corral_child(
@@ -115,9 +91,9 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
     b_child.start()
     assert wait_for(lambda: len(_ready(cluster)) == 2, 60, 0.1)
     (b,) = [w for w in workers(cluster.redis_url, MODEL) if w.id != a.id]
-    stream_b = Call(cluster.base_url, stream=True, max_tokens=8000)
+    stream_b = Call(cluster.base_url, MODEL, stream=True, max_tokens=8000)
     assert wait_for(lambda: _running_on(cluster, b.id) == 1, 20)
-    queued = Call(cluster.base_url, stream=False, max_tokens=4)
+    queued = Call(cluster.base_url, MODEL, stream=False, max_tokens=4)
     assert wait_for(lambda: _depth(cluster) == 1, 10, 0.05)
 
     a_llama = _llama_children(a_child.pid)
@@ -179,7 +155,7 @@ def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
     lost (not as a duplicate of a live worker's run), and the client hears `worker_lost`
     within seconds instead of waiting for its deadline; the next request is served."""
     cluster = one_slot
-    stream = Call(cluster.base_url, stream=True, max_tokens=8000)
+    stream = Call(cluster.base_url, MODEL, stream=True, max_tokens=8000)
     killed = _kill_pool_child_running(cluster, stream)
 
     # Celery finds the dead child on its pool's 5 s maintenance timer; on a busy machine
@@ -188,7 +164,7 @@ def test_pool_child_killed_mid_stream(one_slot: Cluster) -> None:
     assert stream.ended_at and stream.ended_at - killed < 20.0, cluster.logs()
     assert '"worker_lost"' in stream.lines[-2], (stream.lines[-3:], cluster.logs())
     assert stream.lines[-1] == "data: [DONE]"
-    after = Call(cluster.base_url, stream=False, max_tokens=4)
+    after = Call(cluster.base_url, MODEL, stream=False, max_tokens=4)
     after.join(30)
     assert after.status == 200 and after.result["choices"], after.result
 
@@ -238,14 +214,14 @@ def test_pool_child_killed_with_another_replica_up(two_single_slots: Cluster) ->
     client hears `worker_lost` within seconds, a non-streaming request runs once more
     there and gets its answer."""
     cluster = two_single_slots
-    stream = Call(cluster.base_url, stream=True, max_tokens=8000)
+    stream = Call(cluster.base_url, MODEL, stream=True, max_tokens=8000)
     killed = _kill_pool_child_running(cluster, stream)
     stream.join(40)  # as above: the pool's 5 s timer, then the copy on the other replica
     assert stream.ended_at and stream.ended_at - killed < 20.0, cluster.logs()
     assert '"worker_lost"' in stream.lines[-2], (stream.lines[-3:], cluster.logs())
     assert stream.lines[-1] == "data: [DONE]"
 
-    plain = Call(cluster.base_url, stream=False, max_tokens=1500)
+    plain = Call(cluster.base_url, MODEL, stream=False, max_tokens=1500)
     _kill_the_busy_pool_child(cluster)
     plain.join(60)
     assert plain.status == 200, plain.result
@@ -283,7 +259,7 @@ def test_a_llama_server_crash_under_a_non_streaming_request_reruns_it(one_slot: 
     """Its llama-server killed mid-request, the worker restarts it and the request runs
     once more there (nothing had been sent to the client): it gets its whole answer."""
     cluster = one_slot
-    plain = Call(cluster.base_url, stream=False, max_tokens=1500)
+    plain = Call(cluster.base_url, MODEL, stream=False, max_tokens=1500)
     (worker,) = workers(cluster.redis_url, MODEL)
     assert wait_for(lambda: bool(plain.request_id) or _running_on(cluster, worker.id) == 1, 20)
     assert wait_for(lambda: _running_on(cluster, worker.id) == 1, 20)
