@@ -11,6 +11,13 @@ The death signal is set by util-linux's `setpriv --pdeathsig KILL`, which then e
 command (same pid), where it exists (it does on every Debian and Ubuntu: util-linux is
 essential there). Elsewhere a `preexec_fn` sets it, which Python documents as unsafe in a
 process with threads (the child may deadlock between fork and exec), as a worker is.
+
+A spawn and a plain `os.fork()` in another thread of the same process must not overlap:
+Popen waits for its exec-error pipe to close, and a process forked (not exec'd) meanwhile
+holds a copy of its write end for as long as it lives. A worker's Celery pool forks its
+children while the model manager may be starting llama-server; Popen then blocked for the
+pool child's whole life, and the worker never loaded the model. `_FORKS` makes every fork
+of this process wait for a spawn in flight.
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
+
+# Held for a spawn, and by any os.fork() of this process (re-entrant: the preexec_fn path
+# forks inside a spawn, in the same thread).
+_FORKS = threading.RLock()
+os.register_at_fork(
+    before=_FORKS.acquire, after_in_parent=_FORKS.release, after_in_child=_FORKS.release
+)
 
 
 def _die_with_parent(prctl: Callable[..., int] | None, parent_pid: int) -> None:
@@ -50,6 +65,16 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start `argv` in its own session, to die with this process. stdin is /dev/null.
     Raises FileNotFoundError at once if `argv[0]` is not an executable."""
+    with _FORKS:
+        return _popen(argv, env, stdout, stderr)
+
+
+def _popen(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    stdout: int | IO[bytes] | None,
+    stderr: int | IO[bytes] | None,
+) -> subprocess.Popen[bytes]:
     if SETPRIV is not None:
         program = shutil.which(argv[0])
         if program is None:  # setpriv would only fail after the fork: say it here
