@@ -1,7 +1,9 @@
 """The broker killed and started again (kill -9 of Valkey, append-only file on), under load:
 the gateway and the worker reconnect by themselves, the queued requests survive and are
 served, a stream that was running ends with one clear error event, `/health` says 503
-while the broker is away and 200 within 10 s of its return, and nothing hangs."""
+while the broker is away and 200 within 10 s of its return, and nothing hangs. And the
+broker's connections cut while the cluster idles (an idle timeout, a proxy, a failover):
+the next requests are served."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from corral.redis_server import EmbeddedRedis
+from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
-from tests.gateway.test_worker_death import Call
-from tests.support import slow_model, wait_for, workers
+from tests.support import Call, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
@@ -82,3 +85,36 @@ def _run(cluster: Cluster, server: EmbeddedRedis, data: Path) -> None:
         print(f"served again {time.monotonic() - killed:.1f} s after the kill")
     finally:
         again.stop()
+
+
+def test_requests_after_every_connection_was_cut_while_idle_are_served(
+    broker: tuple[EmbeddedRedis, Path], tmp_path: Path
+) -> None:
+    """Each round cuts every normal client (the worker's consumer and its BRPOP, the
+    gateway's pool), waits a little or not at all, then sends a whole and a streamed
+    request: both must be served, by the same worker."""
+    server, _ = broker
+    model = make_model(tmp_path / f"{MODEL}.gguf")
+    cluster = start_cluster(server.url, tmp_path / "logs", [["--model", str(model)]])
+    admin = redis.Redis.from_url(server.url)
+    try:
+        (worker,) = workers(cluster.redis_url, MODEL)
+        for pause in (0.0, 0.3, 1.5):
+            cut = admin.client_kill_filter(_type="normal", skipme=True)
+            assert cut > 0
+            time.sleep(pause)
+            calls = [
+                Call(cluster.base_url, stream=stream, max_tokens=4, model=MODEL)
+                for stream in (False, True)
+            ]
+            for call in calls:
+                call.join(30)
+            whole, streamed = calls
+            assert whole.ended_at and whole.status == 200, (pause, whole.result, cluster.logs())
+            assert streamed.ended_at and streamed.status == 200, (pause, cluster.logs())
+            assert streamed.lines[-1] == "data: [DONE]", (pause, streamed.lines[-3:])
+            assert not any('"error"' in line for line in streamed.lines), streamed.lines[-3:]
+        assert [w.id for w in workers(cluster.redis_url, MODEL)] == [worker.id]
+    finally:
+        admin.close()
+        cluster.stop()
