@@ -210,7 +210,9 @@ def stream(
         "stream_options": {"include_usage": True},
     }
     sent = time.perf_counter()
-    first, text, usage = None, [], {}
+    first: float | None = None
+    text: list[str] = []
+    usage: dict[str, Any] = {}
     with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read()!r}")

@@ -107,7 +107,7 @@ def llama_start_s(model: Path, runs: int = 3) -> float:
 # -- the cluster ------------------------------------------------------------------------------
 class Up:
     def __init__(self, root: Path, models: dict[str, Path], budget_mb: int) -> None:
-        config = {
+        config: dict[str, Any] = {
             "models_dir": str(root / "models"),
             "min_residency": 0,
             "max_swap_wait": 0,

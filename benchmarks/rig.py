@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,13 +395,13 @@ async def _events(chunks: Any, sample: Sample) -> None:
 
 
 # -- load shapes -------------------------------------------------------------------------------
-Send = Callable[[int], Awaitable[Sample]]
+Send = Callable[[int], Coroutine[Any, Any, Sample]]
 
 
 async def open_loop(send: Send, rate: float, n: int) -> list[Sample]:
     """`n` requests sent `1/rate` s apart whatever the replies (a fixed request rate)."""
     t0 = time.perf_counter()
-    tasks = []
+    tasks: list[asyncio.Task[Sample]] = []
     for i in range(n):
         delay = t0 + i / rate - time.perf_counter()
         if delay > 0:
