@@ -57,9 +57,12 @@ from workers.engine.server import EngineServer, LaunchSpec
 ALIAS = "bench"  # the model file is bench.gguf, so a worker given its path uses this alias
 SYSTEMS = ("direct", "corral")
 
-# The targets of the benchmark issue.
+# The targets: the first benchmark issue's c=1 figure, and the scale issue's c=8 ratio
+# (0.95x; the first wave's was 0.8x). The scale issue compares against llama-server at its
+# best thread count: run once with --threads 1 and once with --threads 2 and take direct's
+# better figure (benchmarks/README.md).
 TARGET_ADDED_TTFT_MS = 5.0  # Corral p50 TTFT minus direct p50 TTFT, at c=1
-TARGET_RATIO = 0.8  # Corral tokens/s over direct tokens/s, at c=8
+TARGET_RATIO = 0.95  # Corral tokens/s over direct tokens/s, at c=8
 # Other processes' CPU use (cores) above which a level is flagged as disturbed, and below
 # which --wait-idle deems the machine idle. Approximate: /proc/stat is sampled per tick
 # while per-process times are exact, which puts about +-0.2 cores of error on a busy level.
@@ -108,9 +111,10 @@ examples:
   python benchmarks/bench_stream.py --levels 1,8 --requests 24
   python benchmarks/bench_stream.py --only corral --json   Corral alone, as JSON
 
-Targets (benchmark issue): Corral adds <= 5 ms to p50 TTFT at c=1 and keeps >= 0.8x the
-direct tokens/s at c=8. The exit status does not depend on the figures (this measures, it
-does not test): 0, or 1 if any request failed.
+Targets: Corral adds <= 5 ms to p50 TTFT at c=1 and keeps >= 0.95x the direct tokens/s
+at c=8 (against direct at its best --threads: run both thread counts). The exit status
+does not depend on the figures (this measures, it does not test): 0, or 1 if any request
+failed.
 
 The client runs on the same machine: on a 2-core box it competes with llama-server for the
 CPU, for both systems alike. Keep the machine otherwise idle; the "other" CPU figure in
