@@ -200,6 +200,7 @@ class EngineServer:
                     self._set_failed()
                     raise self._error(
                         f"exited with {exit_reason(proc.returncode)} before it was ready"
+                        + self._missing_model()
                     )
                 try:
                     healthy = client.get(self.base_url + self.engine.health).status_code == 200
@@ -281,6 +282,15 @@ class EngineServer:
 
     def _tag(self) -> str:
         return f"pid={self.pid} port={self._port} {self._ids}"
+
+    def _missing_model(self) -> str:
+        """A hint when llama-server's model file is gone: llama.cpp logs from a thread of
+        its own and can exit before that thread wrote why. (Another engine's model may be a
+        name, not a file.)"""
+        path = self.spec.model_path
+        if not self.engine.uses("llama_server") or path.exists():
+            return ""
+        return f" (its model file does not exist: {path})"
 
     def _error(self, what: str) -> LlamaServerError:
         tail = "\n".join(self.last_log_lines()) or "(no output)"
