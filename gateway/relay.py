@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -24,11 +24,10 @@ from gateway.aio import cancel_and_wait
 from gateway.queueing.affinity import preference
 from gateway.state import GATEWAY_STOPPING, GatewayState
 from gateway.streaming.hub import Subscription
+from gateway.streaming.recovery import Requeue
 from gateway.streaming.sse import GiveUp, SSEResponse, wait_disconnect
 from gateway.tenancy.admission import admit
 from gateway.tenancy.ownership import caller_of
-
-Resubmit = Callable[[], Awaitable[None]]  # queue the request once more
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +87,11 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
         sub.close()
         raise
 
+    async def resubmit() -> None:
+        await state.dispatcher.submit(job, resubmit=True)
+
+    state.hub.enqueued(sub, resubmit)  # queued again if the broker loses it
+
     async def abandon(failure: CorralError | None = None) -> None:
         expired = time.time() >= job.deadline
         await state.dispatcher.cancel_soon(
@@ -100,10 +104,6 @@ async def relay(request: Request, state: GatewayState, kind: JobKind, body: Wire
 
     if job.stream:
         return SSEResponse(sub, abandon, headers, cached.tap())
-
-    async def resubmit() -> None:
-        await state.dispatcher.submit(job, resubmit=True)
-
     return await _gather(request, sub, abandon, resubmit, headers, cached.keep)
 
 
@@ -137,7 +137,7 @@ async def _gather(
     request: Request,
     sub: Subscription,
     abandon: GiveUp,
-    resubmit: Resubmit,
+    resubmit: Requeue,
     headers: dict[str, str],
     keep: Callable[[dict[str, Any]], None] | None = None,
 ) -> Response:
@@ -163,7 +163,7 @@ async def _gather(
     return JSONResponse(body, headers=headers)
 
 
-async def _result(sub: Subscription, resubmit: Resubmit) -> dict[str, object]:
+async def _result(sub: Subscription, resubmit: Requeue) -> dict[str, object]:
     """The result body. If the worker dies first, the request is queued once more for
     another worker (a non-streaming request has nothing sent yet, so it can run again;
     its claim makes sure it runs at most twice in all)."""

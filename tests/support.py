@@ -227,6 +227,11 @@ class Blocker:
             self._started.set()
             self.events = [line for line in resp.iter_lines() if line.startswith("data:")]
 
+    def join(self, timeout: float) -> bool:
+        """Wait for the stream to end by itself; True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def cancel(self) -> None:
         url = f"{self.base_url}/v1/requests/{self.request_id}/cancel"
         r = httpx.post(url, headers=self.headers)

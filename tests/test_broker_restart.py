@@ -3,7 +3,8 @@ the gateway and the worker reconnect by themselves, the queued requests survive 
 served, a stream that was running ends with one clear error event, `/health` says 503
 while the broker is away and 200 within 10 s of its return, and nothing hangs. And the
 broker's connections cut while the cluster idles (an idle timeout, a proxy, a failover):
-the next requests are served."""
+the next requests are served. And a queued request the broker lost (a failover to a replica
+the enqueue had not reached yet) is queued again by its gateway once it reconnects."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
+from common import redis_keys
 from corral.redis_server import EmbeddedRedis
 from corral.tinymodel import make_model
 from tests.conftest import Cluster, start_cluster
-from tests.support import Call, slow_model, wait_for, workers
+from tests.support import Blocker, Call, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
@@ -118,3 +121,60 @@ def test_requests_after_every_connection_was_cut_while_idle_are_served(
     finally:
         admin.close()
         cluster.stop()
+
+
+def test_a_queued_request_the_broker_lost_is_queued_again(
+    broker: tuple[EmbeddedRedis, Path], tmp_path: Path
+) -> None:
+    """Its enqueue is taken out of Redis (record, message, live count: what a replica that
+    had not received it yet lacks after a failover), then the gateway's pub/sub connection
+    is cut, as the failover cuts it: once reconnected, the gateway finds the record gone and
+    queues the request again, and it is served."""
+    server, _ = broker
+    model = slow_model(tmp_path / f"{MODEL}.gguf")
+    args = ["--model", str(model), "--slots", "1", "--ctx-size", "16384"]
+    cluster = start_cluster(server.url, tmp_path / "logs", [args])
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        with Blocker(cluster.base_url, MODEL) as blocker:
+            waiting = Call(cluster.base_url, stream=False, max_tokens=4, model=MODEL)
+            assert wait_for(lambda: len(_queued(admin)) == 1, 10), cluster.logs()
+            ((queue, entry),) = _queued(admin)
+            request_id = json.loads(entry)["headers"]["id"]
+            assert admin.lrem(queue, 0, entry) == 1
+            assert admin.delete(redis_keys.request_key(request_id)) == 1
+            admin.zrem(redis_keys.live_key(queue), request_id)
+            # the cut also ends the blocker's stream (its frames may be lost): the slot frees
+            _cut_pubsub_of(admin, cluster.children[0].pid)
+            waiting.join(60)
+            assert blocker.join(10), "the cut stream did not end"
+        assert waiting.status == 200, (waiting.result, cluster.logs())
+        assert waiting.request_id == request_id
+        assert waiting.result["choices"][0]["finish_reason"] == "length"
+        assert admin.hget(redis_keys.request_key(request_id), "state") == "done"
+        assert "error" in blocker.events[-2], blocker.events[-2:]  # the cut stream: told
+    finally:
+        admin.close()
+        cluster.stop()
+
+
+def _queued(admin: redis.Redis) -> list[tuple[str, str]]:
+    """(queue, message) of every task message waiting in a model queue."""
+    found = []
+    for key in admin.scan_iter(f"*{MODEL}*", _type="list"):
+        found += [(str(key), str(entry)) for entry in admin.lrange(key, 0, -1)]
+    return found
+
+
+def _cut_pubsub_of(admin: redis.Redis, pid: int | None) -> None:
+    """Kill the pub/sub connections process `pid` holds (the gateway's hub), no other."""
+    assert pid is not None
+    ports = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.laddr}
+    ours = [
+        c
+        for c in admin.client_list()
+        if int(c["psub"]) + int(c["sub"]) > 0 and int(c["addr"].rsplit(":", 1)[1]) in ports
+    ]
+    assert ours, "the gateway holds no pub/sub connection"
+    for client in ours:
+        admin.client_kill_filter(_id=client["id"])

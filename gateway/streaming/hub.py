@@ -8,7 +8,9 @@ is enqueued, without a SUBSCRIBE per request. Each message is routed to the requ
 note (and each reconnection, when notes may have been missed) is passed on
 (`on_keys_changed`: a new `KeysEpoch`), which invalidates cached key lookups. Each
 (re)connection goes to the current master (through Sentinel, asked anew each time); the
-frames of requests in flight when it broke are lost with it, so those requests fail.
+frames of requests in flight when it broke are lost with it, so those requests fail. A
+queued request the broker itself lost (a failover, a restart that lost its last writes) is
+queued again once it is back (`gateway.streaming.recovery`).
 
 A subscription turns silence into errors, so no client ever hangs: a frame out of
 sequence ends the stream (`StreamBroken`); a worker whose heartbeat key expired ends it
@@ -40,6 +42,7 @@ from common.frames import Frame, FrameType
 from common.redis_conn import RedisTarget
 from gateway.aio import cancel_and_wait
 from gateway.streaming.pubsub import PubSubConnection
+from gateway.streaming.recovery import LostRequests, Requeue
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class Subscription:
     ) -> None:
         self._hub = hub
         self.request_id = request_id
+        self.requeue: Requeue | None = None  # set once enqueued (`StreamHub.enqueued`)
+        self.opened_in = 0  # the hub's connection losses before it was opened
         self.deadline = deadline
         self.restartable = restartable  # nothing is relayed before the end (non-streaming)
         self.worker: str | None = None
@@ -161,6 +166,8 @@ class StreamHub:
         self._reader: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._keys_changed = on_keys_changed  # API keys may have changed: drop cached lookups
+        self.incidents = 0  # pub/sub connections lost (each a broker the requests may miss)
+        self._lost = LostRequests(client, gateway_id)
 
     def channel(self, request_id: str) -> str:
         return redis_keys.channel(self.gateway_id, request_id)
@@ -172,6 +179,7 @@ class StreamHub:
     async def stop(self) -> None:
         if self._reader is not None:
             await cancel_and_wait(self._reader)
+        await self._lost.stop()
         self._fail_all(StreamBroken("The gateway is shutting down."))
 
     async def open(
@@ -191,11 +199,20 @@ class StreamHub:
                     retry_after=2,
                 ) from None
         sub = Subscription(self, request_id, deadline, restartable)
+        sub.opened_in = self.incidents
         self._subs[request_id] = sub
         return sub
 
     def close(self, request_id: str) -> None:
         self._subs.pop(request_id, None)
+
+    def enqueued(self, sub: Subscription, requeue: Requeue) -> None:
+        """`sub`'s request is on its queue; `requeue` queues it again. If the connection
+        was lost since it was opened, the check after the reconnect may have missed it (it
+        was being enqueued): it is checked now."""
+        sub.requeue = requeue
+        if sub.opened_in != self.incidents and self._ready.is_set():
+            self._lost.check([sub])
 
     @property
     def ready(self) -> bool:
@@ -222,6 +239,7 @@ class StreamHub:
             except (RedisError, OSError, TimeoutError) as exc:
                 if self._ready.is_set():  # it was up: a new incident, not a retry
                     backoff = 0.1
+                    self.incidents += 1
                 self._ready.clear()  # new requests wait for the next subscribe
                 log.warning("gateway=%s pub/sub connection lost: %r", self.gateway_id, exc)
                 # Frames may have been lost while disconnected: end what had started. A
@@ -241,6 +259,8 @@ class StreamHub:
                 await conn.subscribe(redis_keys.KEYS_CHANGED)
             self._keys_changed()  # notes may have been missed while disconnected
             self._ready.set()
+            if self.incidents:  # a broker that failed over or restarted may have lost some
+                self._lost.check(list(self._subs.values()))
             log.info("gateway=%s pub/sub subscribed at %s", self.gateway_id, _host_of(url))
             await conn.run()
         finally:

@@ -2,18 +2,21 @@
 pub/sub connection: a request that opens its subscription while the hub reconnects waits
 for the new subscription, so a worker's frames reach it (they used to reach nobody, and the
 request waited for its deadline); when Redis stays away, the request gets a 503. And a
-subscription's sequence across a task that began again."""
+subscription's sequence across a task that began again. And the queued requests the broker
+lost (no record once it is back) are queued again after the reconnect."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from common import redis_keys
 from common.errors import NoCapacity, StreamBroken
 from common.frames import Frame, FrameType
 from common.redis_conn import RedisTarget
@@ -137,3 +140,79 @@ def test_health_says_error_while_the_hub_cannot_subscribe(
             await client.aclose()
 
     assert asyncio.run(main()) == (200, 503)
+
+
+def test_queued_requests_the_broker_lost_are_queued_again_after_a_reconnect(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
+    """A failover or a restart can lose an enqueue Redis acknowledged: after the pub/sub
+    connection comes back, a queued request whose record is gone is queued again; one whose
+    record is there, or that a worker started, is left alone."""
+    requeued: list[str] = []
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(own_redis.url)
+        hub = StreamHub(client, "gw-hub", RedisTarget(own_redis.url))
+        await hub.start()
+        subs = {rid: await hub.open(rid, time.time() + 10) for rid in ("kept", "lost", "ran")}
+        try:
+            for rid, sub in subs.items():
+
+                async def requeue(rid: str = rid) -> None:
+                    requeued.append(rid)
+
+                hub.enqueued(sub, requeue)
+            r.hset(redis_keys.request_key("kept"), "state", "queued")
+            subs["ran"].worker = "w"  # started: its frames, not its record, tell
+            await asyncio.sleep(0.1)
+            assert requeued == []  # nothing is looked up while the connection holds
+            assert r.client_kill_filter(_type="pubsub") == 1
+            assert await _until(lambda: bool(requeued), 5)
+            await asyncio.sleep(0.2)  # nothing more comes
+        finally:
+            for sub in subs.values():
+                sub.close()
+            await hub.stop()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert requeued == ["lost"]
+
+
+def test_a_request_enqueued_across_a_reconnect_is_looked_up_itself(
+    own_redis: EmbeddedRedis, r: redis.Redis
+) -> None:
+    """Opened before the connection broke, enqueued after the reconnect's look (its
+    enqueue was under way): `enqueued` looks it up on its own."""
+    requeued: list[str] = []
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(own_redis.url)
+        hub = StreamHub(client, "gw-hub", RedisTarget(own_redis.url))
+        await hub.start()
+        sub = await hub.open("late", time.time() + 10)
+        try:
+            assert r.client_kill_filter(_type="pubsub") == 1
+            assert await _until(lambda: hub.incidents == 1 and hub.ready, 5)
+
+            async def requeue() -> None:
+                requeued.append("late")
+
+            hub.enqueued(sub, requeue)
+            assert await _until(lambda: bool(requeued), 5)
+        finally:
+            sub.close()
+            await hub.stop()
+            await client.aclose()
+
+    asyncio.run(main())
+    assert requeued == ["late"]
+
+
+async def _until(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
