@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from starlette.requests import Request
 
 from common import redis_keys
@@ -127,7 +129,8 @@ def test_a_reply_too_large_is_not_kept(on_redis: Callable[[Main], None]) -> None
 
 def test_redis_trouble_is_a_miss() -> None:
     async def main() -> None:
-        nowhere = aioredis.Redis(host="127.0.0.1", port=1)
+        # no retries: redis-py's default backoff would spend seconds on each refusal
+        nowhere = aioredis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
         cache = ResponseCache(nowhere, GatewayMetrics())
         found = await cache.lookup(request(), "m", model(ttl=5), JobKind.CHAT, BODY)
         assert found.headers == {"x-corral-cache": "miss"} and found.hit is None
