@@ -1,6 +1,7 @@
 """Steps 5 → 6 of the request path: one pub/sub connection per gateway (`pubsub`), the hub
-that routes each frame to the request waiting for it (`hub`), and the frames out to the
-client as server-sent events (`sse`)."""
+that routes each frame to the request waiting for it (`hub`), the frames out to the client
+as server-sent events (`sse`), and, after a reconnect, the requeue of queued requests the
+broker lost (`recovery`)."""
 
 from __future__ import annotations
 
