@@ -149,17 +149,20 @@ class Tracker:
         """Per model and priority: depth, oldest wait (s), and requests running."""
         now = time.time()
         depths = await cluster.queue_depths(self._redis, models)
+        queues = await self._queues(models)
         pipe = self._redis.pipeline(transaction=False)
         for model in models:
             for priority in Priority:
-                pipe.lindex(redis_keys.queue_name(model, priority), -1)
-        oldest = iter(await pipe.execute())
+                for queue in queues[model, priority]:
+                    pipe.lindex(queue, -1)
+        heads = iter(await pipe.execute())
         out: dict[str, Any] = {}
         for model in models:
             per: dict[str, Any] = {}
             for priority in Priority:
-                head = next(oldest)
-                enqueued = enqueued_at(str(head)) if head else None
+                tails = [next(heads) for _ in queues[model, priority]]
+                found = [t for t in (enqueued_at(str(h)) for h in tails if h) if t is not None]
+                enqueued = min(found, default=None)
                 per[priority.value] = {
                     "queue": redis_keys.queue_name(model, priority),
                     "depth": depths[model].get(priority.value, 0),
@@ -167,6 +170,21 @@ class Tracker:
                 }
             live, _ = await cluster.running(self._redis, model)
             out[model] = {"priorities": per, "running": len(live)}
+        return out
+
+    async def _queues(self, models: list[str]) -> dict[tuple[str, Priority], list[str]]:
+        """Each model's queues of each priority: the shared one, then its replicas'
+        affinity queues (registered in `redis_keys.AFFINITY_QUEUES`), where a request can
+        wait up to its `affinity_wait`."""
+        out = {(m, p): [redis_keys.queue_name(m, p)] for m in models for p in Priority}
+        for queue, raw in (await self._redis.hgetall(redis_keys.AFFINITY_QUEUES)).items():
+            try:
+                meta = json.loads(raw)
+                key = (str(meta["alias"]), Priority(meta["priority"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if key in out:
+                out[key].append(redis_keys.text(queue))
         return out
 
 

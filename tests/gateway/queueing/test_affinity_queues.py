@@ -122,6 +122,29 @@ def test_a_key_goes_to_the_replica_that_ran_it_and_a_new_one_to_the_shared_queue
     )
 
 
+def test_queue_stats_see_the_oldest_request_in_an_affinity_queue(
+    db: redis.Redis, redis_server: EmbeddedRedis, model: str
+) -> None:
+    """A request waiting in a replica's own queue counts for its priority's oldest wait
+    (it was read from the shared queue only)."""
+    replica.register(db, model, "w1")
+    db.set(redis_keys.affinity_key(model, "conv"), "w1")
+
+    async def work(d: Dispatcher, counter: Counter) -> Any:
+        await d.submit(job(model), affinity=Preference(("w1", "w2"), wait=60))
+        await asyncio.sleep(0.3)
+        await d.submit(job(model, key=None))  # the shared queue's only, and newer
+        return await d.tracker.queue_stats([model])
+
+    try:
+        stats = run(redis_server.url, work)
+    finally:
+        replica.give_back(db, model, "w1")
+    normal = stats[model]["priorities"]["normal"]
+    assert normal["depth"] == 2
+    assert normal["oldest_wait_s"] >= 0.3, normal
+
+
 def test_no_preference_or_no_key_is_the_shared_queue(
     db: redis.Redis, redis_server: EmbeddedRedis, model: str
 ) -> None:
