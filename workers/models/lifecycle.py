@@ -351,10 +351,15 @@ class ModelHost:
         return time.time() - self.last_used(held) >= ttl and self.idle(held)
 
     def drain(self) -> None:
-        """The worker is stopping: a task that arrives now goes back to its queue, and no
-        placement picks this worker; what runs may finish (`workers.consumer.drain`)."""
+        """The worker is stopping: a task that arrives now goes back to its queue, no
+        placement picks this worker, and what waits in its affinity queues goes to the
+        shared ones (it waited up to `affinity_wait` for a spill); what runs may finish
+        (`workers.consumer.drain`)."""
         self._serving.set(None)
         self._report.transition(WorkerState.STOPPING)
+        held = self.held
+        if held is not None:  # what waits for this replica's prompt cache: to the others now
+            affinity.give_back(self._redis, held.alias, self.spec.worker_id)
 
     def shutdown(self) -> None:
         held = self.held

@@ -2,7 +2,8 @@
 each, one slot each), a gateway, the official `openai` client. A conversation's turns
 land on one replica while it is free; a turn whose replica is busy past `affinity_wait`
 spills to the other; a turn whose replica was killed is served by the other; a high
-request still overtakes queued low ones."""
+request still overtakes queued low ones; a turn waiting for a replica that drains goes to
+the other at once."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from common import redis_keys
+from common.priority import Priority
 from common.registry import WorkerInfo
 from gateway.placement.placer import ENSURE_VIEW_MAX_AGE_S
 from tests.conftest import Cluster, configured_cluster
@@ -160,3 +165,39 @@ def test_a_turn_whose_replica_was_killed_is_served_by_the_other(pair: Cluster) -
     rec = record(pair, request_id)
     assert reply.choices and rec["state"] == "done"
     assert rec["worker"] != victim, rec
+
+
+def test_a_draining_replica_gives_its_waiting_turns_to_the_other(tmp_path: Path) -> None:
+    """A turn waiting in the queue of a replica that is stopping (SIGTERM: a rolling
+    upgrade, `corral drain`) goes to the other replica at once, not after `affinity_wait`
+    (30 s here: a spill would show in the record)."""
+    model = slow_model(tmp_path / "aff.gguf")
+    config = {
+        "models": {
+            MODEL: {"model_path": str(model), "ctx_size": 16384, "parallel": 1, "affinity_wait": 30}
+        }
+    }
+    worker = ["--model", MODEL]
+    with configured_cluster(tmp_path, config, [worker, worker]) as cluster:
+        time.sleep(ENSURE_VIEW_MAX_AGE_S + 0.5)  # the gateway's view has both replicas
+        both = replicas(cluster)
+        with Blocker(cluster.base_url, MODEL, prompt_cache_key="drained") as blocker:
+            busy = record(cluster, blocker.request_id)["worker"]
+            assert wait_for(lambda: busy_slots(str(both[busy].upstream)) == 1, 20)
+            with ThreadPoolExecutor(1) as pool:
+                turn = pool.submit(chat, cluster, [{"role": "user", "content": "hi"}], "drained")
+                assert wait_for(lambda: _waiting_for(cluster, busy) == 1, 10), cluster.logs()
+                os.kill(both[busy].pid, signal.SIGTERM)  # drains: the blocker may finish
+                reply, request_id = turn.result(20)
+        rec = record(cluster, request_id)
+        assert reply.choices and rec["state"] == "done"
+        assert rec["worker"] != busy and rec["affinity"] == "hit", rec
+
+
+def _waiting_for(cluster: Cluster, worker: str) -> int:
+    """Requests in `worker`'s affinity queue of MODEL (normal priority)."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        return int(client.llen(redis_keys.affinity_queue(MODEL, Priority.NORMAL, worker)))
+    finally:
+        client.close()
