@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from common import redis_keys
 from common.jobs import Job
 from common.settings import ModelConfig
+from gateway.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,5 @@ class Spills:
     async def stop(self) -> None:
         """Cancel the timers. What they leave behind is taken by its replica when it is
         free, or moved by the sweeper once that replica has left or serves another model."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in list(self._tasks):  # a timer may be in a Redis command: cancel until done
+            await cancel_and_wait(task)
