@@ -104,6 +104,13 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{tail(p)}" for p in sorted(self.log_dir.glob("*.log")))
 
+    def add_worker(self, name: str, args: list[str], log: Path) -> Child:
+        """One more worker on this cluster's Redis, started, and stopped with the rest."""
+        child = corral_child(name, ["worker", *args], log, CORRAL_REDIS_URL=self.redis_url)
+        self.children.append(child)
+        child.start()
+        return child
+
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop(grace=10)

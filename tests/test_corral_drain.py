@@ -16,7 +16,7 @@ import pytest
 
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster, start_cluster
-from tests.support import Call, busy_slots, corral_child, slow_model, wait_for, workers
+from tests.support import Call, busy_slots, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # runs Corral processes
 
@@ -79,13 +79,10 @@ def test_drain_finishes_running_work_and_leaves_the_queue_to_others(
     assert time.monotonic() - stopping < 10, cluster.logs()
     assert _depth(cluster) == 1 and not short.ended_at
 
-    other = corral_child(
+    cluster.add_worker(
         "worker-b",
-        ["worker", "--model", str(model), "--slots", "1", "--ctx-size", "16384"],
+        ["--model", str(model), "--slots", "1", "--ctx-size", "16384"],
         tmp_path / "b.log",
-        CORRAL_REDIS_URL=cluster.redis_url,
     )
-    cluster.children.append(other)
-    other.start()
     short.join(60)
     assert short.status == 200 and short.result["choices"], short.result

@@ -17,7 +17,7 @@ import pytest
 from corral.redis_server import EmbeddedRedis
 from tests.conftest import Cluster, start_cluster
 from tests.gateway.test_worker_death import MODEL, _no_tasks_left, _record, _running_on
-from tests.support import Call, alive, busy_slots, corral_child, slow_model, wait_for, workers
+from tests.support import Call, alive, busy_slots, slow_model, wait_for, workers
 
 pytestmark = pytest.mark.slow  # every test here runs Corral processes
 
@@ -74,14 +74,11 @@ def test_a_stopping_worker_hands_a_whole_reply_to_another_and_tells_a_stream(
     stream = Call(cluster.base_url, MODEL, stream=True, max_tokens=16000)
     whole = Call(cluster.base_url, MODEL, stream=False, max_tokens=3000)
     assert wait_for(lambda: _running_on(cluster, a.id) == 2, 20)
-    b_child = corral_child(
+    cluster.add_worker(
         "worker-b",
-        ["worker", "--model", str(model), "--slots", "1", "--ctx-size", "8192"],
+        ["--model", str(model), "--slots", "1", "--ctx-size", "8192"],
         tmp_path / "b.log",
-        CORRAL_REDIS_URL=cluster.redis_url,
     )
-    cluster.children.append(b_child)
-    b_child.start()
     assert wait_for(lambda: len([w for w in workers(cluster.redis_url, MODEL)]) == 2, 60, 0.1)
     assert wait_for(
         lambda: all(w.state == "ready" for w in workers(cluster.redis_url, MODEL)), 60, 0.1

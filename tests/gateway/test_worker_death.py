@@ -25,7 +25,6 @@ from tests.support import (
     Call,
     alive,
     busy_slots,
-    corral_child,
     slow_model,
     wait_for,
     workers,
@@ -81,14 +80,11 @@ def test_kill_9_worker_mid_stream(two_workers: tuple[Cluster, Path], tmp_path: P
     plain_a = Call(cluster.base_url, MODEL, stream=False, max_tokens=1500)
     assert wait_for(lambda: _running_on(cluster, a.id) == 2, 20)
     # B (1 slot) joins and takes one more stream; then a short request must queue
-    b_child = corral_child(
+    cluster.add_worker(
         "worker-b",
-        ["worker", "--model", str(model), "--slots", "1", "--ctx-size", "16384"],
+        ["--model", str(model), "--slots", "1", "--ctx-size", "16384"],
         tmp_path / "b.log",
-        CORRAL_REDIS_URL=cluster.redis_url,
     )
-    cluster.children.append(b_child)
-    b_child.start()
     assert wait_for(lambda: len(_ready(cluster)) == 2, 60, 0.1)
     (b,) = [w for w in workers(cluster.redis_url, MODEL) if w.id != a.id]
     stream_b = Call(cluster.base_url, MODEL, stream=True, max_tokens=8000)
